@@ -1,0 +1,130 @@
+"""The contract between the scheduler and the worker: one run's input (RunConfig) and output (RunResult).
+
+Torch-free. The worker reads `run.json` (a RunConfig), writes into `run_dir`:
+  config.json   the RunConfig as resolved (plus environment facts),
+  metrics.jsonl one line per evaluation,
+  result.json   a RunResult, written atomically (temp file + rename) as the last act of the run.
+
+Worker exit codes (the scheduler trusts result.json first and falls back on the code when it is missing):
+  0   the run produced a result: status "ok" or "diverged" (non-finite loss is a result, not a crash)
+  1   crash (an unexpected exception; result.json carries the traceback's last line when it could be written)
+  10  oom       (device out of memory)
+  11  data      (the task's data could not be built)
+  12  config    (the run configuration is invalid; raised before any training)
+Any other code or a signal (killed, time limit) is classified by the scheduler as `crash` or `timeout`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.fs_config import FSConfig
+
+ErrorKind = Literal["oom", "diverged", "data", "config", "crash", "timeout"]
+Status = Literal["ok", "diverged", "failed"]
+Fault = Literal["oom", "crash", "hang", "diverge", "data", "oom_once"]
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_OOM = 10
+EXIT_DATA = 11
+EXIT_CONFIG = 12
+EXIT_KIND = {EXIT_OOM: "oom", EXIT_DATA: "data", EXIT_CONFIG: "config", EXIT_CRASH: "crash"}
+
+
+class ModelSource(BaseModel):
+    """Where the weights come from: a from-scratch preset or a checkpoint (BlinkDL .pth, HF folder, fsearch .pt)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str | None = None
+    checkpoint: str | None = None
+    init_seed: int = 0  # from-scratch initialisation seed: identical for a candidate and its baseline
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if (self.preset is None) == (self.checkpoint is None):
+            raise ValueError("model: give exactly one of `preset` or `checkpoint`")
+        return self
+
+
+class LearningRates(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: float = 1e-3
+    weight_decay: float = 0.01  # on matrices only; never on norms, biases, mixes or gates
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    warmup_steps: int = 0
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_key: str
+    round: str = "adhoc"
+    task: str  # the spec's task label (e.g. sudoku4_refine)
+    task_kind: str  # the registry name (e.g. sudoku)
+    task_params: dict[str, Any] = Field(default_factory=dict)
+    candidate: str
+    mode: Literal["baseline", "prompt_fs", "read_twice"]
+    fs: FSConfig | None = None
+    model: ModelSource
+    stage: str = "adhoc"
+    steps: int  # optimizer steps: the budget
+    eval_every: int
+    n_val: int = 64
+    n_test: int = 64
+    data_seed: int = 0  # fixes validation and test sets, independent of `seed`
+    seed: int = 0  # training seed: batch order, and any dropout/noise
+    batch_size: int  # effective batch (examples per optimizer step)
+    micro_batch: int | None = None  # examples per forward; default = batch_size
+    lr: LearningRates = Field(default_factory=LearningRates)
+    loss: Literal["mean_token", "first_plus_rest"] = "mean_token"
+    kernel: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_batch: int = 64
+    run_dir: str
+    fault: Fault | None = None  # test hook: inject a failure (see orchestrator/worker.py)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        mb = self.micro_batch or self.batch_size
+        if mb < 1 or self.batch_size % mb:
+            raise ValueError(f"micro_batch ({mb}) must divide batch_size ({self.batch_size})")
+        if (self.mode == "prompt_fs") != (self.fs is not None):
+            raise ValueError(f"mode {self.mode!r} {'needs' if self.mode == 'prompt_fs' else 'takes no'} fs configuration")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch or self.batch_size)
+
+
+class RunResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Status
+    error_kind: ErrorKind | None = None
+    error_message: str | None = None
+    steps: int = 0  # optimizer steps completed
+    final: dict[str, float] = Field(default_factory=dict)  # metrics of the last evaluation (at `steps`)
+    best: dict[str, float] = Field(default_factory=dict)  # every metric of the ONE eval with the best primary metric
+    best_step: int | None = None
+    test: dict[str, float] = Field(default_factory=dict)  # held-out test metrics of the final model
+    primary_metric: str | None = None
+    wall_s: float = 0.0
+    train_tokens: int = 0
+    tokens_per_s: float = 0.0
+    peak_mem_bytes: int | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    device: str | None = None
