@@ -23,7 +23,10 @@ from model.fs_config import FSConfig
 
 ErrorKind = Literal["oom", "diverged", "data", "config", "crash", "timeout"]
 Status = Literal["ok", "diverged", "failed"]
-Fault = Literal["oom", "crash", "hang", "diverge", "data", "oom_once"]
+# test hooks (see orchestrator/worker.py): "oom" fails while micro_batch == batch_size (a halved retry passes),
+# "oom_always", "crash" (every attempt), "crash_once" (attempt 0 only), "hang" (never returns), "diverge" (loss
+# becomes non-finite), "data" (the data build fails)
+Fault = Literal["oom", "oom_always", "crash", "crash_once", "hang", "diverge", "data"]
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -87,6 +90,7 @@ class RunConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     eval_batch: int = 64
     run_dir: str
+    attempt: int = 0
     fault: Fault | None = None  # test hook: inject a failure (see orchestrator/worker.py)
 
     @model_validator(mode="after")
