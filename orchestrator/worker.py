@@ -1,0 +1,563 @@
+"""One run: train FS-RWKV-7 on a task for a budget of optimizer steps and measure it. The only place where torch,
+the model and the data meet; the scheduler spawns it as a subprocess:
+
+    python -m orchestrator.worker RUN.json            # RUN.json is an orchestrator.runconfig.RunConfig
+    python -m orchestrator.worker --probe PROBE.json  # GPU batch probe (see `probe`)
+
+What a run is (every choice here exists to make a run a reproducible measurement):
+- Budget in optimizer steps, never wall-clock time. Evaluations at step 0, every `eval_every` steps and at the end.
+- Fixed validation and test sets from the task's data seed; the training seed only orders the training stream and
+  seeds torch. On CPU the same config gives the same result.
+- Prompt pass (Future-Seed on, in mode prompt_fs), then the answer pass seeded with the prompt's final WKV and
+  token-shift states. `read_twice` shows the context twice, FS off. `baseline` never touches FS code.
+- Loss: mean cross-entropy over all answer tokens of the effective batch (token-weighted, independent of how the
+  batch is split into micro-batches), or the original's loss0 + mean(rest) for comparison.
+- AdamW on fp32 master weights with parameter groups; bf16 autocast only on CUDA; gradient clipping; accumulation.
+- Metrics of one evaluation always come together: `best` is the whole eval with the best primary metric.
+- A non-finite loss ends the run with status `diverged`: a result, not a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+from orchestrator.runconfig import (EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult)
+
+PROGRESS_EVERY_S = 1.0
+
+
+class RunError(Exception):
+    """An expected failure with a kind (config, data, oom) and a one-line message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# small I/O helpers
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batches
+
+class Batch:
+    """Token tensors of a list of examples: prompts left-padded (pad_left says how much), answers right-padded."""
+
+    def __init__(self, examples, read_twice: bool, eot_id: int, device):
+        import torch
+
+        prompts = [list(e.prompt_ids(read_twice)) for e in examples]
+        answers = [list(e.answer_ids) for e in examples]
+        if any(len(a) == 0 for a in answers):
+            raise RunError("data", "an example has an empty answer")
+        P = max(len(p) for p in prompts)
+        A = max(len(a) for a in answers)
+        self.n = len(examples)
+        self.prompt = torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+        self.pad_left = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
+        ans = torch.tensor([a + [eot_id] * (A - len(a)) for a in answers], dtype=torch.long, device=device)
+        self.answer = ans  # targets
+        self.answer_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers], dtype=torch.bool,
+                                        device=device)
+        self.answer_in = ans[:, :-1]  # inputs of the answer pass (the first answer token comes from the prompt pass)
+        self.n_answer_tokens = int(self.answer_mask.sum())
+        self.n_tokens = sum(len(p) for p in prompts) + sum(len(a) for a in answers)
+
+
+def forward_answer_logits(model, batch: Batch, fs, gates, fs_on: bool):
+    """Logits [B, A, V] predicting each answer token: position 0 from the prompt pass, the rest from the answer pass
+    seeded with the prompt's final states (WKV and token shift)."""
+    import torch
+
+    if fs_on:
+        hidden, states = model(batch.prompt, fs=fs, fs_gates=gates, pad_left=batch.pad_left, return_hidden=True)
+    else:
+        hidden, states = model(batch.prompt, pad_left=batch.pad_left, return_hidden=True)
+    first = model.logits(hidden[:, -1:])
+    if batch.answer_in.shape[1] == 0:
+        return first, states
+    rest_hidden, _ = model(batch.answer_in, state=states, return_hidden=True)
+    return torch.cat([first, model.logits(rest_hidden)], dim=1), states
+
+
+def token_losses(logits, batch: Batch):
+    import torch.nn.functional as F
+
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.float().reshape(-1, V), batch.answer.reshape(-1), reduction="none")
+    return ce.view(batch.n, -1) * batch.answer_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+class Run:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self.steps_done = 0
+        self.train_tokens = 0
+        self.evals: list[dict[str, float]] = []
+        self._last_progress = 0.0
+
+    # setup ----------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        cfg = self.cfg
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RunError("config", "device 'cuda' requested but CUDA is not available")
+        self.device = torch.device("cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and
+                                                                       torch.cuda.is_available())) else "cpu")
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if precision == "bf16" and self.device.type != "cuda":
+            raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+        self.precision = precision
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
+
+        self.model = self.build_model()
+        self.tok = self.build_tokenizer()
+        self.task = self.build_task()
+        self.fs = cfg.fs if cfg.mode == "prompt_fs" else None
+        self.gates = None
+        if self.fs is not None:
+            from model.future_seed import FSGates
+
+            try:
+                warnings = self.fs.check_for_model(self.model.cfg.n_layer)
+            except ValueError as e:
+                raise RunError("config", str(e)) from None
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            c = self.model.cfg
+            self.gates = FSGates(self.fs, c.n_layer, c.n_head, c.n_embd).to(self.device)
+        self.optimizer = self.build_optimizer()
+
+    def build_model(self):
+        import torch
+
+        src = self.cfg.model
+        try:
+            if src.preset is not None:
+                from model.config import preset
+                from model.init import init_weights
+                from model.rwkv7 import RWKV7
+
+                model = RWKV7(preset(src.preset), kernel=self.cfg.kernel)
+                init_weights(model, seed=src.init_seed)
+            else:
+                from model.checkpoint import load_any
+
+                model = load_any(src.checkpoint, kernel=self.cfg.kernel)
+        except (ValueError, FileNotFoundError) as e:
+            raise RunError("config", f"model: {str(e).splitlines()[0]}") from None
+        torch.manual_seed(self.cfg.seed)  # the init seed must not make the training seed's streams depend on it
+        return model.to(self.device).float()
+
+    def build_tokenizer(self):
+        from model.tokenizers import get_tokenizer
+
+        tok = get_tokenizer(self.model.cfg.tokenizer)
+        if tok.vocab_size > self.model.cfg.vocab_size:
+            raise RunError("config", f"tokenizer {tok.name} has {tok.vocab_size} ids but the model's vocabulary is "
+                                     f"{self.model.cfg.vocab_size}")
+        return tok
+
+    def build_task(self):
+        from tasks import DataUnavailable, TaskError, get_task
+
+        cfg = self.cfg
+        try:
+            task = get_task(cfg.task_kind, cfg.task_params, self.tok, cfg.data_seed)
+        except DataUnavailable as e:
+            raise RunError("data", str(e)) from None
+        except TaskError as e:
+            raise RunError("config", str(e)) from None
+        try:
+            if cfg.fault == "data":
+                raise RunError("data", "injected data fault (test hook)")
+            self.val_set = task.eval_set("val", cfg.n_val)
+            self.test_set = task.eval_set("test", cfg.n_test)
+            self.train_stream = task.train_examples(cfg.seed)
+        except RunError:
+            raise
+        except (DataUnavailable, TaskError) as e:
+            raise RunError("data", str(e)) from None
+        except Exception as e:  # a builder that breaks is a data error of this task, with its message
+            raise RunError("data", f"{type(e).__name__}: {e}") from None
+        return task
+
+    def build_optimizer(self):
+        import torch
+
+        lr = self.cfg.lr
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # weight decay on matrices (linears, embedding, head); never on norms, biases, mixes or LoRA biases
+            (decay if p.ndim >= 2 and name.endswith(".weight") else no_decay).append(p)
+        groups = [{"params": decay, "lr": lr.model, "weight_decay": lr.weight_decay, "name": "model_decay"},
+                  {"params": no_decay, "lr": lr.model, "weight_decay": 0.0, "name": "model_no_decay"}]
+        if self.gates is not None:
+            groups += [g for g in self.gates.param_groups() if g["lr"] > 0]
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return torch.optim.AdamW(groups, betas=lr.betas, eps=1e-8)
+
+    # training -------------------------------------------------------------------------------------------------------
+    def next_examples(self, n: int) -> list:
+        try:
+            return [next(self.train_stream) for _ in range(n)]
+        except StopIteration:
+            raise RunError("data", "the task's training stream ended") from None
+
+    def train_step(self, step: int) -> float:
+        import torch
+
+        cfg = self.cfg
+        if cfg.fault == "hang":
+            while True:
+                time.sleep(3600)
+        if cfg.fault == "crash" or (cfg.fault == "crash_once" and cfg.attempt == 0):
+            raise RuntimeError("injected crash (test hook)")
+        if cfg.fault == "oom_always" or (cfg.fault == "oom" and (cfg.micro_batch or cfg.batch_size) == cfg.batch_size):
+            raise torch.OutOfMemoryError("injected out-of-memory (test hook)")
+        examples = self.next_examples(cfg.batch_size)
+        mb = cfg.micro_batch or cfg.batch_size
+        micro = [Batch(examples[i:i + mb], cfg.mode == "read_twice", self.tok.eot_id, self.device)
+                 for i in range(0, len(examples), mb)]
+        total_answer_tokens = sum(b.n_answer_tokens for b in micro)
+        for g in self.optimizer.param_groups:
+            warm = cfg.lr.warmup_steps
+            g["lr"] = g["base_lr"] * (min(1.0, step / warm) if warm > 0 else 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for b in micro:
+            with self.autocast():
+                logits, _ = forward_answer_logits(self.model, b, self.fs, self.gates, self.fs is not None)
+            tl = token_losses(logits, b)
+            if cfg.loss == "mean_token":
+                loss = tl.sum() / total_answer_tokens
+            else:  # the original's loss0 + mean(rest), per effective batch
+                n_rest = total_answer_tokens - cfg.batch_size
+                loss = tl[:, 0].sum() / cfg.batch_size + (tl[:, 1:].sum() / n_rest if n_rest > 0 else 0.0)
+            loss.backward()
+            loss_total += float(loss.detach())
+            self.train_tokens += b.n_tokens
+        if cfg.fault == "diverge" and step >= 2:
+            loss_total = float("nan")
+        if not math.isfinite(loss_total):
+            return loss_total
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.lr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.lr.grad_clip)
+        self.optimizer.step()
+        return loss_total
+
+    # evaluation -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _no_grad():
+        import torch
+
+        return torch.no_grad()
+
+    def evaluate(self, examples: list, prefix: str) -> dict[str, float]:
+        """Teacher-forced loss / token accuracy / exact match, plus the task's unit metrics on greedy decodes."""
+        import torch
+
+        self.model.eval()
+        loss_sum, tok_correct, n_tok, exact, units = 0.0, 0, 0, 0, {}
+        with self._no_grad(), self.autocast():
+            for i in range(0, len(examples), self.cfg.eval_batch):
+                chunk = examples[i:i + self.cfg.eval_batch]
+                b = Batch(chunk, self.cfg.mode == "read_twice", self.tok.eot_id, self.device)
+                logits, states = forward_answer_logits(self.model, b, self.fs, self.gates, self.fs is not None)
+                tl = token_losses(logits, b)
+                loss_sum += float(tl.sum())
+                pred = logits.argmax(-1)
+                correct = (pred == b.answer) & b.answer_mask
+                tok_correct += int(correct.sum())
+                n_tok += b.n_answer_tokens
+                exact += int(((correct | ~b.answer_mask).all(dim=1)).sum())
+                if self.task.unit_metrics:
+                    decoded = self.greedy_decode(b, logits[:, 0], states)
+                    for ex, ids in zip(chunk, decoded):
+                        for k, v in self.task.score(ex, self.tok.decode(ids)).items():
+                            units[k] = units.get(k, 0.0) + float(v)
+        self.model.train()
+        out = {f"{prefix}_loss": loss_sum / max(1, n_tok), f"{prefix}_tok_acc": tok_correct / max(1, n_tok),
+               f"{prefix}_exact": exact / max(1, len(examples))}
+        out.update({f"{prefix}_{k}": v / max(1, len(examples)) for k, v in units.items()})
+        return out
+
+    def greedy_decode(self, b: Batch, first_logits, states) -> list[list[int]]:
+        """Generate each example's answer length greedily from the prompt's final states (no teacher forcing)."""
+        import torch
+
+        lengths = b.answer_mask.sum(1).tolist()
+        tok = first_logits.argmax(-1)
+        out = [tok]
+        for _ in range(max(lengths) - 1):
+            h, states = self.model(tok[:, None], state=states, return_hidden=True)
+            tok = self.model.logits(h[:, -1]).argmax(-1)
+            out.append(tok)
+        ids = torch.stack(out, dim=1).tolist()
+        return [row[:n] for row, n in zip(ids, lengths)]
+
+    def log_eval(self, step: int, train_loss: float | None) -> dict[str, float]:
+        metrics = self.evaluate(self.val_set, "val")
+        row: dict[str, Any] = {"step": step, "tokens": self.train_tokens, "wall_s": round(time.time() - self.t0, 3),
+                               "train_loss": None if train_loss is None else _finite_or_none(train_loss)}
+        row.update(metrics)
+        if self.gates is not None:
+            row.update(self.gates.stats())
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+        self.evals.append(row)
+        return row
+
+    def progress(self, step: int, loss: float, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        elapsed = now - self.t_train
+        rate = step / elapsed if elapsed > 0 and step else 0.0
+        write_json_atomic(self.dir / "progress.json", {
+            "step": step, "steps": self.cfg.steps, "loss": _finite_or_none(loss),
+            "tokens_per_s": self.train_tokens / elapsed if elapsed > 0 else 0.0,
+            "eta_s": (self.cfg.steps - step) / rate if rate else None, "updated": now})
+
+    def train(self) -> RunResult:
+        cfg = self.cfg
+        primary = "val_" + self.task.primary_metric
+        self.t_train = time.time()
+        self.log_eval(0, None)
+        status, loss = "ok", float("nan")
+        for step in range(1, cfg.steps + 1):
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                status = "diverged"
+                break
+            self.steps_done = step
+            self.progress(step, loss)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                self.log_eval(step, loss)
+        train_wall = time.time() - self.t_train
+        self.progress(self.steps_done, loss, force=True)
+        result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
+                           micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
+                           device=self.device_name(), train_tokens=self.train_tokens,
+                           tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
+        if status == "diverged":
+            result.error_kind = "diverged"
+            result.error_message = f"non-finite training loss at step {self.steps_done + 1}"
+        else:
+            final = self.evals[-1]
+            scored = [e for e in self.evals if e.get(primary) is not None]
+            sign = 1 if lower_is_better(primary) else -1
+            best = min(scored, key=lambda e: (sign * e[primary], e["step"])) if scored else final
+            result.final = {k: v for k, v in final.items() if k.startswith("val_")}
+            result.best = {k: v for k, v in best.items() if k.startswith("val_")}
+            result.best_step = best["step"]
+            result.test = self.evaluate(self.test_set, "test")
+        return result
+
+    def device_name(self) -> str:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+
+def peak_memory_bytes(device_type: str) -> int | None:
+    import torch
+
+    if device_type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS on Linux
+    except Exception:
+        return None
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# entry points
+
+def run(config_path: Path) -> int:
+    try:
+        raw = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read run config {config_path}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    run_dir = Path(raw.get("run_dir") or Path(config_path).parent)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def finish(result: RunResult, code: int) -> int:
+        result.wall_s = time.time() - t0
+        write_json_atomic(run_dir / "result.json", result.model_dump(mode="json"))
+        return code
+
+    try:
+        cfg = RunConfig(**raw)
+    except Exception as e:
+        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in getattr(e, "errors", lambda: [])())
+        return finish(RunResult(status="failed", error_kind="config", error_message=msg or str(e)), EXIT_CONFIG)
+    r = Run(cfg)
+    write_json_atomic(run_dir / "config.json", {**cfg.model_dump(mode="json"), "python": sys.version.split()[0],
+                                                "pid": os.getpid()})
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    device_type = "cpu"
+    try:
+        r.setup()
+        device_type = r.device.type
+        result = r.train()
+        result.peak_mem_bytes = peak_memory_bytes(device_type)
+        return finish(result, EXIT_OK)
+    except RunError as e:
+        code = {"config": EXIT_CONFIG, "data": EXIT_DATA, "oom": EXIT_OOM}.get(e.kind, EXIT_CRASH)
+        return finish(RunResult(status="failed", error_kind=e.kind, error_message=str(e), steps=r.steps_done), code)
+    except BaseException as e:  # noqa: BLE001 - classify, record, keep the traceback on stderr
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if is_oom(e):
+            return finish(RunResult(status="failed", error_kind="oom", error_message=str(e).splitlines()[0][:500],
+                                    steps=r.steps_done, peak_mem_bytes=peak_memory_bytes(device_type),
+                                    micro_batch=cfg.micro_batch or cfg.batch_size), EXIT_OOM)
+        traceback.print_exc()
+        last = traceback.format_exception_only(type(e), e)[-1].strip()
+        return finish(RunResult(status="failed", error_kind="crash", error_message=last[:1000], steps=r.steps_done),
+                      EXIT_CRASH)
+
+
+def probe(probe_path: Path) -> int:
+    """Largest micro-batch that fits: forward + backward + optimizer step at the task's worst-case prompt and answer
+    lengths with the run's (heaviest) FS configuration, within `margin` of the device's memory. An OOM moves to the
+    next smaller size; any other failure is an error (never a silent "batch 1")."""
+    import torch
+
+    spec = json.loads(Path(probe_path).read_text())
+    out_path = Path(probe_path).with_name("probe_result.json")
+    cfg = RunConfig(**spec["run"])
+    margin = float(spec.get("margin", 0.9))
+    if not torch.cuda.is_available():
+        write_json_atomic(out_path, {"error_kind": "config", "error_message": "the batch probe needs a CUDA device"})
+        return EXIT_CONFIG
+    total = torch.cuda.get_device_properties(0).total_memory
+    tried = []
+    try:
+        r = Run(cfg)
+        r.setup()
+        P, A = r.task.max_lengths()
+        for mb in sorted(spec["candidates"], reverse=True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                b = _worst_case_batch(mb, P, A, r)
+                r.optimizer.zero_grad(set_to_none=True)
+                with r.autocast():
+                    logits, _ = forward_answer_logits(r.model, b, r.fs, r.gates, r.fs is not None)
+                token_losses(logits, b).sum().backward()
+                r.optimizer.step()
+                torch.cuda.synchronize()
+                peak = int(torch.cuda.max_memory_allocated())
+                ok = peak <= margin * total
+                tried.append({"micro_batch": mb, "ok": ok, "error_kind": None if ok else "margin",
+                              "peak_mem_bytes": peak})
+                del logits, b
+                if ok:
+                    write_json_atomic(out_path, {"micro_batch": mb, "peak_mem_bytes": peak, "device_mem_bytes": total,
+                                                 "prompt_tokens": P, "answer_tokens": A, "tried": tried,
+                                                 "device": torch.cuda.get_device_name(0)})
+                    return EXIT_OK
+            except Exception as e:  # noqa: BLE001
+                if not is_oom(e):
+                    raise
+                tried.append({"micro_batch": mb, "ok": False, "error_kind": "oom", "peak_mem_bytes": None})
+                r.optimizer.zero_grad(set_to_none=True)
+        write_json_atomic(out_path, {"error_kind": "oom", "error_message": "no candidate micro-batch fits",
+                                     "tried": tried})
+        return EXIT_OOM
+    except RunError as e:
+        write_json_atomic(out_path, {"error_kind": e.kind, "error_message": str(e), "tried": tried})
+        return {"config": EXIT_CONFIG, "data": EXIT_DATA}.get(e.kind, EXIT_CRASH)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        write_json_atomic(out_path, {"error_kind": "crash", "error_message": f"{type(e).__name__}: {e}"[:1000],
+                                     "tried": tried})
+        return EXIT_CRASH
+
+
+def _worst_case_batch(mb: int, prompt_len: int, answer_len: int, r: Run) -> Batch:
+    """A batch of `mb` synthetic examples with the task's worst-case lengths (token ids from the val set, repeated)."""
+    from tasks.base import Example
+
+    ex = r.val_set[0]
+    p = (list(ex.prompt_ids(False)) * (prompt_len // max(1, len(ex.prompt_ids(False))) + 1))[:prompt_len]
+    a = (list(ex.answer_ids) * (answer_len // max(1, len(ex.answer_ids)) + 1))[:answer_len]
+    fake = Example("", "", "", tuple(p), (), tuple(a))
+    return Batch([fake] * mb, False, r.tok.eot_id, r.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.worker", description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", help="RUN.json (an orchestrator.runconfig.RunConfig)")
+    ap.add_argument("--probe", help="PROBE.json: run the GPU batch probe instead")
+    args = ap.parse_args(argv)
+    if args.probe:
+        return probe(Path(args.probe))
+    if not args.config:
+        ap.error("give RUN.json or --probe PROBE.json")
+    return run(Path(args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
