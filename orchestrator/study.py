@@ -1,0 +1,289 @@
+"""The round's Optuna study: a mirror of the ledger that Optuna tools (load_study, the dashboard) can read.
+
+One study per round (named after the round). Each run is one trial:
+- params: task, stage, candidate (CategoricalDistribution) and seed (IntDistribution), so a trial reads as what it
+  ran. Optuna requires a categorical parameter to keep the same choices across a study, so the task and candidate
+  choices are fixed from the spec when the first trial is created (study user attribute `choices`); a later spec
+  that adds a task or candidate label to a started round is refused with one line (start a new round).
+- user_attrs: run_key, attempt, run_dir, micro_batch, attempts (history), then status, value, delta, decision, ...
+- state: COMPLETE (ok, not pruned), PRUNED (pruned or diverged candidate), FAIL (failed run).
+- intermediate values: the decision metric at each evaluation step (from the run's metrics.jsonl).
+
+A trial is created already RUNNING in one storage transaction (`claim`), finished by `finish` (user attributes,
+then `tell`), and `reconcile` repairs what a killed scheduler left: a RUNNING trial whose run has a record is told
+from the record; one without a record is kept for adoption (the scheduler resumes the run in the same trial, so a
+run never has two trials); records that have no trial at all are mirrored in as finished trials.
+
+Storage: SQLite (default, `sqlite:///<round>/study.db`) in WAL mode with a connect timeout, so a reader
+(`fsearch status`, optuna-dashboard) never blocks the scheduler; PostgreSQL URLs are accepted. Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+
+import optuna
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from orchestrator.records import Record
+
+SQLITE_TIMEOUT_S = 60.0
+STAGES = ("quick", "med", "long", "seedcheck")
+PARAMS = ("task", "stage", "candidate", "seed")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class StudyError(Exception):
+    """A user-facing problem with the round's study (bad storage URL, spec incompatible with the started study)."""
+
+
+def default_storage_url(round_dir: str | Path) -> str:
+    return f"sqlite:///{Path(round_dir).resolve() / 'study.db'}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_storage_url(url: str) -> None:
+    if not (url.startswith("sqlite:///") or url.startswith("postgresql://") or url.startswith("postgresql+")):
+        raise StudyError(f"storage: {url!r} is not a sqlite:///PATH or postgresql://... URL")
+
+
+def open_storage(url: str) -> RDBStorage:
+    """RDBStorage with pre-ping; SQLite in WAL mode (set on the file before Optuna opens it) with a busy timeout."""
+    check_storage_url(url)
+    path = sqlite_path(url)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")  # persists in the file
+        finally:
+            con.close()
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as e:
+        raise StudyError(f"storage: {url.split(':', 1)[0]} needs a driver that is not installed ({e})") from None
+    except Exception as e:  # sqlalchemy errors: bad URL, unreachable server
+        raise StudyError(f"storage: cannot open {_safe_url(url)}: {str(e).splitlines()[0]}") from None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def trial_state_for(record: Record) -> TrialState:
+    if record.status == "failed":
+        return TrialState.FAIL
+    if record.decision in ("prune", "diverged"):
+        return TrialState.PRUNED
+    if record.status == "diverged":  # a diverged baseline: a result, but not a value
+        return TrialState.FAIL
+    return TrialState.COMPLETE if record.value is not None else TrialState.FAIL
+
+
+def record_attrs(record: Record) -> dict[str, Any]:
+    """The outcome fields a finished trial carries as user attributes."""
+    return {
+        "run_key": record.run_key, "attempt": record.attempt, "run_dir": record.run_dir, "status": record.status,
+        "metric": record.metric, "value": record.value, "baseline_key": record.baseline_key,
+        "baseline_value": record.baseline_value, "delta": record.delta, "threshold": record.threshold,
+        "decision": record.decision, "error_kind": record.error_kind, "error_message": record.error_message,
+        "batch_size": record.batch_size, "micro_batch": record.micro_batch, "grad_accum": record.grad_accum,
+        "steps": record.steps, "budget_steps": record.budget_steps, "wall_s": record.wall_s, "mode": record.mode,
+        "fs": record.fs,
+    }
+
+
+def metric_curve(run_dir: str | Path, metric: str) -> dict[int, float]:
+    """val_<metric> per evaluation step from a run's metrics.jsonl (empty when missing)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    curve: dict[int, float] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return curve
+    key = "val_" + metric
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        v = row.get(key)
+        if isinstance(v, (int, float)) and isinstance(row.get("step"), int) and v == v and abs(v) != float("inf"):
+            curve[row["step"]] = float(v)
+    return curve
+
+
+class RoundStudy:
+    """The round's study, driven through Optuna's public storage API (no Study object, so no storage cache between
+    this process's view and the database): trials are created RUNNING with their params, then finished."""
+
+    def __init__(self, storage: RDBStorage, name: str):
+        self.storage = storage
+        self.name = name
+        self.study_id = storage.get_study_id_from_name(name)  # KeyError if there is no such study
+
+    # opening -----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def create_or_load(cls, url: str, name: str) -> "RoundStudy":
+        storage = open_storage(url)
+        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        return cls(storage, name)
+
+    @classmethod
+    def load(cls, url: str, name: str) -> "RoundStudy | None":
+        """The existing study, or None (never creates one; for read-only use)."""
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            return None
+        storage = RDBStorage(url, engine_kwargs={"pool_pre_ping": True,
+                                                 **({"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if path else {})},
+                             skip_table_creation=True)
+        try:
+            return cls(storage, name)
+        except KeyError:
+            return None
+
+    # categorical choices ----------------------------------------------------------------------------------------------
+    @property
+    def choices(self) -> dict[str, list[str]]:
+        return dict(self.study_attr("choices") or {})
+
+    def fix_choices(self, tasks: Iterable[str], candidates: Iterable[str]) -> None:
+        """Fix the categorical choices before the first trial; afterwards check that the spec's labels are covered."""
+        want = {"task": sorted(set(tasks)), "candidate": sorted(set(candidates) | {"baseline"})}
+        have = self.choices
+        if not have or self.storage.get_n_trials(self.study_id) == 0:
+            self.set_study_attr("choices", want)
+            return
+        for param, labels in want.items():
+            missing = [x for x in labels if x not in have.get(param, [])]
+            if missing:
+                raise StudyError(
+                    f"spec: {param} label(s) {', '.join(map(repr, missing))} were not in this round's spec when its "
+                    f"study started ({', '.join(have.get(param, []))}); Optuna cannot add choices to a started study "
+                    f"- give the changed spec a new `round:` name")
+
+    def distributions(self) -> dict[str, Any]:
+        ch = self.choices
+        return {"task": CategoricalDistribution(ch["task"]), "stage": CategoricalDistribution(STAGES),
+                "candidate": CategoricalDistribution(ch["candidate"])}
+
+    def params_for(self, task: str, stage: str, candidate: str, seed: int) -> tuple[dict, dict]:
+        dists = self.distributions()
+        dists["seed"] = IntDistribution(min(0, seed), max(seed, 1))
+        params = {"task": task, "stage": stage, "candidate": candidate, "seed": seed}
+        for name in ("task", "stage", "candidate"):
+            if params[name] not in dists[name].choices:
+                raise StudyError(f"{name} {params[name]!r} is not among the study's choices {dists[name].choices}")
+        return params, dists
+
+    # trials ------------------------------------------------------------------------------------------------------------
+    def claim(self, task: str, stage: str, candidate: str, seed: int, attrs: dict[str, Any]) -> int:
+        """Create a RUNNING trial carrying the run's identity (one transaction); returns its number."""
+        params, dists = self.params_for(task, stage, candidate, seed)
+        template = optuna.trial.create_trial(state=TrialState.RUNNING, params=params, distributions=dists,
+                                             user_attrs=attrs)
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        return self.storage.get_trial_number_from_id(trial_id)
+
+    def trial(self, number: int) -> FrozenTrial:
+        tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self.storage.get_trial(tid)
+
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
+
+    def running(self) -> list[FrozenTrial]:
+        return self.trials((TrialState.RUNNING,))
+
+    def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        for k, v in attrs.items():
+            self.storage.set_trial_user_attr(tid, k, v)
+
+    def finish(self, number: int, record: Record) -> None:
+        """Mirror a record into its RUNNING trial: attributes, metric curve, then tell. Idempotent."""
+        t = self.trial(number)
+        if t.state.is_finished():
+            return
+        self.set_attrs(number, record_attrs(record))
+        tid = t._trial_id
+        for step, v in metric_curve(record.run_dir, record.metric).items():
+            self.storage.set_trial_intermediate_value(tid, step, v)
+        state = trial_state_for(record)
+        # as Study.tell does: a pruned trial carries its last value
+        value = record.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None
+        self.storage.set_trial_state_values(tid, state, None if value is None else [float(value)])
+
+    def fail(self, number: int, reason: str) -> None:
+        t = self.trial(number)
+        if t.state.is_finished():
+            return
+        self.set_attrs(number, {"status": "abandoned", "error_message": reason})
+        self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL, None)
+
+    def add_finished(self, record: Record) -> None:
+        """A finished trial for a record that has none (its trial was lost); same params and attributes."""
+        params, dists = self.params_for(record.task, record.stage, record.candidate, record.seed)
+        state = trial_state_for(record)
+        curve = metric_curve(record.run_dir, record.metric)
+        if state == TrialState.PRUNED and not curve and record.value is not None:
+            curve = {record.steps: record.value}
+        trial = optuna.trial.create_trial(
+            state=state, value=record.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+            params=params,
+            distributions=dists, user_attrs={**record_attrs(record), "mirrored": True}, intermediate_values=curve)
+        self.storage.create_new_trial(self.study_id, template_trial=trial)
+
+    # resume ------------------------------------------------------------------------------------------------------------
+    def reconcile(self, records: list[Record]) -> dict[str, int]:
+        """Repair the study from the ledger after a crash. Returns {run_key: trial number} of RUNNING trials whose run
+        has no record: the scheduler adopts them when the planner returns their run (and fails the rest at the end).
+
+        - RUNNING trial, run recorded     -> told from the record (the tell was lost);
+        - RUNNING trial, run not recorded -> kept RUNNING for adoption (a second RUNNING trial of the same run is
+                                             failed as a duplicate);
+        - record without any finished trial -> mirrored in as a finished trial.
+        """
+        by_key = {r.run_key: r for r in records}
+        adoptable: dict[str, int] = {}
+        for t in sorted(self.running(), key=lambda t: t.number):
+            key = t.user_attrs.get("run_key")
+            if key in by_key:
+                self.finish(t.number, by_key[key])
+            elif key is None:
+                self.fail(t.number, "trial without a run_key (not created by fsearch)")
+            elif key in adoptable:
+                self.fail(t.number, f"duplicate RUNNING trial of run {key} (trial {adoptable[key]} kept)")
+            else:
+                adoptable[key] = t.number
+        finished_keys = {t.user_attrs.get("run_key") for t in self.trials((TrialState.COMPLETE, TrialState.PRUNED,
+                                                                          TrialState.FAIL))}
+        for r in records:
+            if r.run_key not in finished_keys:
+                self.add_finished(r)
+        return adoptable
+
+    # study-level attributes -------------------------------------------------------------------------------------------
+    def set_study_attr(self, key: str, value: Any) -> None:
+        self.storage.set_study_user_attr(self.study_id, key, value)
+
+    def study_attr(self, key: str, default: Any = None) -> Any:
+        return self.storage.get_study_user_attrs(self.study_id).get(key, default)
