@@ -1,0 +1,149 @@
+"""The Triton WKV-7 kernels under TRITON_INTERPRET=1 (CPU), against the float64 reference.
+
+Tiny shapes only: the interpreter runs each program in numpy, a few tenths of a second per call here.
+fp32 inputs use full-fp32 products in the kernels, so the bar is 1e-5 relative (‖x − ref‖ / ‖ref‖).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first @triton.jit decoration
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.reference import wkv7_reference  # noqa: E402
+import kernels.triton_wkv7 as tw  # noqa: E402
+
+if not torch.cuda.is_available() and type(tw._fwd_chunk_kernel).__name__ != "InterpretedFunction":
+    tw = importlib.reload(sys.modules["kernels.triton_wkv7"])   # imported earlier without the interpreter
+if not torch.cuda.is_available() and type(tw._fwd_chunk_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("TRITON_INTERPRET is off and no GPU is visible", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5
+
+
+def make_inputs(B, T, H, D, *, seed=0, w_high=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    r = torch.randn(B, T, H, D, generator=g) * 0.5
+    if w_high is None:
+        w = -0.5 - torch.nn.functional.softplus(torch.randn(B, T, H, D, generator=g))
+    else:
+        w = torch.rand(B, T, H, D, generator=g) * (w_high + 3.0) - 3.0
+    k = torch.randn(B, T, H, D, generator=g) * 0.5
+    v = torch.randn(B, T, H, D, generator=g)
+    a, b = -kk, kk * torch.rand(B, T, H, D, generator=g)
+    s0 = torch.randn(B, H, D, D, generator=g) * 0.3
+    return [x.to(DEVICE, dtype) for x in (r, w, k, v, a, b)], s0.to(DEVICE)
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all()
+    if ref.norm() == 0:                 # a gradient that must vanish (r when only sT is used)
+        return x.abs().max().item()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def run_both(xs, s0, chunk_size, *, use_y=True, use_sT=True, fn_w=None):
+    """(outputs, grads) of triton and of the float64 reference, same upstream gradients."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs] + ([s0.detach().clone().requires_grad_()] if s0 is not None else [])
+    y, sT = tw.wkv7_triton(*leaves[:6], leaves[6] if s0 is not None else None, chunk_size=chunk_size, check_domain=False)
+    g = torch.Generator().manual_seed(123)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
+    dsT = torch.randn(sT.shape, generator=g).to(DEVICE)
+    outs, ups = [], []
+    if use_y:
+        outs.append(y); ups.append(dy)
+    if use_sT:
+        outs.append(sT); ups.append(dsT)
+    grads = torch.autograd.grad(outs, leaves, ups)
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    w_ref = ref_leaves[1] if fn_w is None else fn_w(ref_leaves[1])
+    yr, sTr = wkv7_reference(ref_leaves[0], w_ref, *ref_leaves[2:6], ref_leaves[6] if s0 is not None else None)
+    routs = ([yr] if use_y else []) + ([sTr] if use_sT else [])
+    ref_grads = torch.autograd.grad(routs, ref_leaves, [u.double() for u in ups], allow_unused=True)
+    ref_grads = [torch.zeros_like(x) if g is None else g for x, g in zip(ref_leaves, ref_grads)]
+    return (y, sT, grads), (yr, sTr, ref_grads)
+
+
+def assert_close(got, ref, tol):
+    (y, sT, grads), (yr, sTr, ref_grads) = got, ref
+    errs = {"y": rel(y, yr), "sT": rel(sT, sTr)}
+    for name, gx, gr in zip(["r", "w", "k", "v", "a", "b", "s0"], grads, ref_grads):
+        errs["d" + name] = rel(gx, gr)
+    assert max(errs.values()) <= tol, errs
+
+
+@pytest.mark.parametrize("B,T,H,D,chunk", [
+    (1, 37, 2, 16, 16),     # ragged last chunk
+    (2, 16, 1, 16, 16),     # exactly one chunk
+    (1, 1, 1, 16, 16),      # T = 1
+    (1, 20, 1, 16, 32),     # chunk longer than the sequence, 5 Neumann factors
+    (1, 40, 1, 32, 32),     # D = 32
+])
+def test_fp32_matches_reference(B, T, H, D, chunk):
+    xs, s0 = make_inputs(B, T, H, D)
+    assert_close(*run_both(xs, s0, chunk), FP32_TOL)
+
+
+def test_without_s0_and_one_sided_gradients():
+    xs, _ = make_inputs(1, 21, 1, 16, seed=1)
+    assert_close(*run_both(xs, None, 16), FP32_TOL)
+    xs, s0 = make_inputs(1, 21, 1, 16, seed=2)
+    assert_close(*run_both(xs, s0, 16, use_sT=False), FP32_TOL)     # no gradient arrives on sT
+    assert_close(*run_both(xs, s0, 16, use_y=False), FP32_TOL)      # only sT is used
+
+
+def test_exact_up_to_the_documented_w_bound():
+    xs, s0 = make_inputs(1, 40, 1, 16, seed=3, w_high=tw.W_MAX)     # w uniform in [-3, ln 2]
+    assert_close(*run_both(xs, s0, 32), FP32_TOL)
+
+
+def test_w_above_the_bound_is_clamped_and_checked():
+    xs, s0 = make_inputs(1, 24, 1, 16, seed=4, w_high=3.0)
+    assert (xs[1] > tw.W_MAX).any()
+    got, ref = run_both(xs, s0, 16, fn_w=lambda w: w.clamp(max=tw.W_MAX))
+    assert_close(got, ref, FP32_TOL)
+    dw = got[2][1]
+    assert (dw[xs[1] > tw.W_MAX] == 0).all()
+    with pytest.raises(ValueError, match="w must be <="):
+        tw.wkv7_triton(*xs, s0)
+
+
+def test_bf16_inputs_run_in_tf32_and_return_bf16():
+    # the interpreter truncates on the bf16 store (the GPU rounds), so the bar here is looser than the
+    # 5e-3 the GPU tests hold
+    xs, s0 = make_inputs(1, 33, 2, 16, seed=5, dtype=torch.bfloat16)
+    got, ref = run_both(xs, s0, 16)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in got[2][:6]) and got[2][6].dtype == torch.float32
+    assert_close(got, ref, 1e-2)
+
+
+def test_forward_without_grad_matches_forward_with_grad():
+    xs, s0 = make_inputs(1, 30, 1, 16, seed=6)
+    with torch.no_grad():
+        y0, s0T = tw.wkv7_triton(*xs, s0, chunk_size=16)
+    y1, s1T = tw.wkv7_triton(*[x.clone().requires_grad_() for x in xs], s0, chunk_size=16)
+    assert torch.equal(y0, y1.detach()) and torch.equal(s0T, s1T.detach())
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda xs, s0: (xs[:1] + [xs[1][:, :-1]] + xs[2:], s0), "w has shape"),
+    (lambda xs, s0: (xs, s0[:, :, :-1]), "s0 has shape"),
+    (lambda xs, s0: ([x[..., :12] for x in xs], None), "head size D=12"),
+    (lambda xs, s0: ([xs[0].double()] + xs[1:], s0), "dtype"),
+])
+def test_bad_inputs_raise_one_line_errors(change, match):
+    xs, s0 = make_inputs(1, 4, 1, 16)
+    xs, s0 = change(xs, s0)
+    with pytest.raises(ValueError, match=match):
+        tw.wkv7_triton(*xs, s0)

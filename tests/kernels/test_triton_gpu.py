@@ -1,0 +1,68 @@
+"""The Triton WKV-7 kernels on a CUDA GPU, against the float64 reference (run on the GPU machine).
+
+Tolerances on ‖x − ref‖ / ‖ref‖ for y, sT and the gradients of r, w, k, v, a, b, s0 (kernels.bench.TOLERANCE):
+5e-3 for bf16 inputs (TF32 products, bf16 outputs), 1e-5 for fp32 inputs (full-fp32 products).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from kernels.bench import TOLERANCE, check_against_reference, make_inputs  # noqa: E402
+from kernels.triton_wkv7 import wkv7_triton  # noqa: E402
+
+CUDA = torch.device("cuda")
+SHAPES = [
+    (2, 100, 3, 64),     # ragged, D = 64
+    (1, 8192, 2, 64),    # long T
+    (1, 300, 2, 128),    # D = 128
+    (2, 77, 2, 32),      # D = 32
+    (1, 1, 1, 64),       # T = 1
+    (3, 4096, 4, 64),    # several heads and batches, exact multiple of the chunk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, dtype):
+    errors = check_against_reference(shape, dtype, CUDA)
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+def test_every_chunk_size_matches(chunk_size):
+    errors = check_against_reference((2, 333, 2, 64), torch.float32, CUDA, chunk_size=chunk_size)
+    assert max(errors.values()) <= TOLERANCE[torch.float32], errors
+
+
+def test_without_s0():
+    errors = check_against_reference((2, 500, 2, 64), torch.bfloat16, CUDA, with_s0=False)
+    assert max(errors.values()) <= TOLERANCE[torch.bfloat16], errors
+
+
+def test_deterministic_and_fully_written():
+    xs, s0 = make_inputs(2, 1000, 3, 64, torch.bfloat16, CUDA, seed=7)
+    outs = []
+    for _ in range(2):
+        leaves = [x.detach().clone().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+        y, sT = wkv7_triton(*leaves)
+        grads = torch.autograd.grad([y, sT], leaves, [torch.ones_like(y), torch.ones_like(sT)])
+        outs.append([y, sT, *grads])
+    for first, second in zip(*outs):
+        assert torch.isfinite(first).all()
+        assert torch.equal(first, second)
+
+
+def test_saved_state_is_smaller_than_the_inputs():
+    xs, s0 = make_inputs(8, 4096, 12, 64, torch.bfloat16, CUDA)
+    leaves = [x.requires_grad_() for x in xs]
+    y, sT = wkv7_triton(*leaves, s0)
+    saved = [t for t in y.grad_fn.saved_tensors if not any(t.data_ptr() == x.data_ptr() for x in xs)]
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    input_bytes = sum(x.numel() * x.element_size() for x in xs)
+    assert saved_bytes <= input_bytes, (saved_bytes, input_bytes)
