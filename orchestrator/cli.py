@@ -1,0 +1,408 @@
+"""`fsearch`: the command line (console script orchestrator.cli:main).
+
+    fsearch round --spec studies/demo.yaml        run (or resume) a round
+    fsearch status ROUND                          the round's table, from another shell (read-only, no lock)
+    fsearch export ROUND --format csv -o x.csv    records as jsonl / csv / parquet
+    fsearch validate --spec FILE                  check a spec before any compute
+    fsearch run --task sudoku --candidate ...     one run by hand
+    fsearch report ROUND [--check]                write (or check) the round's report
+    fsearch bench kernel|operator|model|train ... benchmarks (arguments passed through)
+
+User errors (bad spec, bad flag, unknown round, locked round) end in one line `error: ...` on stderr and exit code 2,
+never a traceback; internal errors keep their traceback. Torch is imported only by the worker subprocess and the
+bench commands, so status/export/validate start fast.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+EXIT_USER = 2
+EXIT_INTERRUPTED = 130
+RESULTS_ENV = "FSEARCH_RESULTS"
+DEFAULT_RESULTS = "results"
+
+
+class UserError(click.ClickException):
+    """One line for the user, exit code 2."""
+
+    exit_code = EXIT_USER
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean 'the user gave something wrong' (one line, exit 2)."""
+    from orchestrator.records import LedgerError
+    from orchestrator.scheduler import SchedulerError
+    from orchestrator.study import StudyError
+
+    types: list[type[BaseException]] = [LedgerError, SchedulerError, StudyError]
+    for mod, name in (("orchestrator.spec", "SpecError"), ("tasks.base", "TaskError")):
+        try:
+            types.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared helpers
+
+def resolve_round(arg: str, results: str | None = None) -> Path:
+    """ROUND: a path to a round folder, or a round name under the results root ($FSEARCH_RESULTS or ./results)."""
+    p = Path(arg)
+    markers = ("records.jsonl", "spec.yaml", "study.db", "round.lock")
+    if p.is_dir() and any((p / m).exists() for m in markers):
+        return p
+    root = Path(results or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
+    q = root / arg
+    if "/" not in arg and q.is_dir() and any((q / m).exists() for m in markers):
+        return q
+    raise UserError(f"unknown round {arg!r}: no round folder {q if '/' not in arg else p} (give a round name under "
+                    f"{root}/ or the path of a round folder)")
+
+
+def load_spec_arg(arg: str, *, check_data: bool = True):
+    """find + load + validate a spec; returns (spec, warnings)."""
+    from orchestrator.spec import find_spec_file, load_spec, validate_spec
+
+    spec = load_spec(find_spec_file(arg))
+    warnings = validate_spec(spec, check_data=check_data)
+    return spec, warnings
+
+
+def load_round_spec(round_dir: Path):
+    """The spec copy a round keeps in its folder (structure only: no model or data checks), or None."""
+    path = round_dir / "spec.yaml"
+    if not path.exists():
+        return None
+    try:
+        from orchestrator.spec import load_spec
+
+        return load_spec(path)
+    except Exception:  # noqa: BLE001 - status works from the records alone when the spec copy cannot be read
+        return None
+
+
+def storage_url_for(spec, round_dir: Path, override: str | None = None) -> str:
+    from orchestrator.study import check_storage_url, default_storage_url
+
+    url = override or getattr(spec, "storage", None) or default_storage_url(round_dir)
+    check_storage_url(url)
+    return url
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# commands
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """fsearch: staged, baseline-matched search of Future-Seed variants for RWKV-7 post-training."""
+
+
+@cli.command("round")
+@click.option("--spec", "spec_arg", required=True, help="spec file (a name also finds studies/NAME.yaml)")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///<round folder>/study.db)")
+@click.option("--workers", default=1, show_default=True, type=int, help="parallel workers (reserved: only 1 for now)")
+@click.option("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the worker processes")
+@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
+def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, worker_cmd: str | None) -> None:
+    """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
+    if workers != 1:
+        raise UserError(f"--workers {workers}: several workers are not yet supported; run with --workers 1"
+                        + (" (and note that SQLite storage serves a single worker)" if workers > 1 else ""))
+    from orchestrator.progress import format_summary, make_display, plan_task_state
+    from orchestrator.scheduler import RoundScheduler
+
+    spec, warnings = load_spec_arg(spec_arg)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    round_dir = Path(spec.round_dir)
+    url = storage_url_for(spec, round_dir, storage)
+    display = make_display(sys.stdout)
+    sched = RoundScheduler(spec, round_dir=round_dir, storage_url=url, worker_cmd=worker_cmd, display=display,
+                           devices=gpu)
+    try:
+        records = sched.run()
+    except KeyboardInterrupt:
+        getattr(display, "close", lambda: None)()
+        click.echo(f"interrupted; run the same command to resume ({round_dir})", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        getattr(display, "close", lambda: None)()
+    try:
+        task_state = plan_task_state(sched.plan())
+    except Exception:  # noqa: BLE001 - the summary works without the planner's words
+        task_state = {}
+    click.echo("")
+    click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {round_dir / 'records.jsonl'}")
+    click.echo(format_summary(records, task_state, list(spec.tasks)))
+    if importlib.util.find_spec("orchestrator.report") is not None:
+        from orchestrator.report import write_report
+
+        click.echo(f"report: {write_report(round_dir)}")
+
+
+@cli.command("status")
+@click.argument("round_arg", metavar="ROUND")
+@click.option("--results", default=None, help="results root where round names are looked up (default: results)")
+def status_cmd(round_arg: str, results: str | None) -> None:
+    """Show a round's progress (works while the round runs; read-only, takes no lock)."""
+    from orchestrator.progress import format_table, rich_table
+    from orchestrator.progress import round_status
+
+    round_dir = resolve_round(round_arg, results)
+    st = round_status(round_dir)
+    click.echo(st.header)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(rich_table(st.rows))
+    else:
+        click.echo(format_table(st.rows))
+    for line in st.notes:
+        click.echo(line)
+
+
+@cli.command("export")
+@click.argument("round_arg", metavar="ROUND")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="output file (default: <round>/export/records.<format>)")
+@click.option("--results", default=None, help="results root where round names are looked up (default: results)")
+def export_cmd(round_arg: str, fmt: str, output: str | None, results: str | None) -> None:
+    """Export a round's records (the Record fields, including best_val_loss / best_val_tok_acc)."""
+    from orchestrator.export import export_round
+
+    round_dir = resolve_round(round_arg, results)
+    path = export_round(round_dir, fmt, Path(output) if output else None)
+    click.echo(str(path))
+
+
+@cli.command("validate")
+@click.option("--spec", "spec_arg", required=True, help="spec file (a name also finds studies/NAME.yaml)")
+@click.option("--no-data", is_flag=True, help="skip the data-availability checks")
+def validate_cmd(spec_arg: str, no_data: bool) -> None:
+    """Check a spec (schema, candidates against the model, task parameters, data) without running anything."""
+    spec, warnings = load_spec_arg(spec_arg, check_data=not no_data)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    stages = ", ".join(f"{name} {st.steps} steps x{len(st.seeds)} seed(s)" for name, st in spec.stage_list())
+    n_cand = sum(len(t.candidates) for t in spec.tasks.values())
+    click.echo(f"ok: round {spec.round} -> {spec.round_dir}: {len(spec.tasks)} task(s), {n_cand} candidate(s); "
+               f"stages: {stages}")
+
+
+@cli.command("run")
+@click.option("--task", "task_kind", required=True, help="task registry name, e.g. sudoku")
+@click.option("--params", default="{}", help="task parameters as JSON, e.g. '{\"base\": 2}'")
+@click.option("--candidate", default="baseline", show_default=True, help="library name, baseline or read_twice")
+@click.option("--fs", "fs_json", default=None, help="explicit FS fields as JSON (override the library name's)")
+@click.option("--steps", type=int, required=True)
+@click.option("--eval-every", type=int, default=None, help="default: steps // 5")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=16, show_default=True, help="effective batch")
+@click.option("--micro-batch", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="model learning rate")
+@click.option("--model-preset", default=None, help="from-scratch model preset (e.g. tiny)")
+@click.option("--checkpoint", default=None, help="checkpoint to post-train")
+@click.option("--n-val", type=int, default=64, show_default=True)
+@click.option("--n-test", type=int, default=64, show_default=True)
+@click.option("--data-seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--kernel", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--time-limit", type=float, default=3600.0, show_default=True, help="seconds")
+@click.option("--out", default=None, help="run folder (default: results/adhoc/<task>.<candidate>.s<seed>-<time>)")
+@click.option("--worker-cmd", default=None, hidden=True)
+def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batch, micro_batch, lr, model_preset,
+            checkpoint, n_val, n_test, data_seed, device, kernel, precision, time_limit, out, worker_cmd) -> None:
+    """One run by hand, in a worker subprocess, with a progress bar and a one-line summary."""
+    from model.candidates import resolve
+    from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
+    from orchestrator.scheduler import WorkerProcess, classify, read_progress, worker_command, write_text_atomic
+
+    def parse_json(flag: str, text: str | None) -> dict | None:
+        if text is None:
+            return None
+        try:
+            v = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{flag}: not JSON ({e})") from None
+        if not isinstance(v, dict):
+            raise UserError(f"{flag}: expected a JSON object")
+        return v
+
+    task_params = parse_json("--params", params) or {}
+    fs = parse_json("--fs", fs_json)
+    if (model_preset is None) == (checkpoint is None):
+        raise UserError("give exactly one of --model-preset or --checkpoint")
+    from tasks import task_class
+
+    task_class(task_kind)  # unknown task -> TaskError (one line)
+    try:
+        cand = resolve(candidate, None, fs)
+    except ValueError as e:
+        raise UserError(f"--candidate: {one_line(e)}") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_key = f"{task_kind}.adhoc.{cand.name}.s{seed}-{stamp}"
+    run_dir = Path(out) if out else Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS) / "adhoc" / run_key
+    try:
+        cfg = RunConfig(run_key=run_key, task=task_kind, task_kind=task_kind, task_params=task_params,
+                        candidate=cand.name, mode=cand.mode, fs=cand.fs,
+                        model=ModelSource(preset=model_preset, checkpoint=checkpoint), steps=steps,
+                        eval_every=eval_every or max(1, steps // 5), n_val=n_val, n_test=n_test, data_seed=data_seed,
+                        seed=seed, batch_size=batch, micro_batch=micro_batch,
+                        lr=LearningRates(model=lr) if lr is not None else LearningRates(), kernel=kernel,
+                        device=device, precision=precision, run_dir=str(run_dir))
+    except ValueError as e:
+        raise UserError(one_line(e)) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_file = run_dir / "run.json"
+    write_text_atomic(run_file, cfg.model_dump_json(indent=1))
+    proc = WorkerProcess(worker_command(worker_cmd) + [str(run_file)], run_dir / "worker.log")
+    bar = _progress_bar(steps)
+
+    def poll() -> None:
+        p = read_progress(run_dir)
+        if p and p.get("step") is not None:
+            bar.update(p["step"], p.get("loss"))
+
+    try:
+        code = proc.wait(time_limit, poll=poll)
+    except KeyboardInterrupt:
+        proc.kill()
+        bar.close()
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    poll()
+    bar.close()
+    outcome = classify(run_dir, code, proc.timed_out, run_dir / "worker.log", time_limit)
+    res = outcome.result
+    if outcome.kind in ("ok", "diverged") and res is not None:
+        metric = res.primary_metric or "tok_acc"
+        v = res.final.get("val_" + metric)
+        click.echo(f"{outcome.kind}: {task_kind} {cand.name} s{seed}: {res.steps}/{steps} steps, "
+                   f"val_{metric}={'-' if v is None else f'{v:.4f}'}, val_loss={res.final.get('val_loss', float('nan')):.4f}, "
+                   f"{res.wall_s:.1f} s, {res.tokens_per_s:.0f} tok/s -> {run_dir}")
+        if outcome.kind == "diverged":
+            sys.exit(1)
+        return
+    click.echo(f"failed ({outcome.kind}): {outcome.message} -> {run_dir}", err=True)
+    sys.exit(1)
+
+
+class _progress_bar:
+    """tqdm on a terminal, nothing otherwise (the summary line says what happened)."""
+
+    def __init__(self, total: int):
+        self.tqdm = None
+        self.n = 0
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float | None) -> None:
+        if self.tqdm is None:
+            return
+        self.tqdm.update(max(0, step - self.n))
+        self.n = max(self.n, step)
+        if loss is not None:
+            self.tqdm.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+@cli.command("report")
+@click.argument("round_arg", metavar="ROUND")
+@click.option("--check", is_flag=True, help="check the existing report against the records instead of writing it")
+@click.option("--results", default=None, help="results root where round names are looked up (default: results)")
+def report_cmd(round_arg: str, check: bool, results: str | None) -> None:
+    """Write the round's report (or check it)."""
+    round_dir = resolve_round(round_arg, results)
+    if importlib.util.find_spec("orchestrator.report") is None:
+        raise UserError("report: orchestrator.report is not available in this installation")
+    from orchestrator import report
+
+    if check:
+        problems = report.check_report(round_dir)
+        for p in problems:
+            click.echo(f"problem: {p}")
+        if problems:
+            sys.exit(1)
+        click.echo("ok: the report matches the records")
+        return
+    click.echo(str(report.write_report(round_dir)))
+
+
+BENCHES = {
+    "kernel": ("kernels.bench",),
+    "operator": ("kernels.bench_cpu",),
+    "model": ("model.bench_cpu",),
+    "train": ("orchestrator.bench_train", "model.bench_train"),
+}
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []})
+@click.argument("what", type=click.Choice(sorted(BENCHES)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_cmd(what: str, args: tuple[str, ...]) -> None:
+    """Benchmarks: kernel, operator, model, train (arguments go to the benchmark; try `bench kernel --help`)."""
+    for mod in BENCHES[what]:
+        if importlib.util.find_spec(mod) is not None:
+            code = importlib.import_module(mod).main(list(args))
+            sys.exit(code or 0)
+    raise UserError(f"bench {what}: {' / '.join(BENCHES[what])} is not available in this installation")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# entry point
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: user errors -> `error: ...` + exit 2; interrupts -> exit 130; bugs keep their traceback."""
+    try:
+        cli.main(args=argv, prog_name="fsearch", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except click.UsageError as e:
+        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+        return EXIT_USER
+    except click.ClickException as e:
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except _user_error_types() as e:
+        click.echo(f"error: {one_line(e)}", err=True)
+        return EXIT_USER
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,463 @@
+"""What a researcher sees of a round: a status table per task and stage, run events, and the end-of-round summary.
+
+- `status_rows(...)`: per task and stage: done/planned, running, pruned, failed; the current run's step and loss
+  (from its progress.json); estimated time left for the planned runs (seconds per step measured on this round's
+  records, else on the current run).
+- `RichDisplay` (a terminal: a live table) and `PlainDisplay` (no tty, e.g. CI: one line per event, a progress line
+  every PLAIN_PROGRESS_EVERY_S) implement the scheduler's display hooks.
+- `format_summary(records, ...)`: per task, the baseline value and each candidate's delta and decision per stage.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, TextIO
+
+from orchestrator.records import Record
+
+PLAIN_PROGRESS_EVERY_S = 30.0
+RICH_REFRESH_PER_S = 4
+STAGE_ORDER = ("quick", "med", "long", "seedcheck")
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def fmt_value(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+@dataclass
+class Active:
+    """The run in progress as the status table shows it."""
+
+    task: str
+    stage: str
+    candidate: str
+    seed: int
+    attempt: int
+    progress: dict[str, Any]
+    started: float | None = None
+
+
+@dataclass
+class StatusRow:
+    task: str
+    stage: str
+    done: int
+    planned: int
+    running: int
+    pruned: int
+    failed: int
+    current: str
+    eta_s: float | None
+    state: str = ""
+
+
+def seconds_per_step(records: Iterable[Record], task: str | None = None) -> float | None:
+    rates = [r.wall_s / r.steps for r in records if r.steps > 0 and r.wall_s > 0 and (task is None or r.task == task)]
+    return statistics.median(rates) if rates else None
+
+
+def _unit_key(unit: Any) -> Any:
+    return unit.key
+
+
+def status_rows(records: list[Record], pending: list[Any] | None = None, active: Active | None = None,
+                task_state: dict[str, str] | None = None, task_order: list[str] | None = None) -> list[StatusRow]:
+    """Rows per (task, stage): `pending` are the planner's runnable units (each with .key: RunKey and .key.steps)."""
+    pending = pending or []
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def group(task: str, stage: str) -> dict[str, Any]:
+        return groups.setdefault((task, stage), {"records": [], "pending": []})
+
+    for r in records:
+        group(r.task, r.stage)["records"].append(r)
+    for u in pending:
+        k = _unit_key(u)
+        group(k.task, k.stage)["pending"].append(u)
+    if active is not None:
+        group(active.task, active.stage)
+    order = list(task_order or [])
+    for task, _ in groups:
+        if task not in order:
+            order.append(task)
+    rows = []
+    for (task, stage), g in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), _stage_rank(kv[0][1]))):
+        recs: list[Record] = g["records"]
+        is_active = active is not None and (active.task, active.stage) == (task, stage)
+        current = ""
+        remaining_steps = sum(_unit_key(u).steps for u in g["pending"])
+        active_left = None
+        if is_active:
+            p = active.progress or {}
+            step, steps = p.get("step"), p.get("steps")
+            current = f"{active.candidate} s{active.seed}"
+            if active.attempt:
+                current += f" (attempt {active.attempt})"
+            if step is not None and steps:
+                current += f" step {step}/{steps}"
+                remaining_steps -= steps  # the active run is still in the planner's runnable list
+                active_left = p.get("eta_s")
+                if active_left is None:
+                    rate = seconds_per_step(records, task) or seconds_per_step(records)
+                    active_left = (steps - step) * rate if rate else None
+            if p.get("loss") is not None:
+                current += f" loss {p['loss']:.4f}"
+        rate = seconds_per_step(records, task) or seconds_per_step(records)
+        if rate is None and is_active:
+            p = active.progress or {}
+            if p.get("step") and active.started:
+                rate = (time.time() - active.started) / p["step"]
+        eta = None
+        if rate is not None and (remaining_steps > 0 or active_left is not None):
+            eta = max(0, remaining_steps) * rate + (active_left or 0.0)
+        rows.append(StatusRow(
+            task=task, stage=stage, done=len(recs), planned=len(recs) + len(g["pending"]) + (1 if is_active and not
+                                                                                             g["pending"] else 0),
+            running=1 if is_active else 0, pruned=sum(1 for r in recs if r.decision in ("prune", "diverged")),
+            failed=sum(1 for r in recs if r.status == "failed"), current=current, eta_s=eta,
+            state=(task_state or {}).get(task, "")))
+    return rows
+
+
+def _stage_rank(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+HEADERS = ("task", "stage", "done", "running", "pruned", "failed", "current run", "eta", "task state")
+
+
+def row_cells(r: StatusRow) -> list[str]:
+    return [r.task, r.stage, f"{r.done}/{r.planned}", str(r.running), str(r.pruned), str(r.failed), r.current or "-",
+            fmt_duration(r.eta_s), r.state]
+
+
+def format_table(rows: list[StatusRow]) -> str:
+    """Plain-text table (no terminal needed)."""
+    cells = [list(HEADERS)] + [row_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(HEADERS))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def rich_table(rows: list[StatusRow], title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for h in HEADERS:
+        table.add_column(h, justify="right" if h in ("done", "running", "pruned", "failed", "eta") else "left")
+    for r in rows:
+        table.add_row(*row_cells(r))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end-of-round summary
+
+def format_summary(records: list[Record], task_state: dict[str, str] | None = None,
+                   task_order: list[str] | None = None) -> str:
+    """Per task: the baseline's value and every candidate's delta and decision, stage by stage."""
+    by_task: dict[str, list[Record]] = {}
+    for r in records:
+        by_task.setdefault(r.task, []).append(r)
+    order = [t for t in (task_order or []) if t in by_task] + [t for t in by_task if t not in (task_order or [])]
+    out = []
+    for task in order:
+        recs = by_task[task]
+        head = recs[0]
+        threshold = next((r.threshold for r in recs if r.threshold is not None), None)
+        state = (task_state or {}).get(task)
+        out.append(f"[{task}] {head.task_kind}, metric {head.metric}"
+                   + (f", threshold {threshold:+.4f}" if threshold is not None else "")
+                   + (f": {state}" if state else ""))
+        stages = sorted({r.stage for r in recs}, key=_stage_rank)
+        for stage in stages:
+            srecs = [r for r in recs if r.stage == stage]
+            base = [r for r in srecs if r.mode == "baseline"]
+            bvals = [r.value for r in base if r.value is not None]
+            steps = srecs[0].budget_steps
+            if bvals:
+                btxt = f"baseline {fmt_value(statistics.mean(bvals))}" + (f" (mean of {len(bvals)} seeds)"
+                                                                          if len(bvals) > 1 else "")
+            else:
+                btxt = "baseline " + (", ".join(f"{r.status}: {r.error_kind or ''} {r.error_message or ''}".strip()
+                                                for r in base) or "missing")
+            out.append(f"  {stage} ({steps} steps): {btxt}")
+            cands: dict[str, list[Record]] = {}
+            for r in srecs:
+                if r.mode != "baseline":
+                    cands.setdefault(r.candidate, []).append(r)
+            width = max((len(c) for c in cands), default=0)
+            for cand, crs in sorted(cands.items(), key=lambda kv: -(_mean_delta(kv[1]) or -1e9)):
+                md = _mean_delta(crs)
+                vals = [r.value for r in crs if r.value is not None]
+                decisions = sorted({r.decision for r in crs})
+                n = len(crs)
+                txt = (f"    {cand.ljust(width)}  value {fmt_value(statistics.mean(vals) if vals else None)}  "
+                       f"delta {fmt_value(md, signed=True)}" + (f" (mean of {n} seeds)" if n > 1 else "")
+                       + f"  {'/'.join(decisions)}")
+                failed = [r for r in crs if r.status != "ok"]
+                if failed:
+                    txt += "  (" + "; ".join(f"s{r.seed} {r.status} {r.error_kind or ''}".strip() for r in failed) + ")"
+                out.append(txt)
+    return "\n".join(out) if out else "no records"
+
+
+def _mean_delta(recs: list[Record]) -> float | None:
+    ds = [r.delta for r in recs if r.delta is not None]
+    return statistics.mean(ds) if ds else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# displays (the scheduler's hooks)
+
+def _active_from(sched: Any) -> Active | None:
+    a = getattr(sched, "active", None)
+    if a is None:
+        return None
+    k = a.unit.key
+    return Active(k.task, k.stage, k.candidate, k.seed, a.attempt, dict(a.progress or {}), a.started)
+
+
+def _sched_rows(sched: Any) -> list[StatusRow]:
+    pending, task_state = [], {}
+    try:
+        plan = sched.plan()
+        pending = list(plan.runnable)
+        task_state = plan_task_state(plan)
+    except Exception:  # noqa: BLE001 - the display never stops a round
+        pass
+    return status_rows(sched.records, pending, _active_from(sched), task_state, list(getattr(sched.spec, "tasks", [])))
+
+
+def plan_task_state(plan: Any) -> dict[str, str]:
+    """{task: one-line state} from a Plan (task_state values may be strings or objects with a `state`/`text`)."""
+    out = {}
+    for task, st in (getattr(plan, "task_state", None) or {}).items():
+        if isinstance(st, str):
+            out[task] = st
+        else:
+            out[task] = str(getattr(st, "text", None) or getattr(st, "state", None) or st)
+    return out
+
+
+class PlainDisplay:
+    """One line per event; a progress line at most every PLAIN_PROGRESS_EVERY_S. For logs and CI (no tty)."""
+
+    def __init__(self, stream: TextIO | None = None, progress_every_s: float = PLAIN_PROGRESS_EVERY_S):
+        self.stream = stream or sys.stdout
+        self.every = progress_every_s
+        self._last = 0.0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def round_started(self, sched: Any) -> None:
+        n = len(sched.records)
+        self._print(f"round {sched.spec.round}: {sched.round_dir}" + (f" (resuming: {n} runs recorded)" if n else ""))
+        self._print(format_table(_sched_rows(sched)))
+
+    def run_started(self, sched: Any, active: Any) -> None:
+        k = active.unit.key
+        extra = f", attempt {active.attempt}" if active.attempt else ""
+        self._print(f"[{k.task} {k.stage}] {k.candidate} s{k.seed}: started (micro-batch {active.micro_batch}{extra})")
+        self._last = time.time()
+
+    def run_progress(self, sched: Any, active: Any) -> None:
+        if time.time() - self._last < self.every or not active.progress:
+            return
+        self._last = time.time()
+        p = active.progress
+        k = active.unit.key
+        loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+        self._print(f"[{k.task} {k.stage}] {k.candidate} s{k.seed}: step {p.get('step')}/{p.get('steps')}{loss}"
+                    f" eta {fmt_duration(p.get('eta_s'))}")
+
+    def run_finished(self, sched: Any, record: Record) -> None:
+        self._print(f"[{record.task} {record.stage}] {record_line(record)}")
+
+    def message(self, text: str) -> None:
+        self._print(text)
+
+    def round_finished(self, sched: Any) -> None:
+        pass
+
+
+def record_line(r: Record) -> str:
+    txt = f"{r.candidate} s{r.seed}: {r.status}"
+    if r.value is not None:
+        txt += f" {r.metric}={r.value:.4f}"
+    if r.delta is not None:
+        txt += f" delta={r.delta:+.4f}"
+    txt += f" -> {r.decision}"
+    if r.micro_batch != r.batch_size:
+        txt += f" (micro-batch {r.micro_batch} x{r.grad_accum})"
+    if r.error_kind and r.status != "ok":
+        txt += f" [{r.error_kind}: {r.error_message or ''}]"
+    return txt + f" ({fmt_duration(r.wall_s)})"
+
+
+class RichDisplay(PlainDisplay):
+    """A live table for a terminal; events are printed above it."""
+
+    def __init__(self, console: Any = None):
+        from rich.console import Console
+        from rich.live import Live
+
+        super().__init__()
+        self.console = console or Console()
+        self.live = Live(console=self.console, refresh_per_second=RICH_REFRESH_PER_S, transient=False)
+        self._sched = None
+        self._last_table = 0.0
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+    def _refresh(self, force: bool = False) -> None:
+        if self._sched is None or (not force and time.time() - self._last_table < 1.0 / RICH_REFRESH_PER_S):
+            return
+        self._last_table = time.time()
+        self.live.update(rich_table(_sched_rows(self._sched), title=f"round {self._sched.spec.round}"), refresh=True)
+
+    def round_started(self, sched: Any) -> None:
+        self._sched = sched
+        n = len(sched.records)
+        self._print(f"round {sched.spec.round}: {sched.round_dir}" + (f" (resuming: {n} runs recorded)" if n else ""))
+        self.live.start()
+        self._refresh(force=True)
+
+    def run_started(self, sched: Any, active: Any) -> None:
+        self._refresh(force=True)
+
+    def run_progress(self, sched: Any, active: Any) -> None:
+        self._refresh()
+
+    def run_finished(self, sched: Any, record: Record) -> None:
+        self._print(f"[{record.task} {record.stage}] {record_line(record)}")
+        self._refresh(force=True)
+
+    def round_finished(self, sched: Any) -> None:
+        self._refresh(force=True)
+        self.live.stop()
+
+    def close(self) -> None:
+        if self.live.is_started:
+            self.live.stop()
+
+
+def make_display(stream: TextIO | None = None) -> PlainDisplay:
+    stream = stream or sys.stdout
+    if stream.isatty():
+        return RichDisplay()
+    return PlainDisplay(stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `fsearch status ROUND`: the same table from another shell (read-only: no lock, no writes)
+
+@dataclass
+class RoundStatus:
+    header: str
+    rows: list[StatusRow]
+    notes: list[str]
+
+
+def scheduler_pid(round_dir: Any) -> int | None:
+    """The pid of the scheduler running this round, if its pid file names a live process."""
+    import os
+    from pathlib import Path
+
+    try:
+        pid = int((Path(round_dir) / "scheduler.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def round_status(round_dir: Any) -> RoundStatus:
+    import json
+    from pathlib import Path
+
+    from orchestrator.records import Ledger
+
+    round_dir = Path(round_dir)
+    notes: list[str] = []
+    spec = None
+    if (round_dir / "spec.yaml").exists():
+        try:
+            from orchestrator.spec import load_spec
+
+            spec = load_spec(round_dir / "spec.yaml")
+        except Exception as e:  # noqa: BLE001 - the table still works from the records
+            notes.append(f"note: the round's spec copy cannot be read ({' '.join(str(e).split())[:200]})")
+    records = Ledger(round_dir / "records.jsonl").read()
+    name = spec.round if spec is not None else round_dir.name
+    pid = scheduler_pid(round_dir)
+
+    active, counts = None, {}
+    try:
+        from orchestrator.study import RoundStudy, default_storage_url
+
+        url = (spec.storage if spec is not None and spec.storage else None) or default_storage_url(round_dir)
+        study = RoundStudy.load(url, name)
+    except Exception as e:  # noqa: BLE001
+        study = None
+        notes.append(f"note: the study cannot be read ({' '.join(str(e).split())[:200]})")
+    if study is not None:
+        for t in study.trials():
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        for t in study.running():
+            if pid is None:
+                notes.append(f"note: trial {t.number} ({t.user_attrs.get('run_key')}) is RUNNING but no scheduler is: "
+                             f"interrupted; run the round's command again to resume it")
+                continue
+            run_dir = t.user_attrs.get("run_dir")
+            prog = {}
+            if run_dir:
+                try:
+                    prog = json.loads((Path(run_dir) / "progress.json").read_text())
+                except (OSError, ValueError):
+                    prog = {}
+            p = t.params
+            active = Active(p.get("task", "?"), p.get("stage", "?"), p.get("candidate", "?"), int(p.get("seed", 0)),
+                            int(t.user_attrs.get("attempt") or 0), prog,
+                            t.datetime_start.timestamp() if t.datetime_start else None)
+
+    pending, task_state = [], {}
+    if spec is not None:
+        try:
+            from orchestrator.planner import plan
+
+            pl = plan(spec, records)
+            pending = list(pl.runnable)
+            task_state = plan_task_state(pl)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"note: cannot plan from the spec copy ({' '.join(str(e).split())[:200]})")
+    rows = status_rows(records, pending, active, task_state, list(spec.tasks) if spec is not None else None)
+    state = f"scheduler running (pid {pid})" if pid else "no scheduler running"
+    trials = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())) or "no trials"
+    header = f"round {name} ({round_dir}): {state}; {len(records)} runs recorded; study: {trials}"
+    return RoundStatus(header, rows, notes)
