@@ -1,0 +1,474 @@
+"""The planner: a pure function from (spec, finished records) to the runs that may start and every decision so far.
+
+    p = plan(spec, records, batch_sizes={"mbpp_focus": 4})   # batch_sizes: probe results for `batch: auto` tasks
+    p.runnable        # RunUnits in execution order; a run with a record is never returned again
+    p.tasks           # per task: status (running | needs_probe | done | failed), stage, reason, per-candidate state
+    p.decisions       # stage-level decisions (promote / prune / recorded) with the paired deltas behind them
+    p.finished        # no task has work left
+
+No I/O, no clock, no randomness: the same inputs give the same plan, so every decision is testable with fake records.
+
+Rules (orchestrator contract):
+- Stages run in order quick -> med -> long -> seedcheck (those the spec has). Each stage runs its own baseline for
+  every stage seed; a candidate run is compared only with its matched baseline (same task, stage, seed, effective
+  batch, steps, eval_every, n_val, data_seed: RunKey.matched_baseline), never with another stage's.
+- Within a stage: baselines first, then candidates in spec order, seeds ascending. A candidate run becomes runnable
+  once the baseline of its seed has an ok record (so a failed baseline wastes no candidate compute and every record
+  can carry its delta when it is written).
+- A stage is complete when each of its runs has a record (a candidate that already failed or diverged in a gate stage
+  skips its remaining seeds: it is pruned either way). Only then are candidates promoted:
+  mean over the stage's seeds of (candidate - matched baseline) >= the task's threshold.
+- quick: baseline + all candidates. med: baseline + quick survivors. long: baseline + the med survivor with the
+  highest med delta. seedcheck: baseline + finalists (the survivors of the last gate stage, best delta first, at
+  most max_finalists), paired per seed. A task with no survivors after a gate stage is done.
+- A baseline that failed or diverged (after its retries) fails its task with the reason; the other tasks go on.
+  A failed or diverged candidate is pruned with the error as its reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping
+
+from model.candidates import BASELINE, Candidate
+from orchestrator.runconfig import Fault, LearningRates, ModelSource, RunConfig
+from orchestrator.runkey import RunKey, candidate_digest, short_hash
+from orchestrator.spec import GATE_STAGES, Spec
+
+TaskStatus = Literal["running", "needs_probe", "done", "failed"]
+CandidateStatus = Literal["active", "pruned", "survivor", "finalist", "stopped"]
+StageDecisionKind = Literal["promote", "prune", "recorded"]
+StageStateKind = Literal["waiting", "running", "complete", "failed", "skipped"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run
+@dataclass(frozen=True)
+class RunUnit:
+    """One run the scheduler may start: its key, resolved candidate and everything its RunConfig needs."""
+
+    key: RunKey
+    candidate: Candidate
+    task_kind: str
+    task_params: Mapping[str, Any] = field(compare=False, hash=False)
+    model: ModelSource = field(compare=False)
+    lr: LearningRates = field(compare=False)
+    loss: str = "mean_token"
+    n_test: int = 64
+    eval_batch: int = 64
+    kernel: str = "auto"
+    precision: str = "auto"
+    device: str = "auto"  # the spec's default; run_config(device=...) overrides
+    round: str = "adhoc"
+    time_limit_s: float = 3600.0
+    retries: int = 2  # crash/timeout retries (defaults.baseline_retries for baselines)
+    threshold: float = 0.0
+    metric: str | None = None  # None: the task's primary metric (RunResult.primary_metric)
+    stage_seeds: int = 1  # how many seeds the unit's stage has (a stage decision averages over them)
+
+    # the key's parts, by name
+    @property
+    def run_key(self) -> str:
+        return self.key.run_key
+
+    @property
+    def task(self) -> str:
+        return self.key.task
+
+    @property
+    def stage(self) -> str:
+        return self.key.stage
+
+    @property
+    def seed(self) -> int:
+        return self.key.seed
+
+    @property
+    def steps(self) -> int:
+        return self.key.steps
+
+    @property
+    def eval_every(self) -> int:
+        return self.key.eval_every
+
+    @property
+    def n_val(self) -> int:
+        return self.key.n_val
+
+    @property
+    def data_seed(self) -> int:
+        return self.key.data_seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.batch_size
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.candidate.is_baseline
+
+    @property
+    def baseline_key(self) -> str | None:
+        """Run key of the matched baseline (None for a baseline)."""
+        return None if self.is_baseline else self.key.matched_baseline().run_key
+
+    def metric_name(self, primary_metric: str) -> str:
+        return self.metric or primary_metric
+
+    def value_from(self, final: Mapping[str, float | None], primary_metric: str) -> float | None:
+        """The decision value from a RunResult's `final` metrics: final["val_" + metric], None if absent/non-finite."""
+        v = final.get("val_" + self.metric_name(primary_metric))
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def run_config(self, run_dir: str, attempt: int = 0, micro_batch: int | None = None, device: str | None = None,
+                   fault: Fault | None = None) -> RunConfig:
+        """The worker's input for one attempt of this run (device None: the spec's defaults.device)."""
+        return RunConfig(
+            run_key=self.run_key, round=self.round, task=self.task, task_kind=self.task_kind,
+            task_params=dict(self.task_params), candidate=self.candidate.name, mode=self.candidate.mode,
+            fs=self.candidate.fs, model=self.model, stage=self.stage, steps=self.steps, eval_every=self.eval_every,
+            n_val=self.n_val, n_test=self.n_test, data_seed=self.data_seed, seed=self.seed,
+            batch_size=self.batch_size, micro_batch=micro_batch, lr=self.lr, loss=self.loss,  # type: ignore[arg-type]
+            kernel=self.kernel, device=device or self.device, precision=self.precision,  # type: ignore[arg-type]
+            eval_batch=self.eval_batch, run_dir=str(run_dir), attempt=attempt, fault=fault,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan
+@dataclass
+class CandidateState:
+    name: str
+    status: CandidateStatus = "active"
+    reached: str = "quick"  # the last stage it has runs in
+    reason: str = ""
+    deltas: dict[str, float | None] = field(default_factory=dict)  # stage -> mean paired delta
+
+
+@dataclass
+class StageDecision:
+    task: str
+    stage: str
+    candidate: str
+    decision: StageDecisionKind
+    deltas: dict[int, float | None]  # seed -> paired delta (None where the run failed)
+    mean_delta: float | None
+    threshold: float
+    reason: str
+
+
+@dataclass
+class StageProgress:
+    """One row of the status table: a task's stage."""
+
+    task: str
+    stage: str
+    state: StageStateKind
+    total: int | None = None  # runs of the stage (None until the stage is reached)
+    done: int = 0  # runs with a record
+    failed: int = 0  # records with status failed or diverged
+    promoted: int = 0
+    pruned: int = 0
+
+
+@dataclass
+class TaskState:
+    label: str
+    status: TaskStatus = "running"
+    stage: str | None = None  # running: the current stage; done/failed: the last stage reached
+    reason: str = ""
+    candidates: dict[str, CandidateState] = field(default_factory=dict)
+    long_pick: str | None = None
+    finalists: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.status == "running":
+            return self.stage or "waiting"
+        if self.status == "failed":
+            return f"failed: {self.reason}"
+        if self.status == "needs_probe":
+            return "needs batch probe"
+        return "done"
+
+
+@dataclass
+class Plan:
+    runnable: list[RunUnit]
+    tasks: dict[str, TaskState]
+    decisions: list[StageDecision]
+    stages: list[StageProgress]
+    needs_probe: list[str]  # labels of `batch: auto` tasks without a probed batch size
+    unused_records: list[str]  # run keys of records no current run matches (an earlier version of the spec)
+    warnings: list[str]
+
+    @property
+    def finished(self) -> bool:
+        return all(t.status in ("done", "failed") for t in self.tasks.values())
+
+    @property
+    def task_state(self) -> dict[str, str]:
+        """Per task: its current stage, 'done', 'needs batch probe' or 'failed: <reason>'."""
+        return {label: str(t) for label, t in self.tasks.items()}
+
+
+def plan(spec: Spec, records: Iterable[Any], batch_sizes: Mapping[str, int] | None = None) -> Plan:
+    """The runnable units and decisions for `spec` given the finished `records` (Record objects or dicts)."""
+    index, warnings = _index(records)
+    out = Plan(runnable=[], tasks={}, decisions=[], stages=[], needs_probe=[], unused_records=[], warnings=warnings)
+    used: set[str] = set()
+    for label in spec.tasks:
+        _TaskPlanner(spec, label, index, batch_sizes or {}, out, used).run()
+    out.unused_records = [k for k in index if k not in used]
+    return out
+
+
+def stage_table(spec: Spec, records: Iterable[Any], batch_sizes: Mapping[str, int] | None = None) \
+        -> list[StageProgress]:
+    """Per task and stage: state, runs total/done/failed, candidates promoted/pruned (for `fsearch status`)."""
+    return plan(spec, records, batch_sizes).stages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# judging one finished run (the scheduler writes this into its record)
+@dataclass(frozen=True)
+class Judgement:
+    baseline_key: str | None
+    baseline_value: float | None
+    delta: float | None
+    threshold: float
+    decision: Literal["baseline", "promote", "prune", "recorded", "failed", "diverged"]
+
+
+def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any]) -> Judgement:
+    """The comparison fields of a new record for `unit`.
+
+    Baselines: decision "baseline" (or "failed"/"diverged"). Candidates: delta = value - matched baseline's value;
+    in a one-seed gate stage (quick/med) the decision is "promote"/"prune" by the threshold, as the stage decision
+    will be; in a gate stage with several seeds the stage decision uses the mean over seeds, so a single record says
+    "recorded"; long and seedcheck runs are "recorded" (decided by statistics). A failed run: "failed", a diverged
+    run: "diverged". An "ok" status without a value counts as failed.
+    """
+    if status == "ok" and value is None:
+        status = "failed"
+    bad = {"failed": "failed", "diverged": "diverged"}.get(status)
+    if unit.is_baseline:
+        return Judgement(None, None, None, unit.threshold, bad or "baseline")  # type: ignore[arg-type]
+    key = unit.baseline_key
+    base = next((r for r in records if _get(r, "run_key") == key), None)
+    base_value = _get(base, "value") if base is not None and _get(base, "status") == "ok" else None
+    delta = value - base_value if (value is not None and base_value is not None and not bad) else None
+    if bad:
+        decision = bad
+    elif delta is not None and unit.stage in GATE_STAGES and unit.stage_seeds == 1:
+        decision = "promote" if delta >= unit.threshold else "prune"
+    else:
+        decision = "recorded"
+    return Judgement(key, base_value, delta, unit.threshold, decision)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# internals
+def _get(record: Any, name: str) -> Any:
+    if record is None:
+        return None
+    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
+
+
+def _index(records: Iterable[Any]) -> tuple[dict[str, Any], list[str]]:
+    index: dict[str, Any] = {}
+    warnings = []
+    for r in records:
+        key = _get(r, "run_key")
+        if key in index:
+            warnings.append(f"run {key} has more than one record; the last one is used")
+        index[key] = r
+    return index, warnings
+
+
+def _failure(record: Any) -> str | None:
+    """Why a record is not a usable result (None if it is one)."""
+    status = _get(record, "status")
+    if status == "ok":
+        v = _get(record, "value")
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return None
+        return f"no value for metric {_get(record, 'metric')!r}"
+    if status == "diverged":
+        return "diverged (non-finite loss)"
+    kind, msg = _get(record, "error_kind"), _get(record, "error_message")
+    return f"{status}" + (f" ({kind})" if kind else "") + (f": {msg}" if msg else "")
+
+
+class _TaskPlanner:
+    def __init__(self, spec: Spec, label: str, index: dict[str, Any], batch_sizes: Mapping[str, int], out: Plan,
+                 used: set[str]):
+        self.spec, self.label, self.index, self.out, self.used = spec, label, index, out, used
+        self.task = spec.tasks[label]
+        self.batch = self.task.batch if self.task.batch != "auto" else batch_sizes.get(label)
+        self.candidates = spec.candidates(label)
+        self.state = TaskState(label, candidates={c.name: CandidateState(c.name) for c in self.candidates})
+        out.tasks[label] = self.state
+        d = spec.defaults
+        self.setup = short_hash({
+            "task_kind": self.task.task, "task_params": self.task.params, "model": spec.model.model_dump(mode="json"),
+            "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test, "eval_batch": d.eval_batch,
+            "kernel": d.kernel, "precision": d.precision,
+        })
+        self.digests = {c.name: candidate_digest(c) for c in (BASELINE, *self.candidates)}
+
+    # units -------------------------------------------------------------------------------------------------------
+    def unit(self, cand: Candidate, stage: str, seed: int) -> RunUnit:
+        spec, d, st = self.spec, self.spec.defaults, self.spec.stage(stage)
+        key = RunKey(task=self.label, stage=stage, candidate=cand.name, seed=seed, batch_size=int(self.batch),
+                     steps=st.steps, eval_every=st.eval_every, n_val=spec.stage_n_val(stage), data_seed=d.data_seed,
+                     setup=self.setup, config=self.digests[cand.name])
+        return RunUnit(key=key, candidate=cand, task_kind=self.task.task, task_params=self.task.params,
+                       model=spec.model, lr=d.lr, loss=d.loss, n_test=d.n_test, eval_batch=d.eval_batch,
+                       kernel=d.kernel, precision=d.precision, device=d.device, round=spec.round,
+                       time_limit_s=spec.stage_time_limit_s(stage),
+                       retries=d.baseline_retries if cand.is_baseline else d.retries,
+                       threshold=self.task.threshold, metric=self.task.metric, stage_seeds=len(st.seeds))
+
+    def record(self, unit: RunUnit) -> Any:
+        rec = self.index.get(unit.run_key)
+        if rec is not None:
+            self.used.add(unit.run_key)
+        return rec
+
+    # the walk through the stages ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        stages = self.spec.stage_list()
+        if self.batch is None:
+            self.state.status = "needs_probe"
+            self.out.needs_probe.append(self.label)
+            self.out.stages += [StageProgress(self.label, name, "waiting") for name, _ in stages]
+            return
+        members = list(self.candidates)  # survivors so far, spec order
+        gate_delta: dict[str, float] = {}  # candidate -> mean delta at the last gate stage
+        for i, (name, st) in enumerate(stages):
+            if name == "long":
+                ranked = _ranked(members, gate_delta)
+                stage_members = ranked[:1]
+                self.state.long_pick = ranked[0].name
+            elif name == "seedcheck":
+                stage_members = _ranked(members, gate_delta)[: self.spec.stages.seedcheck.max_finalists]
+                self.state.finalists = [c.name for c in stage_members]
+                for c in members:
+                    if c not in stage_members:
+                        self._set(c.name, "pruned", f"not among the {len(stage_members)} best "
+                                                    f"{self._last_gate(i)} deltas (seedcheck.max_finalists)")
+            else:
+                stage_members = members
+            for c in stage_members:
+                self.state.candidates[c.name].reached = name
+            self.state.stage = name
+            outcome = self.walk_stage(name, st.seeds, stage_members)
+            if outcome is None:  # running, or the task failed
+                self.out.stages += [StageProgress(self.label, n, "waiting" if self.state.status == "running"
+                                                  else "skipped") for n, _ in stages[i + 1:]]
+                return
+            if name in GATE_STAGES:
+                members = [c for c in stage_members if outcome[c.name][0] == "promote"]
+                gate_delta = {c.name: outcome[c.name][1] for c in members}
+                if not members:
+                    best = max((v[1] for v in outcome.values() if v[1] is not None), default=None)
+                    tail = f" (best delta {best:+.4g} < threshold {self.task.threshold:g})" if best is not None else ""
+                    self._finish(f"no candidate passed {name}{tail}")
+                    self.out.stages += [StageProgress(self.label, n, "skipped") for n, _ in stages[i + 1:]]
+                    return
+        for c in members:
+            cs = self.state.candidates[c.name]
+            if cs.status == "active":
+                cs.status = "finalist" if c.name in self.state.finalists else "survivor"
+        self._finish(f"finalists: {', '.join(self.state.finalists)}" if self.state.finalists
+                     else f"survivors: {', '.join(c.name for c in members)}")
+
+    def walk_stage(self, name: str, seeds: list[int], members: list[Candidate]) \
+            -> dict[str, tuple[str, float | None]] | None:
+        """Units and decisions of one stage. Returns {candidate: (decision, mean delta)} when the stage is complete,
+        None while it is running or when its baseline failed (then the task is failed)."""
+        seeds = sorted(seeds)
+        row = StageProgress(self.label, name, "running")
+        self.out.stages.append(row)
+        gate = name in GATE_STAGES
+        baselines = {s: self.unit(BASELINE, name, s) for s in seeds}
+        base_rec = {s: self.record(u) for s, u in baselines.items()}
+        units = {(c.name, s): self.unit(c, name, s) for c in members for s in seeds}
+        recs = {k: self.record(u) for k, u in units.items()}
+        row.total = len(baselines) + len(units)
+        row.done = sum(r is not None for r in (*base_rec.values(), *recs.values()))
+        row.failed = sum(r is not None and _failure(r) is not None for r in (*base_rec.values(), *recs.values()))
+
+        for s in seeds:
+            if base_rec[s] is not None and (why := _failure(base_rec[s])) is not None:
+                row.state = "failed"
+                self._fail(f"baseline failed at {name} seed {s}: {why}")
+                return None
+
+        doomed = {c.name for c in members if gate and any(
+            recs[(c.name, s)] is not None and _failure(recs[(c.name, s)]) is not None for s in seeds)}
+        missing_base = [baselines[s] for s in seeds if base_rec[s] is None]
+        missing = [units[(c.name, s)] for c in members for s in seeds
+                   if recs[(c.name, s)] is None and c.name not in doomed]
+        if missing_base or missing:
+            self.out.runnable += missing_base
+            self.out.runnable += [u for u in missing if base_rec[u.seed] is not None]
+            return None
+
+        row.state = "complete"
+        outcome: dict[str, tuple[str, float | None]] = {}
+        for c in members:
+            deltas: dict[int, float | None] = {}
+            failure = None
+            for s in seeds:
+                r = recs[(c.name, s)]
+                why = _failure(r) if r is not None else "skipped after an earlier failure"
+                if why is not None:
+                    deltas[s] = None
+                    failure = failure or f"seed {s}: {why}"
+                else:
+                    deltas[s] = _get(r, "value") - _get(base_rec[s], "value")
+            ok = [d for d in deltas.values() if d is not None]
+            mean = sum(ok) / len(ok) if ok and failure is None else None
+            self.state.candidates[c.name].deltas[name] = mean
+            if gate:
+                if failure is not None:
+                    decision, reason = "prune", f"{name} {failure}"
+                elif mean >= self.task.threshold:
+                    decision, reason = "promote", f"{name} delta {mean:+.4g} >= threshold {self.task.threshold:g}"
+                else:
+                    decision, reason = "prune", f"{name} delta {mean:+.4g} < threshold {self.task.threshold:g}"
+                if decision == "prune":
+                    row.pruned += 1
+                    self._set(c.name, "pruned", f"pruned at {reason}")
+                else:
+                    row.promoted += 1
+            else:
+                decision = "recorded"
+                reason = f"{name} {failure}" if failure else f"{name} mean delta {mean:+.4g} over {len(ok)} seeds"
+            outcome[c.name] = (decision, mean)
+            self.out.decisions.append(StageDecision(self.label, name, c.name, decision, deltas, mean,  # type: ignore
+                                                    self.task.threshold, reason))
+        return outcome
+
+    # state helpers -----------------------------------------------------------------------------------------------
+    def _set(self, name: str, status: CandidateStatus, reason: str) -> None:
+        cs = self.state.candidates[name]
+        cs.status, cs.reason = status, reason
+
+    def _fail(self, reason: str) -> None:
+        self.state.status, self.state.reason = "failed", reason
+        for cs in self.state.candidates.values():
+            if cs.status == "active":
+                cs.status, cs.reason = "stopped", "task failed"
+
+    def _finish(self, reason: str) -> None:
+        self.state.status, self.state.reason = "done", reason
+
+    def _last_gate(self, i: int) -> str:
+        return next(n for n, _ in reversed(self.spec.stage_list()[:i]) if n in GATE_STAGES)
+
+
+def _ranked(members: list[Candidate], delta: Mapping[str, float]) -> list[Candidate]:
+    """Best delta first; ties keep spec order (sorted is stable)."""
+    return sorted(members, key=lambda c: -delta.get(c.name, -math.inf))

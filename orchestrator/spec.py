@@ -1,0 +1,647 @@
+"""The round spec: a YAML file, its schema (every default of a round lives here), loading and validation.
+
+    spec = load_spec(find_spec_file("round22"))      # schema + structure: SpecError on the first problem
+    warnings = validate_spec(spec)                    # + model layer count, task kinds/params, data: SpecError
+
+Every user error is a SpecError whose message is ONE line naming the field, e.g.
+`tasks.sudoku4.candidates[1]: unknown candidate 'foo': ...` or `stages.med.steps: must be greater than quick.steps
+(120), got 100`. Rules (orchestrator contract, "Validation"):
+- unknown keys anywhere (except top-level `x-...` keys, ignored: a place for YAML anchors); YAML syntax errors and duplicate mapping keys (with the line number);
+- stages: quick < med < long in steps, eval_every <= steps, seeds non-empty, unique and >= 0, long needs med,
+  seedcheck with fewer than 5 seeds unless `allow_few_seeds: true`;
+- tasks: labels and candidate names match [A-Za-z0-9_-]+; `baseline` is never listed (it is implicit); candidate
+  names unique within a task and no two candidates of a task resolve to the same configuration; threshold >= 0;
+- validate_spec adds: model preset known or checkpoint present (layer count read without torch, model/ckpt_meta.py);
+  every FS candidate acts on the model's layers (FSConfig.check_for_model: errors are fatal, warnings returned);
+  task kinds registered, task params valid, the decision metric reported by the task; data available
+  (task.check_available()) when check_data is true.
+
+Candidates resolve with model.candidates.resolve: spec `defaults.fs` < library name < explicit `fs`.
+Relative checkpoint paths are relative to the current working directory (the scheduler and its workers share it).
+Torch-free.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
+    model_validator
+
+from model.candidates import BASELINE, Candidate, resolve
+from model.fs_config import FSConfig
+from orchestrator.runconfig import LearningRates, ModelSource
+from orchestrator.runkey import NAME_PATTERN, canonical_json, short_hash
+
+STAGE_ORDER = ("quick", "med", "long", "seedcheck")
+GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
+MIN_SEEDCHECK_SEEDS = 5  # 2**-5 = 0.031: the fewest paired seeds for which an exact sign test can reach p < 0.05
+SPEC_SUFFIXES = (".yaml", ".yml")
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+LOWER_IS_BETTER = ("loss",)  # metrics a promotion threshold cannot apply to (delta = candidate - baseline > 0 wins)
+EXTENSION_PREFIX = "x-"  # top-level keys starting with this are ignored: a place for YAML anchors (x-candidates: &c)
+_NAME_RX = re.compile(f"^{NAME_PATTERN}$")
+_ROUND_RX = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SpecError(ValueError):
+    """A user error in a spec: `str(e)` is one line naming the field; `e.errors` lists every problem found."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        message = _one_line(message)
+        self.errors = [_one_line(m) for m in errors] if errors else [message]
+        super().__init__(message)
+
+    @classmethod
+    def from_list(cls, errors: list[str]) -> "SpecError":
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return cls(errors[0] + more, errors)
+
+
+class _StructureError(ValueError):
+    """Carries every structural problem out of the Spec validator (pydantic keeps the exception in ctx)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__(errors[0])
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeDefaults(_Strict):
+    """The GPU batch probe behind `batch: auto` (run once per task by the scheduler)."""
+
+    micro_batches: list[int] = Field(default_factory=lambda: [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1], min_length=1)
+    margin: float = Field(0.9, gt=0.0, le=1.0)  # use at most this share of the device's memory
+    cpu_batch: int | None = Field(None, ge=1)  # what `auto` means without CUDA; null: `auto` on CPU is an error
+
+    @field_validator("micro_batches")
+    @classmethod
+    def _descending(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v) or v != sorted(set(v), reverse=True):
+            raise ValueError("must be distinct positive sizes in descending order")
+        return v
+
+
+class Defaults(_Strict):
+    fs: dict[str, Any] = Field(default_factory=dict)  # FSConfig fields: fill only what a library name leaves open
+    lr: LearningRates = Field(default_factory=LearningRates)
+    loss: Literal["mean_token", "first_plus_rest"] = "mean_token"
+    n_val: int = Field(64, ge=1)  # validation examples per eval (a fixed set)
+    n_test: int = Field(64, ge=1)
+    eval_batch: int = Field(64, ge=1)
+    data_seed: int = Field(0, ge=0)
+    kernel: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    time_limit_s: float = Field(3600.0, gt=0.0)  # per run
+    retries: int = Field(2, ge=0)  # crash/timeout retries per candidate run
+    baseline_retries: int = Field(2, ge=0)
+    probe: ProbeDefaults = Field(default_factory=ProbeDefaults)
+
+
+class Stage(_Strict):
+    steps: int = Field(ge=1)  # optimizer steps
+    eval_every: int = Field(ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    n_val: int | None = Field(None, ge=1)  # default: defaults.n_val
+    time_limit_s: float | None = Field(None, gt=0.0)  # default: defaults.time_limit_s
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        for s in v:
+            if s < 0:
+                raise ValueError(f"seeds must be >= 0, got {s}")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"duplicate seed {dup[0]}")
+        return v
+
+
+class LongStage(Stage):
+    pick: Literal["best_med"] = "best_med"  # the med survivor with the highest med delta
+
+
+class SeedcheckStage(Stage):
+    seeds: list[int] = Field(default_factory=lambda: list(range(MIN_SEEDCHECK_SEEDS)), min_length=1)
+    max_finalists: int = Field(3, ge=1)
+    allow_few_seeds: bool = False  # accept < 5 seeds (a demonstration; no sign test can reach p < 0.05)
+
+
+class Stages(_Strict):
+    quick: Stage
+    med: Stage | None = None
+    long: LongStage | None = None
+    seedcheck: SeedcheckStage | None = None
+
+
+class CandidateSpec(_Strict):
+    """A library name with overrides ({name, preset, fs}) or an explicit configuration ({name, fs})."""
+
+    name: str
+    preset: str | None = None  # library name this candidate starts from
+    fs: dict[str, Any] | None = None  # explicit FS fields (override the preset's and the defaults')
+
+
+class TaskSpec(_Strict):
+    task: str  # registry name (tasks.task_names())
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch: int | Literal["auto"]  # effective batch, or the GPU probe's largest micro-batch
+    threshold: float = Field(ge=0.0)  # promote if delta >= threshold (delta = candidate - matched baseline)
+    metric: str | None = None  # default: the task's primary metric
+    candidates: list[CandidateSpec] = Field(min_length=1)
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v == "auto" and isinstance(v, str):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be a positive integer or 'auto', got {v!r}")
+        return v
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _names_to_items(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": c} if isinstance(c, str) else c for c in v]
+        return v
+
+
+class Spec(_Strict):
+    round: str
+    model: ModelSource
+    output: str = "results"  # root folder; the round folder is <output>/<round>
+    storage: str | None = None  # default: sqlite:///<round folder>/study.db
+    defaults: Defaults = Field(default_factory=Defaults)
+    stages: Stages
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
+
+    _candidates: dict[str, tuple[Candidate, ...]] = PrivateAttr(default_factory=dict)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _structure(self) -> "Spec":
+        errors = _structure_errors(self)
+        if errors:
+            raise _StructureError(errors)
+        self._candidates = {label: tuple(_resolve_task_candidates(self, label)) for label in self.tasks}
+        return self
+
+    # derived views ---------------------------------------------------------------------------------------------
+    @property
+    def source(self) -> Path | None:
+        """The file this spec was loaded from (None when built from data)."""
+        return self._source
+
+    def candidates(self, label: str) -> tuple[Candidate, ...]:
+        """The task's candidates, resolved, in spec order (the implicit baseline not included)."""
+        return self._candidates[label]
+
+    def stage_list(self) -> list[tuple[str, Stage]]:
+        """The spec's stages in execution order."""
+        return [(name, getattr(self.stages, name)) for name in STAGE_ORDER if getattr(self.stages, name) is not None]
+
+    def stage(self, name: str) -> Stage:
+        st = getattr(self.stages, name, None)
+        if st is None:
+            raise KeyError(f"the spec has no stage {name!r}")
+        return st
+
+    def stage_n_val(self, name: str) -> int:
+        st = self.stage(name)
+        return st.n_val if st.n_val is not None else self.defaults.n_val
+
+    def stage_time_limit_s(self, name: str) -> float:
+        st = self.stage(name)
+        return st.time_limit_s if st.time_limit_s is not None else self.defaults.time_limit_s
+
+    @property
+    def round_dir(self) -> Path:
+        return Path(self.output) / self.round
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.round_dir / 'study.db').as_posix()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# structural rules (no model, no task registry, no data)
+def _structure_errors(spec: Spec) -> list[str]:
+    errors: list[str] = []
+    if not _ROUND_RX.match(spec.round):
+        errors.append(f"round: must match [A-Za-z0-9_.-]+, got {spec.round!r}")
+    if spec.storage is not None and not re.match(r"^(sqlite:///|postgresql(\+\w+)?://)", spec.storage):
+        errors.append(f"storage: must be a sqlite:/// or postgresql:// URL, got {spec.storage!r}")
+    fs_errors = _fs_defaults_errors(spec.defaults.fs)
+    errors += fs_errors + _stage_errors(spec.stages)
+    if fs_errors:
+        return errors  # every candidate would repeat the defaults' problem
+    for label, task in spec.tasks.items():
+        errors += _task_errors(spec, label, task)
+    return errors
+
+
+def _fs_defaults_errors(fs: dict[str, Any]) -> list[str]:
+    errors = []
+    for key, value in fs.items():
+        if key not in FSConfig.model_fields:
+            errors.append(f"defaults.fs.{key}: unknown FS option; known: {', '.join(FSConfig.model_fields)}")
+            continue
+        try:
+            TypeAdapter(FSConfig.model_fields[key].annotation).validate_python(value)
+        except ValidationError as e:
+            errors.append(f"defaults.fs.{key}: {_pydantic_msg(e.errors()[0])}")
+    return errors
+
+
+def _stage_errors(stages: Stages) -> list[str]:
+    errors = []
+    present = [(n, getattr(stages, n)) for n in STAGE_ORDER if getattr(stages, n) is not None]
+    for name, st in present:
+        if st.eval_every > st.steps:
+            errors.append(f"stages.{name}.eval_every: must be <= steps ({st.steps}), got {st.eval_every}")
+    if stages.long is not None and stages.med is None:
+        errors.append("stages.long: needs stages.med (long reruns the med survivor with the highest med delta)")
+    budget = [(n, st) for n, st in present if n in ("quick", "med", "long")]
+    for (prev, p), (name, st) in zip(budget, budget[1:]):
+        if st.steps <= p.steps:
+            errors.append(f"stages.{name}.steps: must be greater than {prev}.steps ({p.steps}), got {st.steps}")
+    sc = stages.seedcheck
+    if sc is not None and len(sc.seeds) < MIN_SEEDCHECK_SEEDS and not sc.allow_few_seeds:
+        errors.append(
+            f"stages.seedcheck.seeds: {len(sc.seeds)} seeds; a paired sign test cannot reach p<0.05 with fewer than "
+            f"{MIN_SEEDCHECK_SEEDS} (its smallest one-sided p is 2^-n = {2.0 ** -len(sc.seeds):.3g}); add seeds or "
+            f"set allow_few_seeds: true for a demonstration"
+        )
+    return errors
+
+
+def _task_errors(spec: Spec, label: str, task: TaskSpec) -> list[str]:
+    where = f"tasks.{label}"
+    errors = []
+    if not _NAME_RX.match(label):
+        errors.append(f"{where}: task label must match {NAME_PATTERN} (no dots or spaces), got {label!r}")
+    if not math.isfinite(task.threshold):
+        errors.append(f"{where}.threshold: must be finite, got {task.threshold}")
+    if task.metric is not None:
+        if task.metric in LOWER_IS_BETTER:
+            errors.append(f"{where}.metric: {task.metric!r} is lower-is-better; the promotion rule needs a metric "
+                          f"where higher is better (e.g. tok_acc)")
+        elif task.metric.startswith("val_"):
+            errors.append(f"{where}.metric: name the metric without the 'val_' prefix, e.g. "
+                          f"{task.metric.removeprefix('val_')!r}")
+    if task.batch == "auto" and spec.defaults.device == "cpu" and spec.defaults.probe.cpu_batch is None:
+        errors.append(f"{where}.batch: 'auto' needs the GPU batch probe but defaults.device is cpu; give a number "
+                      f"or set defaults.probe.cpu_batch")
+    names: dict[str, int] = {}
+    configs: dict[tuple, str] = {}
+    for i, item in enumerate(task.candidates):
+        at = f"{where}.candidates[{i}]"
+        if item.name == BASELINE.name or item.preset == BASELINE.name:
+            errors.append(f"{at}: 'baseline' is implicit (every stage runs the matched baseline); remove it")
+            continue
+        if not _NAME_RX.match(item.name):
+            errors.append(f"{at}.name: must match {NAME_PATTERN}, got {item.name!r}")
+            continue
+        if item.name in names:
+            errors.append(f"{at}: duplicate candidate name {item.name!r} (also candidates[{names[item.name]}])")
+            continue
+        names[item.name] = i
+        try:
+            cand = _resolve_candidate(item, spec.defaults.fs)
+        except ValueError as e:
+            errors.append(f"{at}: {e}")
+            continue
+        signature = (cand.mode, canonical_json(cand.fs.model_dump(mode="json")) if cand.fs else None)
+        if signature in configs:
+            errors.append(f"{at}: {item.name!r} resolves to the same configuration as {configs[signature]!r} "
+                          f"(two names for one run)")
+        else:
+            configs[signature] = item.name
+    return errors
+
+
+def _resolve_candidate(item: CandidateSpec, fs_defaults: dict[str, Any]) -> Candidate:
+    if item.preset is not None:
+        base = resolve(item.preset, fs_defaults, item.fs)
+        return Candidate(name=item.name, mode=base.mode, fs=base.fs)
+    return resolve(item.name, fs_defaults, item.fs)
+
+
+def _resolve_task_candidates(spec: Spec, label: str) -> list[Candidate]:
+    return [_resolve_candidate(item, spec.defaults.fs) for item in spec.tasks[label].candidates]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        except TypeError:  # an unhashable key: let the default constructor report it
+            break
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> SpecError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return SpecError(f"{source}: YAML error{where}: {problem}")
+
+
+def parse_spec_text(text: str, source: str = "<spec>") -> Spec:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from None
+    except RecursionError:
+        raise SpecError(f"{source}: YAML nesting too deep") from None
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty")
+    return parse_spec(data)
+
+
+def parse_spec(data: Any) -> Spec:
+    """A Spec from already-parsed data (a dict): schema and structural rules. SpecError on any problem."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: must be a mapping of round, model, stages, tasks..., got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise _spec_error(e) from None
+    except RecursionError:
+        raise SpecError("spec: recursive or too deeply nested structure") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read, parse and structurally validate a spec file. Raises SpecError (one line naming the field)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read the spec file ({type(e).__name__}: {e})") from None
+    spec = parse_spec_text(text, str(p))
+    spec._source = p
+    return spec
+
+
+def find_spec_file(arg: str | Path) -> Path:
+    """`round22.yaml`, `round22`, `studies/round22.yaml` or a path: the spec file meant. SpecError if none."""
+    arg = str(arg)
+    tried: list[Path] = []
+    names = [arg] + ([arg + s for s in SPEC_SUFFIXES] if not arg.endswith(SPEC_SUFFIXES) else [])
+    for folder in (Path("."), Path("studies"), STUDIES_DIR):
+        for name in names:
+            p = folder / name
+            if p not in tried:
+                tried.append(p)
+            if p.is_file():
+                return p
+    raise SpecError(f"spec file {arg!r} not found (looked for {', '.join(str(t) for t in tried[:4])}, ...)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pydantic errors -> one line naming the field
+def _spec_error(e: ValidationError) -> SpecError:
+    messages = []
+    for err in e.errors():
+        original = (err.get("ctx") or {}).get("error")
+        if isinstance(original, _StructureError):
+            messages += original.errors
+        else:
+            messages.append(_format_error(err))
+    return SpecError.from_list(messages)
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            out += " (key)"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_msg(err: dict) -> str:
+    msg = str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = re.sub(r" or instance of \w+", "", msg)
+    if err.get("type") in ("missing", "extra_forbidden", "value_error", "assertion_error"):
+        return msg
+    value = repr(err.get("input"))
+    if len(value) > 60:
+        value = value[:57] + "..."
+    return f"{msg} (got {value})"
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err.get("loc", ()))
+    where = _loc_str(loc) or "spec"
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: required"
+    msg = _pydantic_msg(err)
+    if msg.startswith(where + ":") or msg.startswith(where + "."):
+        return msg  # the validator already named the field (ModelSource does)
+    return f"{where}: {msg}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model at `loc` inside the Spec (for 'unknown key' hints)."""
+    t: Any = Spec
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            f = t.model_fields.get(part) if isinstance(part, str) else None
+            if f is None:
+                return []
+            t = f.annotation
+        elif get_origin(t) is dict:
+            t = get_args(t)[1]
+        elif get_origin(t) is list and isinstance(part, int):
+            t = get_args(t)[0]
+        else:
+            return []
+    t = _unwrap(t)
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return list(t.model_fields)
+    return []
+
+
+def _unwrap(t: Any) -> Any:
+    """X | None -> X."""
+    args = [a for a in get_args(t) if a is not type(None)] if get_origin(t) is not None else []
+    if get_origin(t) not in (list, dict, Literal) and args:
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if models else args[0]
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation against the model, the task registry and the data
+@dataclass
+class SpecCheck:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    n_layer: int | None = None
+    tokenizer: str | None = None
+
+
+def checkpoint_path(spec: Spec) -> Path | None:
+    """The spec's checkpoint as a path (env vars and ~ expanded; relative to the working directory)."""
+    if spec.model.checkpoint is None:
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(spec.model.checkpoint)))
+
+
+def check_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> SpecCheck:
+    """Every problem (errors) and caution (warnings) of a loaded spec. `model_layers` stands in for the checkpoint's
+    layer count when the file is absent (tests, dry validation); with check_data the checkpoint must exist anyway."""
+    check = SpecCheck()
+    _check_model(spec, check, check_data, model_layers)
+    sc = spec.stages.seedcheck
+    if sc is not None and len(sc.seeds) < MIN_SEEDCHECK_SEEDS:
+        check.warnings.append(f"stages.seedcheck.seeds: only {len(sc.seeds)} seeds (allow_few_seeds): seed-check "
+                              f"results are a demonstration, not a significance test")
+    for label, task in spec.tasks.items():
+        _check_candidates(spec, label, check)
+        _check_task(spec, label, task, check, check_data)
+    return check
+
+
+def validate_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> list[str]:
+    """Raise SpecError on the first problem (all of them in `.errors`); return the warnings."""
+    check = check_spec(spec, check_data=check_data, model_layers=model_layers)
+    if check.errors:
+        raise SpecError.from_list(check.errors)
+    return check.warnings
+
+
+def _check_model(spec: Spec, check: SpecCheck, check_data: bool, model_layers: int | None) -> None:
+    from model.ckpt_meta import CheckpointError, read_checkpoint_meta
+    from model.config import PRESETS
+
+    if spec.model.preset is not None:
+        cfg = PRESETS.get(spec.model.preset)
+        if cfg is None:
+            check.errors.append(f"model.preset: unknown model preset {spec.model.preset!r}; known presets: "
+                                f"{', '.join(sorted(PRESETS))}")
+            return
+        check.n_layer, check.tokenizer = cfg.n_layer, cfg.tokenizer
+        return
+    path = checkpoint_path(spec)
+    assert path is not None
+    if path.exists():
+        try:
+            meta = read_checkpoint_meta(path)
+            check.n_layer, check.tokenizer = meta["n_layer"], meta.get("tokenizer") or "world"
+        except CheckpointError as e:
+            check.errors.append(f"model.checkpoint: {e}")
+    elif check_data:
+        check.errors.append(f"model.checkpoint: {path} not found (relative paths are relative to the working "
+                            f"directory {Path.cwd()})")
+    elif model_layers is None:
+        check.errors.append(f"model.checkpoint: {path} not found; its layer count is needed to validate the "
+                            f"candidates")
+    if model_layers is not None:
+        check.n_layer = model_layers
+        check.tokenizer = check.tokenizer or "world"
+
+
+def _check_candidates(spec: Spec, label: str, check: SpecCheck) -> None:
+    if check.n_layer is None:
+        return
+    for i, cand in enumerate(spec.candidates(label)):
+        at = f"tasks.{label}.candidates[{i}] ({cand.name})"
+        if cand.fs is None:
+            continue
+        try:
+            for w in cand.fs.check_for_model(check.n_layer):
+                check.warnings.append(f"{at}: {w}")
+        except ValueError as e:
+            check.errors.append(f"{at}: {e}")
+
+
+def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_data: bool) -> None:
+    from tasks import TaskError, get_task, task_class
+
+    where = f"tasks.{label}"
+    try:
+        cls = task_class(task.task)
+    except TaskError as e:
+        check.errors.append(f"{where}.task: {e}")
+        return
+    try:
+        cls.Params.model_validate(task.params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        check.errors.append(f"{where}.params{'.' if err.get('loc') else ''}{_loc_str(tuple(err.get('loc', ())))}: "
+                            f"{_pydantic_msg(err)}")
+        return
+    metrics = {cls.primary_metric, "tok_acc", "exact", *cls.unit_metrics}
+    if task.metric is not None and task.metric not in metrics and task.metric not in LOWER_IS_BETTER:
+        check.errors.append(f"{where}.metric: task {task.task!r} reports no metric {task.metric!r}; it reports "
+                            f"{', '.join(sorted(metrics))}")
+    if not check_data or check.tokenizer is None:
+        return
+    from model.tokenizers import get_tokenizer
+
+    try:
+        get_task(task.task, task.params, get_tokenizer(check.tokenizer), spec.defaults.data_seed).check_available()
+    except TaskError as e:  # DataUnavailable is a TaskError
+        check.errors.append(f"{where}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the resolved spec, as stored in the round folder
+def resolved_spec(spec: Spec) -> dict[str, Any]:
+    """The spec with every default filled in and every candidate resolved (what the round actually runs)."""
+    data = spec.model_dump(mode="json")
+    for label in spec.tasks:
+        data["tasks"][label]["resolved_candidates"] = [c.model_dump(mode="json") for c in spec.candidates(label)]
+    return data
+
+
+def canonical_spec_json(spec: Spec) -> str:
+    return canonical_json(resolved_spec(spec))
+
+
+def spec_hash(spec: Spec) -> str:
+    """Digest of the resolved spec: equal for specs that run the same round."""
+    return short_hash(resolved_spec(spec), 12)
