@@ -277,7 +277,7 @@ class RWKV7(nn.Module):
             raise ValueError("fs is given but fs_gates is None: build them with model.make_fs_gates(fs)")
         if fs not in self._fs_checked:
             for message in fs.check_for_model(self.n_layer):
-                warnings.warn(f"Future-Seed: {message}", stacklevel=3)
+                warnings.warn(f"Future-Seed: {message}", stacklevel=2)
             self._fs_checked.add(fs)
         cfg = self.cfg
         if (fs_gates.fs != fs or fs_gates.n_layer != cfg.n_layer or fs_gates.n_head != cfg.n_head

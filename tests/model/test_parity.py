@@ -16,6 +16,8 @@ from model.checkpoint import load_blinkdl, load_hf, save_blinkdl, save_hf
 from model.config import ModelConfig
 from model.rwkv7 import LayerState
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the package uses torch.jit.script
+
 LOGIT_TOL = 1e-4
 STATE_TOL = 1e-4
 N_TOKENS = 72
