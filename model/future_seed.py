@@ -73,7 +73,9 @@ class FSGates(nn.Module):
             if x_in is None:
                 raise ValueError("fs.variant 'input' needs x_in, the residual stream entering the block")
             x_last = (x_in[:, -1] if x_in.dim() == 3 else x_in).float()  # [B, C]
-            logit = self.alpha[layer] + x_last @ self.in_w[layer] / math.sqrt(self.n_embd) + self.in_b[layer]
+            # elementwise product + sum (not a matmul) so that autocast leaves the logit in float32
+            dot = (x_last * self.in_w[layer]).sum(dim=-1)
+            logit = self.alpha[layer] + dot / math.sqrt(self.n_embd) + self.in_b[layer]
             g = torch.sigmoid(logit).view(-1, 1, 1, 1)
             self._last_input_gate[layer] = g.detach().flatten()
         else:
