@@ -1,0 +1,369 @@
+"""The round report from a synthetic round folder: expected numbers, plots, the integrity check and tampering."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats as ss
+
+from orchestrator.records import Ledger, Record
+from orchestrator.report import build_summary, check_report, load_round, write_report
+
+SEEDS = [0, 1, 2, 3, 4]
+SPEC = """\
+round: synth
+model: {preset: tiny}
+output: results
+defaults: {device: cpu}
+stages:
+  quick:     {steps: 40, eval_every: 20, seeds: [0]}
+  med:       {steps: 80, eval_every: 40, seeds: [0]}
+  seedcheck: {steps: 80, eval_every: 40, seeds: [0, 1, 2, 3, 4], max_finalists: 2}
+tasks:
+  sudoku4:
+    task: sudoku
+    params: {base: 2, mask_count: 6, mask_region: random}
+    batch: 16
+    threshold: 0.01
+    candidates: [scalar_l2_trainable, scalar_l1_sched_cos, head_l2, read_twice]
+  kv_last:
+    task: kv_retrieval
+    params: {layout: question_last, k: 8, vlen: 4}
+    batch: 8
+    threshold: 0.0
+    candidates: [scalar_l2_trainable, scalar_l1_sched_cos, read_twice]
+"""
+# the seed check's paired deltas, by (task, candidate)
+SEEDCHECK_DELTAS = {
+    ("sudoku4", "scalar_l2_trainable"): [0.03, 0.05, 0.04, 0.06, 0.045],  # clearly better on every seed
+    ("sudoku4", "scalar_l1_sched_cos"): [0.02, -0.01, 0.015, 0.005, -0.005],  # noise
+    ("kv_last", "scalar_l2_trainable"): [-0.05, -0.04, -0.0625, -0.03, -0.045],  # clearly worse
+    ("kv_last", "scalar_l1_sched_cos"): [0.0625, 0.0125, -0.025, 0.05, 0.0375],  # positive-ish, one negative
+}
+BASE_SEEDCHECK = [0.61, 0.58, 0.64, 0.6, 0.625]
+METRIC = {"sudoku4": "hole_acc", "kv_last": "exact"}
+
+
+class RoundBuilder:
+    def __init__(self, root: Path):
+        self.dir = root / "synth"
+        self.dir.mkdir(parents=True)
+        (self.dir / "spec.yaml").write_text(SPEC)
+        self.ledger = Ledger(self.dir / "records.jsonl")
+        self.records: list[Record] = []
+
+    def add(self, task: str, stage: str, cand: str, seed: int, value: float | None, *, steps: int, eval_every: int,
+            batch: int, threshold: float, status: str = "ok", decision: str | None = None,
+            baseline: Record | None = None, n_seeds: int = 1, wall_s: float | None = None) -> Record:
+        key = f"{task}.{stage}.{cand}.s{seed}-{abs(hash((task, stage, cand))) % 10**6:06d}"
+        run_dir = self.dir / "runs" / key / "attempt-0"
+        run_dir.mkdir(parents=True)
+        metric = METRIC[task]
+        final, best = {}, {}
+        if status == "ok":
+            loss = 2.0 - value  # a loss that falls as the metric rises
+            final = {"val_loss": loss, f"val_{metric}": value, "val_tok_acc": value}
+            best = dict(final)
+            rows = []
+            for step in range(0, steps + 1, eval_every):
+                frac = step / steps
+                rows.append({"step": step, "tokens": step * 1000, "train_loss": 3.0 - frac,
+                             "val_loss": 3.0 - frac * (3.0 - loss), f"val_{metric}": 0.3 + frac * (value - 0.3),
+                             "val_tok_acc": 0.3 + frac * (value - 0.3)})
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        is_base = cand == "baseline"
+        delta = base_value = None
+        if not is_base and baseline is not None and status == "ok" and baseline.value is not None:
+            base_value = baseline.value
+            delta = value - base_value
+        if decision is None:
+            if status != "ok":
+                decision = status
+            elif is_base:
+                decision = "baseline"
+            elif stage == "seedcheck" or n_seeds > 1:
+                decision = "recorded"
+            else:
+                decision = "promote" if delta >= threshold else "prune"
+        rec = Record(
+            round="synth", task=task, task_kind="sudoku" if task == "sudoku4" else "kv_retrieval", stage=stage,
+            candidate=cand, mode="baseline" if is_base else "read_twice" if cand == "read_twice" else "prompt_fs",
+            seed=seed, run_key=key, attempt=0, batch_size=batch, micro_batch=batch, grad_accum=1,
+            steps=steps if status == "ok" else steps // 2, budget_steps=steps, eval_every=eval_every, n_val=32,
+            data_seed=0, status=status, error_kind=None if status == "ok" else "crash",
+            error_message=None if status == "ok" else "worker crashed", metric=metric,
+            value=value if status == "ok" else None, final=final, best=best, best_step=steps if best else None,
+            baseline_key=None if is_base else baseline.run_key, baseline_value=base_value, delta=delta,
+            threshold=threshold, decision=decision,
+            wall_s=wall_s if wall_s is not None else round(steps * 0.1 + 0.01 * seed + 0.003 * len(cand), 6),
+            run_dir=str(run_dir), finished_at="2026-01-01T00:00:00+00:00",
+            best_val_loss=best.get("val_loss"), best_val_tok_acc=best.get("val_tok_acc"))
+        self.ledger.append(rec)
+        self.records.append(rec)
+        return rec
+
+
+def build_round(root: Path) -> RoundBuilder:
+    rb = RoundBuilder(root)
+    for task, batch, thr, quick, med in (
+        ("sudoku4", 16, 0.01,
+         {"scalar_l2_trainable": 0.56, "scalar_l1_sched_cos": 0.53, "head_l2": 0.505, "read_twice": None},
+         {"scalar_l2_trainable": 0.66, "scalar_l1_sched_cos": 0.62}),
+        ("kv_last", 8, 0.0,
+         {"scalar_l2_trainable": 0.41, "scalar_l1_sched_cos": 0.40, "read_twice": 0.35},
+         {"scalar_l2_trainable": 0.52, "scalar_l1_sched_cos": 0.505}),
+    ):
+        kw = dict(batch=batch, threshold=thr)
+        b = rb.add(task, "quick", "baseline", 0, 0.5 if task == "sudoku4" else 0.38, steps=40, eval_every=20, **kw)
+        for cand, v in quick.items():
+            rb.add(task, "quick", cand, 0, v, steps=40, eval_every=20, baseline=b,
+                   status="ok" if v is not None else "failed", **kw)
+        b = rb.add(task, "med", "baseline", 0, 0.6 if task == "sudoku4" else 0.5, steps=80, eval_every=40, **kw)
+        for cand, v in med.items():
+            rb.add(task, "med", cand, 0, v, steps=80, eval_every=40, baseline=b, **kw)
+        bases = {s: rb.add(task, "seedcheck", "baseline", s, BASE_SEEDCHECK[s], steps=80, eval_every=40, **kw)
+                 for s in SEEDS}
+        for cand in med:
+            for s in SEEDS:
+                rb.add(task, "seedcheck", cand, s, BASE_SEEDCHECK[s] + SEEDCHECK_DELTAS[(task, cand)][s], steps=80,
+                       eval_every=40, baseline=bases[s], n_seeds=5, **kw)
+    return rb
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """One synthetic round with its report written (shared, read-only); tests that modify it copy it first."""
+    rb = build_round(tmp_path_factory.mktemp("round"))
+    path = write_report(rb.dir)
+    return rb, path
+
+
+def copy_round(rb: RoundBuilder, tmp_path: Path) -> Path:
+    """A copy of the round folder whose records point at the copy's run folders."""
+    dst = tmp_path / "synth"
+    shutil.copytree(rb.dir, dst)
+    text = (dst / "records.jsonl").read_text().replace(str(rb.dir), str(dst))
+    (dst / "records.jsonl").write_text(text)
+    write_report(dst)
+    return dst
+
+
+def summary_of(round_dir: Path) -> dict:
+    return json.loads((round_dir / "report" / "summary.json").read_text())
+
+
+# --- the numbers ---------------------------------------------------------------------------------------------------
+def test_seedcheck_numbers_and_decisions(reported):
+    rb, _ = reported
+    s = summary_of(rb.dir)
+    assert s["rule"]["family_size"] == 4
+    raw_p = {}
+    for (task, cand), deltas in SEEDCHECK_DELTAS.items():
+        f = s["tasks"][task]["seedcheck"]["finalists"][cand]
+        d = [BASE_SEEDCHECK[i] + deltas[i] - BASE_SEEDCHECK[i] for i in SEEDS]  # what the records hold
+        ref = ss.ttest_1samp(d, 0.0)
+        ci = ref.confidence_interval(0.95)
+        assert f["n"] == 5 and list(f["deltas"].values()) == d
+        assert f["mean"] == pytest.approx(np.mean(d), rel=1e-12)
+        assert f["ci_low"] == pytest.approx(ci.low, rel=1e-9) and f["ci_high"] == pytest.approx(ci.high, rel=1e-9)
+        assert f["p_t_two_sided"] == pytest.approx(ref.pvalue, rel=1e-8)
+        assert f["p_wilcoxon_greater"] == pytest.approx(ss.wilcoxon(d, alternative="greater").pvalue, rel=1e-12)
+        raw_p[(task, cand)] = ref.pvalue
+    # Holm over the 4 finalists, by hand
+    order = sorted(raw_p, key=raw_p.get)
+    running = 0.0
+    for rank, k in enumerate(order):
+        running = max(running, min(1.0, (4 - rank) * raw_p[k]))
+        assert s["tasks"][k[0]]["seedcheck"]["finalists"][k[1]]["p_t_holm"] == pytest.approx(running, rel=1e-8)
+    dec = {k: s["tasks"][k[0]]["seedcheck"]["finalists"][k[1]]["decision"] for k in SEEDCHECK_DELTAS}
+    assert dec == {("sudoku4", "scalar_l2_trainable"): "confirmed", ("sudoku4", "scalar_l1_sched_cos"): "inconclusive",
+                   ("kv_last", "scalar_l2_trainable"): "rejected", ("kv_last", "scalar_l1_sched_cos"): "inconclusive"}
+    assert s["decisions"]["confirmed"] == ["sudoku4/scalar_l2_trainable"]
+    # one negative seed of kv_last/scalar_l1_sched_cos: patterns with sum >= observed are the observed one, -0.025
+    # flipped, and both -0.025 and 0.0125 flipped: p = 3/32, so the sign-flip veto keeps it inconclusive
+    f = s["tasks"]["kv_last"]["seedcheck"]["finalists"]["scalar_l1_sched_cos"]
+    assert f["p_sign_flip_greater"] == 3 / 32 and "sign-flip" in f["reason"]
+
+
+def test_stage_tables_and_compute(reported):
+    rb, _ = reported
+    s = summary_of(rb.dir)
+    t = s["tasks"]["sudoku4"]
+    q = t["stages"]["quick"]["candidates"]
+    assert q["scalar_l2_trainable"]["mean_delta"] == pytest.approx(0.06) and q["head_l2"]["stage_decision"] == "prune"
+    assert q["read_twice"]["stage_decision"] == "prune" and q["read_twice"]["seeds"]["s0"]["status"] == "failed"
+    assert t["failed_runs"][0]["candidate"] == "read_twice"
+    walls = {}
+    for r in rb.records:
+        if r.task == "sudoku4":
+            walls.setdefault(r.stage, []).append(r.wall_s)
+    comp = t["compute"]
+    for stage, full_runs in (("quick", 5), ("med", 5), ("seedcheck", 25)):
+        c = comp["stages"][stage]
+        assert c["runs"] == len(walls[stage]) and c["wall_s"] == pytest.approx(sum(walls[stage]))
+        assert c["full_runs"] == full_runs
+        assert c["full_wall_s"] == pytest.approx(sum(walls[stage]) / len(walls[stage]) * full_runs)
+    spent = sum(sum(v) for v in walls.values())
+    assert comp["spent_wall_s"] == pytest.approx(spent)
+    full = sum(comp["stages"][st]["full_wall_s"] for st in ("quick", "med", "seedcheck"))
+    assert comp["saved_wall_s"] == pytest.approx(full - spent) and comp["saved_wall_s"] > 0
+    assert s["compute"]["spent_wall_s"] == pytest.approx(sum(r.wall_s for r in rb.records))
+
+
+def test_report_files(reported):
+    rb, path = reported
+    md = path.read_text()
+    out = rb.dir / "report"
+    # the rule is written in the report; the seed-check table shows the interval computed by scipy
+    assert "## Decision rule (seed check)" in md and "Holm" in md and "sign-flip" in md
+    d = SEEDCHECK_DELTAS[("sudoku4", "scalar_l2_trainable")]
+    d = [BASE_SEEDCHECK[i] + d[i] - BASE_SEEDCHECK[i] for i in SEEDS]
+    ci = ss.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert f"[{ci.low:+.4f}, {ci.high:+.4f}]" in md
+    assert "**confirmed**" in md and "**rejected**" in md
+    assert "Pruned: head_l2, read_twice." in md
+    for task in ("sudoku4", "kv_last"):
+        for kind in ("deltas", "curves"):
+            png = out / f"{kind}_{task}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+            assert f"]({kind}_{task}.png)" in md
+    # the original's formats: the round format and the paired format the original aggregator parsed
+    txt = (out / "summary.txt").read_text()
+    assert "[sudoku4]" in txt and "  baseline quick: acc=50.00% loss=1.5000 bsz=16" in txt
+    assert re.search(r"    scalar_l2_trainable\s+d_acc=\+6\.00pp acc=56\.00% \[KEEP\]", txt)
+    assert "    seed=0: baseline=61.00% fs=64.00% d_acc=+3.00pp" in txt
+    assert "mean d_acc=+4.50pp, positive_seeds=5/5" in txt
+    m = re.search(r"pairs=(\d+) mean d_acc=([-+.\d]+) std=([.\d]+).*sign\(\+/0/-\)=(\d+)/(\d+)/(\d+)", txt)
+    assert m and m.group(1) == "5" and float(m.group(2)) == pytest.approx(np.mean(d), abs=1e-4)
+    assert float(m.group(3)) == pytest.approx(np.std(d), abs=1e-4)
+
+
+def test_check_passes_on_a_fresh_report(reported):
+    rb, _ = reported
+    assert check_report(rb.dir) == []
+
+
+# --- tampering -----------------------------------------------------------------------------------------------------
+def edit_records(round_dir: Path, edit) -> None:
+    path = round_dir / "records.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines = edit(lines)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def key_of(round_dir: Path, task: str, stage: str, cand: str, seed: int) -> str:
+    return next(r.run_key for r in Ledger(round_dir / "records.jsonl").read()
+                if (r.task, r.stage, r.candidate, r.seed) == (task, stage, cand, seed))
+
+
+def test_tampered_value_is_named(reported, tmp_path):
+    rb, _ = reported
+    rd = copy_round(rb, tmp_path)
+    assert check_report(rd) == []
+    key = key_of(rd, "sudoku4", "seedcheck", "scalar_l1_sched_cos", 3)
+
+    def bump(lines):
+        for x in lines:
+            if x["run_key"] == key:
+                x["value"] += 0.05
+        return lines
+
+    edit_records(rd, bump)
+    msgs = check_report(rd)
+    assert msgs
+    path = "tasks.sudoku4.seedcheck.finalists.scalar_l1_sched_cos"
+    assert any(m.startswith(f"{path}.mean:") and key in m for m in msgs), msgs
+    assert any(m.startswith(f"{path}.deltas.s3:") and key in m for m in msgs), msgs
+    assert any(m.startswith(f"record {key}: value is 0.605") for m in msgs), msgs
+    # the record also contradicts itself now (its value is no longer its final eval, its delta no longer value - base)
+    assert any(m.startswith(f"integrity: record {key}: delta") for m in msgs), msgs
+
+
+def test_deleted_record_is_named(reported, tmp_path):
+    rb, _ = reported
+    rd = copy_round(rb, tmp_path)
+    key = key_of(rd, "kv_last", "seedcheck", "scalar_l2_trainable", 2)
+    edit_records(rd, lambda lines: [x for x in lines if x["run_key"] != key])
+    msgs = check_report(rd)
+    assert f"missing record {key}: cited by the report, not in records.jsonl" in msgs
+    assert any(m.startswith("tasks.kv_last.seedcheck.finalists.scalar_l2_trainable.n: report says 5, records give 4")
+               and key in m for m in msgs), msgs
+    # a deleted baseline: every candidate that cites it now has a missing matched baseline
+    base = key_of(rd, "sudoku4", "med", "baseline", 0)
+    edit_records(rd, lambda lines: [x for x in lines if x["run_key"] != base])
+    msgs = check_report(rd)
+    assert any(m.startswith(f"integrity: missing record {base}: the matched baseline of") for m in msgs), msgs
+
+
+def test_hand_edited_report_is_caught(reported, tmp_path):
+    rb, _ = reported
+    rd = copy_round(rb, tmp_path)
+    md = rd / "report" / "report.md"
+    md.write_text(md.read_text().replace("**rejected**", "**confirmed**", 1))
+    msgs = check_report(rd)
+    assert msgs and msgs[0].startswith("report.md: 1 line(s) differ") and "rejected" in msgs[1]
+    summary = rd / "report" / "summary.json"
+    data = json.loads(summary.read_text())
+    data["tasks"]["sudoku4"]["compute"]["saved_wall_s"] += 1.0
+    summary.write_text(json.dumps(data))
+    assert any(m.startswith("tasks.sudoku4.compute.saved_wall_s: report says") for m in check_report(rd))
+
+
+def test_inconsistent_records_are_reported(tmp_path):
+    rb = build_round(tmp_path)
+    key = key_of(rb.dir, "sudoku4", "quick", "head_l2", 0)
+
+    def wrong_decision(lines):
+        for x in lines:
+            if x["run_key"] == key:
+                x["decision"] = "promote"  # delta 0.005 < threshold 0.01
+        return lines
+
+    edit_records(rb.dir, wrong_decision)
+    path = write_report(rb.dir)
+    assert "## Integrity problems" in path.read_text()
+    msgs = check_report(rb.dir)
+    assert any(m.startswith(f"integrity: record {key}: decision 'promote'") for m in msgs), msgs
+
+
+def test_unmatched_baseline_is_a_problem(tmp_path):
+    rb = build_round(tmp_path)
+    key = key_of(rb.dir, "sudoku4", "med", "scalar_l2_trainable", 0)
+    quick_base = key_of(rb.dir, "sudoku4", "quick", "baseline", 0)
+
+    def point_at_quick(lines):  # the original's flaw: a med candidate compared with the quick baseline
+        for x in lines:
+            if x["run_key"] == key:
+                x["baseline_key"] = quick_base
+        return lines
+
+    edit_records(rb.dir, point_at_quick)
+    s = build_summary(load_round(rb.dir))
+    msgs = [p["message"] for p in s["problems"]]
+    assert any(f"record {key}: its baseline {quick_base} differs in stage" in m for m in msgs), msgs
+
+
+def test_round_without_spec_and_in_progress(tmp_path):
+    rb = build_round(tmp_path)
+    (rb.dir / "spec.yaml").unlink()
+    key = key_of(rb.dir, "kv_last", "seedcheck", "scalar_l1_sched_cos", 4)
+    edit_records(rb.dir, lambda lines: [x for x in lines if x["run_key"] != key])  # the run has not finished yet
+    write_report(rb.dir)
+    s = summary_of(rb.dir)
+    f = s["tasks"]["kv_last"]["seedcheck"]["finalists"]["scalar_l1_sched_cos"]
+    assert f["n"] == 4 and f["excluded"] == [{"seed": 4, "reason": "no record"}]
+    assert f["decision"] == "inconclusive"
+    assert check_report(rb.dir) == []
+    assert math.isfinite(s["compute"]["saved_wall_s"])
+
+
+def test_missing_report_and_records(tmp_path):
+    rb = build_round(tmp_path)
+    assert "no report" in check_report(rb.dir)[0]
+    with pytest.raises(Exception, match="no records.jsonl"):
+        write_report(tmp_path / "nothing")
