@@ -91,12 +91,14 @@ def load_round(round_dir: Path) -> RoundData:
 
 
 def _find_metrics_file(round_dir: Path, rec: dict[str, Any]) -> Path | None:
-    run_dir = Path(rec.get("run_dir") or "")
-    tries = [run_dir] if run_dir.is_absolute() else [Path.cwd() / run_dir, round_dir / run_dir,
-                                                     round_dir.parent / run_dir, round_dir.parent.parent / run_dir]
+    tries = []
+    if rec.get("run_dir"):
+        run_dir = Path(rec["run_dir"])
+        tries = [run_dir] if run_dir.is_absolute() else [Path.cwd() / run_dir, round_dir / run_dir,
+                                                         round_dir.parent / run_dir, round_dir.parent.parent / run_dir]
     tries.append(round_dir / "runs" / rec["run_key"] / f"attempt-{rec.get('attempt', 0)}")
     for d in tries:
-        if str(d) and (d / "metrics.jsonl").is_file():
+        if (d / "metrics.jsonl").is_file():
             return d / "metrics.jsonl"
     return None
 
@@ -247,7 +249,8 @@ class _Builder:
             if not _close(rec.get("delta"), delta):
                 self.problem(f"record {key}: delta {rec.get('delta')!r} but value - baseline value = {delta!r} "
                              f"(baseline {base_key})", key, base_key)
-            single_seed = len(stage_seeds[(rec["task"], rec["stage"])]) == 1
+            seeds = self.spec_seeds(rec["stage"]) or stage_seeds[(rec["task"], rec["stage"])]
+            single_seed = len(seeds) == 1
             if rec["stage"] != SEEDCHECK and single_seed and delta is not None and rec.get("threshold") is not None:
                 expect_d = "promote" if delta >= rec["threshold"] else "prune"
             else:
@@ -308,10 +311,31 @@ class _Builder:
             srecs = [r for r in recs if r["stage"] == stage]
             if srecs:
                 out["stages"][stage] = self.stage_summary(stage, srecs, candidates, threshold)
+        self.check_promotions(label, out["stages"])
         if SEEDCHECK in out["stages"]:
             out["seedcheck"] = self.seedcheck_pairs(out["stages"][SEEDCHECK], threshold)
         out["compute"] = self.task_compute(label, recs, stages, candidates)
         return out
+
+    def check_promotions(self, label: str, stages: dict[str, Any]) -> None:
+        """A candidate reaches a stage only if the screening stage before it promoted it (the planner's rule)."""
+        screen = [n for n in ("quick", "med") if n in stages]
+        for stage, st in stages.items():
+            prev = {"med": "quick", "long": "med", SEEDCHECK: screen[-1] if screen else None}.get(stage)
+            if prev is None or prev not in stages:
+                continue
+            for name, cand in st["candidates"].items():
+                before = stages[prev]["candidates"].get(name)
+                if before is None or before["stage_decision"] != "promote":
+                    why = "it has no record there" if before is None else (
+                        f"the rule says {before['stage_decision']} (mean delta {before['mean_delta']!r})")
+                    self.problem(f"task {label}: {name} ran at {stage} but was not promoted at {prev}: {why}",
+                                 *cand["sources"])
+        if SEEDCHECK in stages and self.data.spec is not None and self.data.spec.stages.seedcheck is not None:
+            limit = self.data.spec.stages.seedcheck.max_finalists
+            if len(stages[SEEDCHECK]["candidates"]) > limit:
+                self.problem(f"task {label}: {len(stages[SEEDCHECK]['candidates'])} finalists at {SEEDCHECK}, "
+                             f"the spec allows {limit}")
 
     def stage_names(self, recs: list[dict[str, Any]]) -> list[str]:
         names = [n for n, _ in self.data.spec.stage_list()] if self.data.spec is not None else []

@@ -367,3 +367,17 @@ def test_missing_report_and_records(tmp_path):
     assert "no report" in check_report(rb.dir)[0]
     with pytest.raises(Exception, match="no records.jsonl"):
         write_report(tmp_path / "nothing")
+
+
+def test_a_pruned_candidate_at_a_later_stage_is_a_problem(tmp_path):
+    rb = build_round(tmp_path)
+    base = next(r for r in rb.records if (r.task, r.stage, r.candidate) == ("sudoku4", "med", "baseline"))
+    rb.add("sudoku4", "med", "head_l2", 0, 0.61, steps=80, eval_every=40, batch=16, threshold=0.01, baseline=base)
+    msgs = [p["message"] for p in build_summary(load_round(rb.dir))["problems"]]
+    assert any(m.startswith("task sudoku4: head_l2 ran at med but was not promoted at quick: the rule says prune")
+               for m in msgs), msgs
+    assert not any("finalists at seedcheck" in m for m in msgs)
+    spec = rb.dir / "spec.yaml"
+    spec.write_text(spec.read_text().replace("max_finalists: 2", "max_finalists: 1"))
+    msgs = [p["message"] for p in build_summary(load_round(rb.dir))["problems"]]
+    assert "task sudoku4: 2 finalists at seedcheck, the spec allows 1" in msgs
