@@ -6,8 +6,8 @@ Per head, with the state S in RWKV's [value, key] layout (fla's is the transpose
     y_t = S_t r_t
 
 Inputs r, w, k, v, a, b are [B, T, H, D]; s0 and the returned sT are [B, H, D, D]. The computation runs in
-float64 when the inputs are float64 (for gradcheck) and in float32 otherwise; y is returned in r's dtype,
-sT in float32 (float64 for float64 inputs). Plain autograd through the loop gives every gradient.
+float64 when any input is float64 (the oracle, and gradcheck) and in float32 otherwise; y is returned in r's
+dtype, sT in the compute dtype. Plain autograd through the loop gives every gradient, including s0's.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 
 def wkv7_reference(r, w, k, v, a, b, s0=None):
     B, T, H, D = r.shape
-    in_dtype = r.dtype
-    cdt = torch.float64 if r.dtype == torch.float64 else torch.float32
+    out_dtype = r.dtype
+    inputs = (r, w, k, v, a, b, s0)
+    cdt = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in inputs) else torch.float32
     r, w, k, v, a, b = (x.to(cdt) for x in (r, w, k, v, a, b))
     S = torch.zeros(B, H, D, D, dtype=cdt, device=r.device) if s0 is None else s0.to(cdt)
     decay = torch.exp(-torch.exp(w))  # [B, T, H, D], multiplies the key columns of S
@@ -27,4 +28,4 @@ def wkv7_reference(r, w, k, v, a, b, s0=None):
         S = S * decay[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
         ys.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
     y = torch.stack(ys, dim=1)
-    return y.to(in_dtype), S
+    return y.to(out_dtype), S
