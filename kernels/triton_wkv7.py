@@ -58,8 +58,6 @@ import triton.language as tl
 
 # Largest w the kernels compute exactly: per-step log decay |g| = exp(w) <= 2 (see module docstring).
 W_MAX = math.log(2.0)
-# Chunk length per head size (tokens per chunk; a multiple of 16 and a power of two).
-DEFAULT_CHUNK = {16: 16, 32: 32, 64: 64, 128: 64}
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 
 
@@ -217,7 +215,7 @@ def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
 
 
 @triton.jit
-def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, M_ptr, P_ptr,
+def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, Mt_ptr, P_ptr,
                       T, H, NT,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
                       W_MAX: tl.constexpr, PREC: tl.constexpr):
@@ -241,11 +239,11 @@ def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, M_ptr, P_ptr,
     Q = r_m * eR[None, :] + tl.dot(A_rb, W, input_precision=PREC)
     kr = tl.arange(0, D)[:, None]
     kc = tl.arange(0, D)[None, :]
-    M = tl.dot(tl.trans(b_m * eCR[None, :]), W, input_precision=PREC) \
-        + tl.where(kr == kc, tl.exp(Gc)[:, None], 0.0)
+    Mt = tl.dot(tl.trans(W), b_m * eCR[None, :], input_precision=PREC) \
+        + tl.where(kr == kc, tl.exp(Gc)[:, None], 0.0)           # M_cᵀ = Wᵀ B̄ + diag(γ)
 
     blk = i_bh.to(tl.int64) * NT + i_c
-    tl.store(M_ptr + blk * D * D + kr * D + kc, M)
+    tl.store(Mt_ptr + blk * D * D + kr * D + kc, Mt)
     for iv in tl.static_range(D // BV):
         offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
         dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -254,7 +252,7 @@ def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, M_ptr, P_ptr,
 
 
 @triton.jit
-def _bwd_scan_kernel(dsT_ptr, M_ptr, P_ptr, dh_ptr, ds0_ptr,
+def _bwd_scan_kernel(dsT_ptr, Mt_ptr, P_ptr, dh_ptr, ds0_ptr,
                      NT,
                      D: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     i_v = tl.program_id(0)
@@ -271,7 +269,7 @@ def _bwd_scan_kernel(dsT_ptr, M_ptr, P_ptr, dh_ptr, ds0_ptr,
         c = NT - 1 - i
         blk = i_bh.to(tl.int64) * NT + c
         tl.store(dh_ptr + blk * D * D + kr * D + vc, dh)
-        mt = tl.load(M_ptr + blk * D * D + kc * D + kr)       # M_cᵀ
+        mt = tl.load(Mt_ptr + blk * D * D + kr * D + kc)       # M_cᵀ (stored transposed)
         p = tl.load(P_ptr + blk * D * D + kr * D + vc)
         dh = tl.dot(mt, dh, input_precision=PREC) + p
     tl.store(ds0_ptr + state + vc * D + kr, dh)
@@ -283,6 +281,16 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
                       T, H, NT,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
                       W_MAX: tl.constexpr, PREC: tl.constexpr):
+    """Recomputes one chunk from its start state H_c and end adjoint dH_{c+1}; writes all gradients.
+
+    With dÃ = Δ H0ᵀ, dR̃ = dY H0ᵀ, dB̄ = SA dH_Cᵀ, dK̄ = V dH_Cᵀ, dA_ab = Δ SAᵀ, dA_ak = Δ Vᵀ,
+    dA_rb = dY SAᵀ, dA_rk = dY Vᵀ (summed over value tiles), every input gradient is x-factor times
+    an accumulator X: da = ea·Xa, dr = er·Xr, db = eb·Xb, dk = eb·Xk, with
+      Xa = dA_ab b_m + dA_ak k_m + dÃ e^R       Xr = dA_rb b_m + dA_rk k_m + dR̃ e^R
+      Xb = dA_abᵀ a_m + dA_rbᵀ r_m + dB̄ e^{G_C-R}  Xk = dA_akᵀ a_m + dA_rkᵀ r_m + dK̄ e^{G_C-R}
+    and the log-decay gradient follows from dG_t = r_m Xr - b_m Xb - k_m Xk, dG_{t-1} = a_m Xa and
+    dG_C = Σ_t (B̄ dB̄ + K̄ dK̄) + γ Σ_v dH_C H0. Only the X accumulators live across value tiles.
+    """
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -304,21 +312,14 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
     A_rb = tl.where(lower, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
     A_rk = tl.where(lower, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
     Tm = _neumann_inverse(A_ab, BT, LOG2_BT, PREC)
-    b_s = b_m * eCR[None, :]
-    k_s = k_m * eCR[None, :]
     W = tl.dot(Tm, a_m * eR[None, :], input_precision=PREC)
     TAk = tl.dot(Tm, A_ak, input_precision=PREC)
 
-    # gradients of the chunk's matrices, summed over value tiles
-    d_as = tl.zeros([BT, D], dtype=tl.float32)     # dÃ
-    d_rs = tl.zeros([BT, D], dtype=tl.float32)     # dR̃
-    d_bs = tl.zeros([BT, D], dtype=tl.float32)     # dB̄
-    d_ks = tl.zeros([BT, D], dtype=tl.float32)     # dK̄
-    d_gam = tl.zeros([D], dtype=tl.float32)        # dγ
-    dA_ab = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_ak = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_rb = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_rk = tl.zeros([BT, BT], dtype=tl.float32)
+    xa = tl.zeros([BT, D], dtype=tl.float32)
+    xr = tl.zeros([BT, D], dtype=tl.float32)
+    xb = tl.zeros([BT, D], dtype=tl.float32)
+    xk = tl.zeros([BT, D], dtype=tl.float32)
+    d_gc = tl.zeros([D], dtype=tl.float32)         # gradient of G_C (the whole chunk's log decay)
     kr = tl.arange(0, D)[:, None]
     blk = i_bh.to(tl.int64) * NT + i_c
     for iv in tl.static_range(D // BV):
@@ -330,57 +331,51 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
         dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
         sa = tl.dot(W, h0, input_precision=PREC) + tl.dot(TAk, vt, input_precision=PREC)
-        x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) + tl.dot(b_s, dhc, input_precision=PREC)
+        x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) \
+            + tl.dot(b_m * eCR[None, :], dhc, input_precision=PREC)
         dlt = tl.dot(tl.trans(Tm), x, input_precision=PREC)    # Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C)
         dvt = tl.dot(tl.trans(A_ak), dlt, input_precision=PREC) \
             + tl.dot(tl.trans(A_rk), dyt, input_precision=PREC) \
-            + tl.dot(k_s, dhc, input_precision=PREC)
+            + tl.dot(k_m * eCR[None, :], dhc, input_precision=PREC)
         tl.store(dv_ptr + offs, dvt.to(dv_ptr.dtype.element_ty), mask=mask)
+        d_gc += tl.sum(dhc * h0, axis=1) * tl.exp(Gc)       # through γ = e^{G_C}
 
         h0t = tl.trans(h0)
         dhct = tl.trans(dhc)
-        d_as += tl.dot(dlt, h0t, input_precision=PREC)
-        d_rs += tl.dot(dyt, h0t, input_precision=PREC)
-        d_bs += tl.dot(sa, dhct, input_precision=PREC)
-        d_ks += tl.dot(vt, dhct, input_precision=PREC)
-        d_gam += tl.sum(dhc * h0, axis=1)
         sat = tl.trans(sa)
         vtt = tl.trans(vt)
-        dA_ab += tl.dot(dlt, sat, input_precision=PREC)
-        dA_ak += tl.dot(dlt, vtt, input_precision=PREC)
-        dA_rb += tl.dot(dyt, sat, input_precision=PREC)
-        dA_rk += tl.dot(dyt, vtt, input_precision=PREC)
-
-    dA_ab = tl.where(strict, dA_ab, 0.0)
-    dA_ak = tl.where(strict, dA_ak, 0.0)
-    dA_rb = tl.where(lower, dA_rb, 0.0)
-    dA_rk = tl.where(lower, dA_rk, 0.0)
-    da_m = tl.dot(dA_ab, b_m, input_precision=PREC) + tl.dot(dA_ak, k_m, input_precision=PREC)
-    dr_m = tl.dot(dA_rb, b_m, input_precision=PREC) + tl.dot(dA_rk, k_m, input_precision=PREC)
-    db_m = tl.dot(tl.trans(dA_ab), a_m, input_precision=PREC) \
-        + tl.dot(tl.trans(dA_rb), r_m, input_precision=PREC)
-    dk_m = tl.dot(tl.trans(dA_ak), a_m, input_precision=PREC) \
-        + tl.dot(tl.trans(dA_rk), r_m, input_precision=PREC)
-
-    da = ea * (da_m + d_as * eR[None, :])
-    dr = er * (dr_m + d_rs * eR[None, :])
-    db = eb * (db_m + d_bs * eCR[None, :])
-    dk = eb * (dk_m + d_ks * eCR[None, :])
-
-    # log-decay gradient: every factor is x·exp(±G), so dG = ±x ⊙ dx; then undo the cumulative sums
-    dG = r * dr - b * db - k * dk                 # terms in G_t
-    dGx = a * da                                  # terms in G_{t-1}
-    dGc = d_gam * tl.exp(Gc) + tl.sum(b_s * d_bs + k_s * d_ks, axis=0)
-    dg = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
-        + (tl.sum(dGx, axis=0)[None, :] - tl.cumsum(dGx, axis=0)) + dGc[None, :]
-    dw = tl.where(w <= W_MAX, dg * g, 0.0)
+        dA = tl.where(strict, tl.dot(dlt, sat, input_precision=PREC), 0.0)          # dA_ab
+        xa += tl.dot(dA, b_m, input_precision=PREC)
+        xb += tl.dot(tl.trans(dA), a_m, input_precision=PREC)
+        dA = tl.where(strict, tl.dot(dlt, vtt, input_precision=PREC), 0.0)          # dA_ak
+        xa += tl.dot(dA, k_m, input_precision=PREC)
+        xk += tl.dot(tl.trans(dA), a_m, input_precision=PREC)
+        dA = tl.where(lower, tl.dot(dyt, sat, input_precision=PREC), 0.0)           # dA_rb
+        xr += tl.dot(dA, b_m, input_precision=PREC)
+        xb += tl.dot(tl.trans(dA), r_m, input_precision=PREC)
+        dA = tl.where(lower, tl.dot(dyt, vtt, input_precision=PREC), 0.0)           # dA_rk
+        xr += tl.dot(dA, k_m, input_precision=PREC)
+        xk += tl.dot(tl.trans(dA), r_m, input_precision=PREC)
+        xa += tl.dot(dlt, h0t, input_precision=PREC) * eR[None, :]                 # dÃ
+        xr += tl.dot(dyt, h0t, input_precision=PREC) * eR[None, :]                 # dR̃
+        xbs = tl.dot(sa, dhct, input_precision=PREC) * eCR[None, :]                # dB̄
+        xks = tl.dot(vt, dhct, input_precision=PREC) * eCR[None, :]                # dK̄
+        xb += xbs
+        xk += xks
+        d_gc += tl.sum(b_m * xbs + k_m * xks, axis=0)      # B̄ ⊙ dB̄ + K̄ ⊙ dK̄, summed over tokens
 
     offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, D, 0)
-    tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=mask)
-    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + offs, (ea * xa).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(dr_ptr + offs, (er * xr).to(dr_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + offs, (eb * xb).to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + offs, (eb * xk).to(dk_ptr.dtype.element_ty), mask=mask)
+
+    # log-decay gradient: every factor is x·exp(±G), so dG = ±x ⊙ dx; then undo the cumulative sums:
+    # dg_t = Σ_{t'>=t} dG_t' + Σ_{t'>t} dG_{t'-1} + dG_C
+    dGx = a_m * xa                                             # terms in G_{t-1}
+    dGi = r_m * xr - b_m * xb - k_m * xk + dGx                 # terms in G_t, plus G_{t-1} ones
+    dg = tl.sum(dGi, axis=0)[None, :] - tl.cumsum(dGi, axis=0) + dGi - dGx + d_gc[None, :]
+    tl.store(dw_ptr + offs, tl.where(w <= W_MAX, dg * g, 0.0).to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,23 +383,46 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
 # ----------------------------------------------------------------------------------------------------
 
 
+# Launch parameters per head size (measured on an H200, see kernels/NOTES_triton.md). TUNING overrides
+# entries (used by the tuning script); keys: BT chunk, BV_chunk value tile of the parallel kernels,
+# BV_fscan / BV_bscan value tiles of the scans, warps_* and stages_scan.
+LAUNCH = {
+    16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
+             warps_scan=4, stages_scan=2),
+    32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
+             warps_scan=4, stages_scan=2),
+    64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
+             warps_scan=4, stages_scan=2),
+    128: dict(BT=64, BV_chunk=64, BV_fscan=64, BV_bscan=64, warps_fchunk=8, warps_bchunk=8, warps_grads=8,
+              warps_scan=4, stages_scan=1),
+}
+TUNING: dict[int, dict] = {}
+
+
 class _Config:
-    """Launch shape for one call: chunk length, value tile, precision and warps."""
+    """Launch shape for one call: chunk length, value tiles, precision, warps and pipeline stages."""
 
     def __init__(self, D: int, dtype: torch.dtype, chunk_size: int | None):
         if D not in SUPPORTED_HEAD_SIZES:
             raise ValueError(f"head size D={D} is not supported by the triton backend "
                              f"(supported: {SUPPORTED_HEAD_SIZES})")
+        params = {**LAUNCH[D], **TUNING.get(D, {})}
+        if chunk_size is not None:
+            params["BT"] = chunk_size
         self.D = D
-        self.BT = chunk_size or DEFAULT_CHUNK[D]
+        self.BT = params["BT"]
         if self.BT < 16 or self.BT & (self.BT - 1):
             raise ValueError(f"chunk_size={self.BT} must be a power of two >= 16")
         self.LOG2_BT = int(math.log2(self.BT))
-        self.BV_chunk = min(D, 64)      # value tile inside the parallel kernels
-        self.BV_scan = min(D, 16)       # value tile of the sequential scans (more programs)
+        self.BV_chunk = min(D, params["BV_chunk"])
+        self.BV_fscan = min(D, params["BV_fscan"])
+        self.BV_bscan = min(D, params["BV_bscan"])
+        self.warps_fchunk = params["warps_fchunk"]
+        self.warps_bchunk = params["warps_bchunk"]
+        self.warps_grads = params["warps_grads"]
+        self.warps_scan = params["warps_scan"]
+        self.stages_scan = params["stages_scan"]
         self.PREC = "ieee" if dtype == torch.float32 else "tf32"
-        self.warps_chunk = 8 if self.BT * D >= 64 * 64 else 4
-        self.warps_scan = 4
 
 
 def _check_inputs(r, w, k, v, a, b, s0):
@@ -437,15 +455,15 @@ def _forward(r, w, k, v, a, b, s0, cfg: _Config, save_states: bool):
     _fwd_chunk_kernel[(NT, B * H)](
         r, w, k, v, a, b, M, E, Q, Z, T, H, NT,
         D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_chunk)
+        num_warps=cfg.warps_fchunk)
     y = torch.empty_like(r)
     sT = torch.empty(B, H, D, D, device=dev, dtype=f32)
     hbuf = torch.empty(B * H, NT, D, D, device=dev, dtype=f32) if save_states else M  # M: dummy
     s0_arg = s0 if s0 is not None else sT
-    _fwd_scan_kernel[(D // cfg.BV_scan, B * H)](
+    _fwd_scan_kernel[(D // cfg.BV_fscan, B * H)](
         s0_arg, M, E, Q, Z, y, hbuf, sT, T, H, NT,
-        D=D, BT=BT, BV=cfg.BV_scan, HAS_S0=s0 is not None, SAVE_H=save_states, PREC=cfg.PREC,
-        num_warps=cfg.warps_scan)
+        D=D, BT=BT, BV=cfg.BV_fscan, HAS_S0=s0 is not None, SAVE_H=save_states, PREC=cfg.PREC,
+        num_warps=cfg.warps_scan, num_stages=cfg.stages_scan)
     return y, sT, (hbuf if save_states else None)
 
 
@@ -455,23 +473,24 @@ def _backward(r, w, k, v, a, b, hbuf, dy, dsT, cfg: _Config):
     NT = triton.cdiv(T, BT)
     dev = r.device
     f32 = torch.float32
-    M = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
+    Mt = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
     P = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
     _bwd_chunk_kernel[(NT, B * H)](
-        r, w, k, a, b, dy, M, P, T, H, NT,
+        r, w, k, a, b, dy, Mt, P, T, H, NT,
         D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_chunk)
+        num_warps=cfg.warps_bchunk)
     dh = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
     ds0 = torch.empty(B, H, D, D, device=dev, dtype=f32)
-    _bwd_scan_kernel[(D // cfg.BV_scan, B * H)](
-        dsT if dsT is not None else ds0, M, P, dh, ds0, NT,
-        D=D, BV=cfg.BV_scan, HAS_DST=dsT is not None, PREC=cfg.PREC, num_warps=cfg.warps_scan)
-    del M, P
+    _bwd_scan_kernel[(D // cfg.BV_bscan, B * H)](
+        dsT if dsT is not None else ds0, Mt, P, dh, ds0, NT,
+        D=D, BV=cfg.BV_bscan, HAS_DST=dsT is not None, PREC=cfg.PREC,
+        num_warps=cfg.warps_scan, num_stages=cfg.stages_scan)
+    del Mt, P
     dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
     _bwd_grads_kernel[(NT, B * H)](
         r, w, k, v, a, b, dy, hbuf, dh, dr, dw, dk, dv, da, db, T, H, NT,
         D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_chunk)
+        num_warps=cfg.warps_grads)
     return dr, dw, dk, dv, da, db, ds0
 
 
