@@ -179,7 +179,8 @@ def blinkdl_meta(shapes: dict[str, tuple[int, ...]], path: Path | str = "<state 
         "head_size": head_size, "n_head": n_head, "ffn_dim": need("blocks.0.ffn.key.weight")[0],
         "tokenizer": _tokenizer_for_vocab(vocab),
     }
-    for field, key in (("d_decay", "blocks.0.att.w1"), ("d_aaa", "blocks.0.att.a1"), ("d_mv", "blocks.1.att.v1"),
+    v1 = "blocks.1.att.v1" if meta["n_layer"] > 1 else "blocks.0.att.v1"  # layer 0 has no value-residual LoRA
+    for field, key in (("d_decay", "blocks.0.att.w1"), ("d_aaa", "blocks.0.att.a1"), ("d_mv", v1),
                        ("d_gate", "blocks.0.att.g1")):
         if key in shapes:
             meta[field] = shapes[key][1]

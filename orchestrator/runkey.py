@@ -17,6 +17,7 @@ The matched baseline of a candidate run is the baseline run of the same task, st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -64,11 +65,11 @@ class RunKey:
     setup: str  # digest of the setup a candidate shares with its baseline (see module doc)
     config: str  # candidate_digest of the resolved candidate
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return short_hash(dataclasses.asdict(self))
 
-    @property
+    @functools.cached_property
     def run_key(self) -> str:
         return f"{self.task}.{self.stage}.{self.candidate}.s{self.seed}-{self.digest}"
 

@@ -40,6 +40,7 @@ from orchestrator.runkey import NAME_PATTERN, canonical_json, short_hash
 
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
+MAX_SEED = 2**32 - 1  # numpy's and most RNGs' limit
 MIN_SEEDCHECK_SEEDS = 5  # 2**-5 = 0.031: the fewest paired seeds for which an exact sign test can reach p < 0.05
 SPEC_SUFFIXES = (".yaml", ".yml")
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -78,7 +79,7 @@ def _one_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # schema
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ProbeDefaults(_Strict):
@@ -103,7 +104,7 @@ class Defaults(_Strict):
     n_val: int = Field(64, ge=1)  # validation examples per eval (a fixed set)
     n_test: int = Field(64, ge=1)
     eval_batch: int = Field(64, ge=1)
-    data_seed: int = Field(0, ge=0)
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
     kernel: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -124,8 +125,8 @@ class Stage(_Strict):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         for s in v:
-            if s < 0:
-                raise ValueError(f"seeds must be >= 0, got {s}")
+            if not 0 <= s <= MAX_SEED:
+                raise ValueError(f"seeds must be between 0 and {MAX_SEED}, got {s}")
         dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
             raise ValueError(f"duplicate seed {dup[0]}")
@@ -246,6 +247,9 @@ def _structure_errors(spec: Spec) -> list[str]:
         errors.append(f"round: must match [A-Za-z0-9_.-]+, got {spec.round!r}")
     if spec.storage is not None and not re.match(r"^(sqlite:///|postgresql(\+\w+)?://)", spec.storage):
         errors.append(f"storage: must be a sqlite:/// or postgresql:// URL, got {spec.storage!r}")
+    for name, value in spec.defaults.lr:
+        if any(not math.isfinite(x) for x in (value if isinstance(value, tuple) else (value,))):
+            errors.append(f"defaults.lr.{name}: must be finite, got {value}")
     fs_errors = _fs_defaults_errors(spec.defaults.fs)
     errors += fs_errors + _stage_errors(spec.stages)
     if fs_errors:
@@ -295,8 +299,6 @@ def _task_errors(spec: Spec, label: str, task: TaskSpec) -> list[str]:
     errors = []
     if not _NAME_RX.match(label):
         errors.append(f"{where}: task label must match {NAME_PATTERN} (no dots or spaces), got {label!r}")
-    if not math.isfinite(task.threshold):
-        errors.append(f"{where}.threshold: must be finite, got {task.threshold}")
     if task.metric is not None:
         if task.metric in LOWER_IS_BETTER:
             errors.append(f"{where}.metric: {task.metric!r} is lower-is-better; the promotion rule needs a metric "
@@ -613,6 +615,9 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
         err = e.errors()[0]
         check.errors.append(f"{where}.params{'.' if err.get('loc') else ''}{_loc_str(tuple(err.get('loc', ())))}: "
                             f"{_pydantic_msg(err)}")
+        return
+    except Exception as e:  # a Params validator that raised something else: still the params' fault
+        check.errors.append(f"{where}.params: invalid ({type(e).__name__}: {e})")
         return
     metrics = {cls.primary_metric, "tok_acc", "exact", *cls.unit_metrics}
     if task.metric is not None and task.metric not in metrics and task.metric not in LOWER_IS_BETTER:
