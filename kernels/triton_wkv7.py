@@ -385,16 +385,16 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
 
 # Launch parameters per head size (measured on an H200, see kernels/NOTES_triton.md). TUNING overrides
 # entries (used by the tuning script); keys: BT chunk, BV_chunk value tile of the parallel kernels,
-# BV_fscan / BV_bscan value tiles of the scans, warps_* and stages_scan.
+# BV_fscan / BV_bscan value tiles of the scans, warps_*, stages_fscan / stages_bscan.
 LAUNCH = {
     16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
-             warps_scan=4, stages_scan=2),
+             warps_scan=4, stages_fscan=2, stages_bscan=2),
     32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
-             warps_scan=4, stages_scan=2),
+             warps_scan=4, stages_fscan=2, stages_bscan=2),
     64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
-             warps_scan=4, stages_scan=2),
+             warps_scan=4, stages_fscan=2, stages_bscan=2),
     128: dict(BT=64, BV_chunk=64, BV_fscan=64, BV_bscan=64, warps_fchunk=8, warps_bchunk=8, warps_grads=8,
-              warps_scan=4, stages_scan=1),
+              warps_scan=4, stages_fscan=1, stages_bscan=1),
 }
 TUNING: dict[int, dict] = {}
 
@@ -421,7 +421,8 @@ class _Config:
         self.warps_bchunk = params["warps_bchunk"]
         self.warps_grads = params["warps_grads"]
         self.warps_scan = params["warps_scan"]
-        self.stages_scan = params["stages_scan"]
+        self.stages_fscan = params["stages_fscan"]
+        self.stages_bscan = params["stages_bscan"]
         self.PREC = "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -463,7 +464,7 @@ def _forward(r, w, k, v, a, b, s0, cfg: _Config, save_states: bool):
     _fwd_scan_kernel[(D // cfg.BV_fscan, B * H)](
         s0_arg, M, E, Q, Z, y, hbuf, sT, T, H, NT,
         D=D, BT=BT, BV=cfg.BV_fscan, HAS_S0=s0 is not None, SAVE_H=save_states, PREC=cfg.PREC,
-        num_warps=cfg.warps_scan, num_stages=cfg.stages_scan)
+        num_warps=cfg.warps_scan, num_stages=cfg.stages_fscan)
     return y, sT, (hbuf if save_states else None)
 
 
@@ -484,7 +485,7 @@ def _backward(r, w, k, v, a, b, hbuf, dy, dsT, cfg: _Config):
     _bwd_scan_kernel[(D // cfg.BV_bscan, B * H)](
         dsT if dsT is not None else ds0, Mt, P, dh, ds0, NT,
         D=D, BV=cfg.BV_bscan, HAS_DST=dsT is not None, PREC=cfg.PREC,
-        num_warps=cfg.warps_scan, num_stages=cfg.stages_scan)
+        num_warps=cfg.warps_scan, num_stages=cfg.stages_bscan)
     del Mt, P
     dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
     _bwd_grads_kernel[(NT, B * H)](
