@@ -29,3 +29,27 @@ def wkv7_reference(r, w, k, v, a, b, s0=None):
         ys.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
     y = torch.stack(ys, dim=1)
     return y.to(out_dtype), S
+
+
+W_MODEL_RANGE = (-4.0, -0.5)  # RWKV-7 computes w = -softplus(·) - 0.5 < -0.5, so decays exp(-exp(w)) lie in (0.545, 1)
+
+
+def rwkv7_like_inputs(B, T, H, D, *, dtype=torch.float32, w_range=W_MODEL_RANGE, seed=0, with_state=True):
+    """Operator inputs shaped like a RWKV-7 layer's: [r, w, k, v, a, b, s0].
+
+    r, k, v ~ N(0, 1); a = -kk and b = kk·iclr with kk unit-norm per head and iclr ∈ (0, 1); w uniform in
+    w_range; s0 ~ N(0, 0.5²) (None when with_state is False). Drawn in float64, then cast to dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    r, k, v = randn(B, T, H, D), randn(B, T, H, D), randn(B, T, H, D)
+    lo, hi = w_range
+    w = lo + (hi - lo) * torch.rand(B, T, H, D, generator=g, dtype=torch.float64)
+    kk = torch.nn.functional.normalize(randn(B, T, H, D), dim=-1)
+    iclr = torch.rand(B, T, H, D, generator=g, dtype=torch.float64)
+    s0 = 0.5 * randn(B, H, D, D) if with_state else None
+    out = [x.to(dtype) for x in (r, w, k, v, -kk, kk * iclr)]
+    return out + [None if s0 is None else s0.to(dtype)]
