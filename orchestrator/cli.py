@@ -106,7 +106,44 @@ def storage_url_for(spec, round_dir: Path, override: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # commands
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class FsearchGroup(click.Group):
+    """The command group; its `main` maps exceptions to exit codes for the console script and CliRunner alike:
+    user errors -> `error: ...` on stderr + exit 2; interrupts -> 130; bugs keep their traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        code = self._run(args, prog_name or "fsearch", complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+            return rv if isinstance(rv, int) else 0
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            return EXIT_INTERRUPTED
+        except click.UsageError as e:
+            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+            return EXIT_USER
+        except click.ClickException as e:
+            click.echo(f"error: {one_line(e.format_message())}", err=True)
+            return e.exit_code
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            return EXIT_INTERRUPTED
+        except _user_error_types() as e:
+            click.echo(f"error: {one_line(e)}", err=True)
+            return EXIT_USER
+
+
+@click.group(cls=FsearchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli() -> None:
     """fsearch: staged, baseline-matched search of Future-Seed variants for RWKV-7 post-training."""
 
@@ -116,13 +153,15 @@ def cli() -> None:
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///<round folder>/study.db)")
 @click.option("--workers", default=1, show_default=True, type=int, help="parallel workers (reserved: only 1 for now)")
 @click.option("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the worker processes")
+@click.option("--no-report", is_flag=True, help="do not write the report at the end (fsearch report ROUND does)")
 @click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
-def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, worker_cmd: str | None) -> None:
+def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool,
+              worker_cmd: str | None) -> None:
     """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
     if workers != 1:
         raise UserError(f"--workers {workers}: several workers are not yet supported; run with --workers 1"
                         + (" (and note that SQLite storage serves a single worker)" if workers > 1 else ""))
-    from orchestrator.progress import format_summary, make_display, plan_task_state
+    from orchestrator.progress import format_summary, make_display
     from orchestrator.scheduler import RoundScheduler
 
     spec, warnings = load_spec_arg(spec_arg)
@@ -142,13 +181,13 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     finally:
         getattr(display, "close", lambda: None)()
     try:
-        task_state = plan_task_state(sched.plan())
+        plan = sched.plan()
     except Exception:  # noqa: BLE001 - the summary works without the planner's words
-        task_state = {}
+        plan = None
     click.echo("")
     click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {round_dir / 'records.jsonl'}")
-    click.echo(format_summary(records, task_state, list(spec.tasks)))
-    if importlib.util.find_spec("orchestrator.report") is not None:
+    click.echo(format_summary(records, plan, list(spec.tasks)))
+    if not no_report and importlib.util.find_spec("orchestrator.report") is not None:
         from orchestrator.report import write_report
 
         click.echo(f"report: {write_report(round_dir)}")
@@ -374,30 +413,8 @@ def bench_cmd(what: str, args: tuple[str, ...]) -> None:
 # entry point
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script: user errors -> `error: ...` + exit 2; interrupts -> exit 130; bugs keep their traceback."""
-    try:
-        cli.main(args=argv, prog_name="fsearch", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except click.UsageError as e:
-        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
-        return EXIT_USER
-    except click.ClickException as e:
-        click.echo(f"error: {one_line(e.format_message())}", err=True)
-        return e.exit_code
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except _user_error_types() as e:
-        click.echo(f"error: {one_line(e)}", err=True)
-        return EXIT_USER
+    """Console script entry point: returns the exit code (0 ok, 1 a run failed, 2 user error, 130 interrupted)."""
+    return cli.main(args=argv, prog_name="fsearch", standalone_mode=False)
 
 
 def entry() -> None:

@@ -58,14 +58,14 @@ class Active:
 class StatusRow:
     task: str
     stage: str
+    state: str  # waiting | running | complete | failed | skipped (the planner's), or "" without a plan
     done: int
-    planned: int
+    total: int | None
     running: int
     pruned: int
     failed: int
     current: str
     eta_s: float | None
-    state: str = ""
 
 
 def seconds_per_step(records: Iterable[Record], task: str | None = None) -> float | None:
@@ -73,66 +73,65 @@ def seconds_per_step(records: Iterable[Record], task: str | None = None) -> floa
     return statistics.median(rates) if rates else None
 
 
-def _unit_key(unit: Any) -> Any:
-    return unit.key
+def _current_text(active: Active) -> str:
+    p = active.progress or {}
+    text = f"{active.candidate} s{active.seed}"
+    if active.attempt:
+        text += f" (attempt {active.attempt})"
+    if p.get("step") is not None and p.get("steps"):
+        text += f" step {p['step']}/{p['steps']}"
+    if p.get("loss") is not None:
+        text += f" loss {p['loss']:.4f}"
+    return text
 
 
-def status_rows(records: list[Record], pending: list[Any] | None = None, active: Active | None = None,
-                task_state: dict[str, str] | None = None, task_order: list[str] | None = None) -> list[StatusRow]:
-    """Rows per (task, stage): `pending` are the planner's runnable units (each with .key: RunKey and .key.steps)."""
-    pending = pending or []
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def group(task: str, stage: str) -> dict[str, Any]:
-        return groups.setdefault((task, stage), {"records": [], "pending": []})
-
-    for r in records:
-        group(r.task, r.stage)["records"].append(r)
-    for u in pending:
-        k = _unit_key(u)
-        group(k.task, k.stage)["pending"].append(u)
+def _eta(records: list[Record], task: str, left_runs: int, stage_steps: int | None,
+         active: Active | None) -> float | None:
+    """Seconds left for a stage: runs not started x steps x seconds per step (this task's records, else the round's,
+    else the current run's pace) + what the current run says is left."""
+    rate = seconds_per_step(records, task) or seconds_per_step(records)
+    active_left = None
     if active is not None:
-        group(active.task, active.stage)
-    order = list(task_order or [])
-    for task, _ in groups:
-        if task not in order:
-            order.append(task)
+        p = active.progress or {}
+        step, steps = p.get("step"), p.get("steps")
+        if rate is None and step and active.started:
+            rate = max(0.0, time.time() - active.started) / step
+        active_left = p.get("eta_s")
+        if active_left is None and step is not None and steps and rate is not None:
+            active_left = (steps - step) * rate
+    if left_runs <= 0:
+        return active_left
+    if rate is None or stage_steps is None:
+        return None
+    return left_runs * stage_steps * rate + (active_left or 0.0)
+
+
+def status_rows(records: list[Record], plan: Any = None, active: Active | None = None,
+                stage_steps: dict[str, int] | None = None) -> list[StatusRow]:
+    """One row per task and stage: from the planner's stage table when there is a plan, else from the records."""
+    stage_steps = stage_steps or {}
+    recs_by: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        recs_by.setdefault((r.task, r.stage), []).append(r)
     rows = []
-    for (task, stage), g in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), _stage_rank(kv[0][1]))):
-        recs: list[Record] = g["records"]
+    if plan is not None:
+        entries = [(sp.task, sp.stage, sp.state, sp.total, sp.done, sp.failed, sp.pruned) for sp in plan.stages]
+    else:
+        entries = []
+        order = list(dict.fromkeys(r.task for r in records))
+        for (task, stage), rs in sorted(recs_by.items(), key=lambda kv: (order.index(kv[0][0]), _stage_rank(kv[0][1]))):
+            entries.append((task, stage, "", None, len(rs), sum(r.status != "ok" for r in rs), 0))
+        if active is not None and (active.task, active.stage) not in recs_by:
+            entries.append((active.task, active.stage, "running", None, 0, 0, 0))
+    for task, stage, state, total, done, failed, pruned in entries:
+        rs = recs_by.get((task, stage), [])
         is_active = active is not None and (active.task, active.stage) == (task, stage)
-        current = ""
-        remaining_steps = sum(_unit_key(u).steps for u in g["pending"])
-        active_left = None
-        if is_active:
-            p = active.progress or {}
-            step, steps = p.get("step"), p.get("steps")
-            current = f"{active.candidate} s{active.seed}"
-            if active.attempt:
-                current += f" (attempt {active.attempt})"
-            if step is not None and steps:
-                current += f" step {step}/{steps}"
-                remaining_steps -= steps  # the active run is still in the planner's runnable list
-                active_left = p.get("eta_s")
-                if active_left is None:
-                    rate = seconds_per_step(records, task) or seconds_per_step(records)
-                    active_left = (steps - step) * rate if rate else None
-            if p.get("loss") is not None:
-                current += f" loss {p['loss']:.4f}"
-        rate = seconds_per_step(records, task) or seconds_per_step(records)
-        if rate is None and is_active:
-            p = active.progress or {}
-            if p.get("step") and active.started:
-                rate = (time.time() - active.started) / p["step"]
-        eta = None
-        if rate is not None and (remaining_steps > 0 or active_left is not None):
-            eta = max(0, remaining_steps) * rate + (active_left or 0.0)
-        rows.append(StatusRow(
-            task=task, stage=stage, done=len(recs), planned=len(recs) + len(g["pending"]) + (1 if is_active and not
-                                                                                             g["pending"] else 0),
-            running=1 if is_active else 0, pruned=sum(1 for r in recs if r.decision in ("prune", "diverged")),
-            failed=sum(1 for r in recs if r.status == "failed"), current=current, eta_s=eta,
-            state=(task_state or {}).get(task, "")))
+        pruned = max(pruned, sum(r.decision in ("prune", "diverged") for r in rs))
+        left = (total - done - (1 if is_active else 0)) if total is not None else 0
+        steps = stage_steps.get(stage) or (rs[0].budget_steps if rs else None)
+        eta = _eta(records, task, left, steps, active if is_active else None) if (left > 0 or is_active) else None
+        rows.append(StatusRow(task, stage, state, done, total, 1 if is_active else 0, pruned, failed,
+                              _current_text(active) if is_active else "", eta))
     return rows
 
 
@@ -140,12 +139,13 @@ def _stage_rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 
 
-HEADERS = ("task", "stage", "done", "running", "pruned", "failed", "current run", "eta", "task state")
+HEADERS = ("task", "stage", "state", "done", "running", "pruned", "failed", "current run", "eta")
 
 
 def row_cells(r: StatusRow) -> list[str]:
-    return [r.task, r.stage, f"{r.done}/{r.planned}", str(r.running), str(r.pruned), str(r.failed), r.current or "-",
-            fmt_duration(r.eta_s), r.state]
+    done = f"{r.done}/{r.total}" if r.total is not None else (str(r.done) if r.done or r.state != "waiting" else "-")
+    return [r.task, r.stage, r.state or "-", done, str(r.running), str(r.pruned), str(r.failed), r.current or "-",
+            fmt_duration(r.eta_s) if r.eta_s is not None else "-"]
 
 
 def format_table(rows: list[StatusRow]) -> str:
@@ -171,9 +171,11 @@ def rich_table(rows: list[StatusRow], title: str | None = None):
 # ---------------------------------------------------------------------------------------------------------------------
 # end-of-round summary
 
-def format_summary(records: list[Record], task_state: dict[str, str] | None = None,
-                   task_order: list[str] | None = None) -> str:
-    """Per task: the baseline's value and every candidate's delta and decision, stage by stage."""
+def format_summary(records: list[Record], plan: Any = None, task_order: list[str] | None = None) -> str:
+    """Per task: the baseline's value and every candidate's delta and decision, stage by stage (the planner's
+    stage decision where there is one, else the records' own decisions)."""
+    task_state = plan_task_state(plan) if plan is not None else {}
+    stage_decision = {(d.task, d.stage, d.candidate): d for d in (getattr(plan, "decisions", None) or [])}
     by_task: dict[str, list[Record]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r)
@@ -183,39 +185,38 @@ def format_summary(records: list[Record], task_state: dict[str, str] | None = No
         recs = by_task[task]
         head = recs[0]
         threshold = next((r.threshold for r in recs if r.threshold is not None), None)
-        state = (task_state or {}).get(task)
+        state = task_state.get(task)
         out.append(f"[{task}] {head.task_kind}, metric {head.metric}"
                    + (f", threshold {threshold:+.4f}" if threshold is not None else "")
                    + (f": {state}" if state else ""))
-        stages = sorted({r.stage for r in recs}, key=_stage_rank)
-        for stage in stages:
+        for stage in sorted({r.stage for r in recs}, key=_stage_rank):
             srecs = [r for r in recs if r.stage == stage]
             base = [r for r in srecs if r.mode == "baseline"]
             bvals = [r.value for r in base if r.value is not None]
-            steps = srecs[0].budget_steps
             if bvals:
                 btxt = f"baseline {fmt_value(statistics.mean(bvals))}" + (f" (mean of {len(bvals)} seeds)"
                                                                           if len(bvals) > 1 else "")
             else:
-                btxt = "baseline " + (", ".join(f"{r.status}: {r.error_kind or ''} {r.error_message or ''}".strip()
-                                                for r in base) or "missing")
-            out.append(f"  {stage} ({steps} steps): {btxt}")
+                btxt = "baseline " + ("; ".join(f"{r.status} ({r.error_kind}): {r.error_message}" for r in base)
+                                      or "missing")
+            out.append(f"  {stage} ({srecs[0].budget_steps} steps): {btxt}")
             cands: dict[str, list[Record]] = {}
             for r in srecs:
                 if r.mode != "baseline":
                     cands.setdefault(r.candidate, []).append(r)
             width = max((len(c) for c in cands), default=0)
             for cand, crs in sorted(cands.items(), key=lambda kv: -(_mean_delta(kv[1]) or -1e9)):
-                md = _mean_delta(crs)
+                d = stage_decision.get((task, stage, cand))
+                md = d.mean_delta if d is not None else _mean_delta(crs)
                 vals = [r.value for r in crs if r.value is not None]
-                decisions = sorted({r.decision for r in crs})
                 n = len(crs)
+                decision = d.decision if d is not None else "/".join(sorted({r.decision for r in crs}))
                 txt = (f"    {cand.ljust(width)}  value {fmt_value(statistics.mean(vals) if vals else None)}  "
                        f"delta {fmt_value(md, signed=True)}" + (f" (mean of {n} seeds)" if n > 1 else "")
-                       + f"  {'/'.join(decisions)}")
+                       + f"  {decision}")
                 failed = [r for r in crs if r.status != "ok"]
                 if failed:
-                    txt += "  (" + "; ".join(f"s{r.seed} {r.status} {r.error_kind or ''}".strip() for r in failed) + ")"
+                    txt += "  (" + "; ".join(f"s{r.seed} {r.status}: {r.error_kind or ''}".strip() for r in failed) + ")"
                 out.append(txt)
     return "\n".join(out) if out else "no records"
 
@@ -236,25 +237,29 @@ def _active_from(sched: Any) -> Active | None:
     return Active(k.task, k.stage, k.candidate, k.seed, a.attempt, dict(a.progress or {}), a.started)
 
 
+def stage_steps_of(spec: Any) -> dict[str, int]:
+    try:
+        return {name: st.steps for name, st in spec.stage_list()}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
 def _sched_rows(sched: Any) -> list[StatusRow]:
-    pending, task_state = [], {}
     try:
         plan = sched.plan()
-        pending = list(plan.runnable)
-        task_state = plan_task_state(plan)
     except Exception:  # noqa: BLE001 - the display never stops a round
-        pass
-    return status_rows(sched.records, pending, _active_from(sched), task_state, list(getattr(sched.spec, "tasks", [])))
+        plan = None
+    return status_rows(sched.records, plan, _active_from(sched), stage_steps_of(sched.spec))
 
 
 def plan_task_state(plan: Any) -> dict[str, str]:
-    """{task: one-line state} from a Plan (task_state values may be strings or objects with a `state`/`text`)."""
+    """{task: one-line state} from a Plan: its current stage, "done (<why>)", or "failed: <reason>"."""
     out = {}
-    for task, st in (getattr(plan, "task_state", None) or {}).items():
-        if isinstance(st, str):
-            out[task] = st
-        else:
-            out[task] = str(getattr(st, "text", None) or getattr(st, "state", None) or st)
+    for task, t in (getattr(plan, "tasks", None) or {}).items():
+        text = str(t)
+        if getattr(t, "status", None) == "done" and getattr(t, "reason", ""):
+            text += f" ({t.reason})"
+        out[task] = text
     return out
 
 
@@ -397,6 +402,20 @@ def scheduler_pid(round_dir: Any) -> int | None:
     return pid
 
 
+def probed_batch_sizes(round_dir: Any) -> dict[str, int]:
+    """The batch sizes a round's probes picked (<round>/probe/<task>.json)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for p in sorted((Path(round_dir) / "probe").glob("*.json")):
+        try:
+            out[p.stem] = int(json.loads(p.read_text())["micro_batch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return out
+
+
 def round_status(round_dir: Any) -> RoundStatus:
     import json
     from pathlib import Path
@@ -446,17 +465,17 @@ def round_status(round_dir: Any) -> RoundStatus:
                             int(t.user_attrs.get("attempt") or 0), prog,
                             t.datetime_start.timestamp() if t.datetime_start else None)
 
-    pending, task_state = [], {}
+    pl = None
     if spec is not None:
         try:
             from orchestrator.planner import plan
 
-            pl = plan(spec, records)
-            pending = list(pl.runnable)
-            task_state = plan_task_state(pl)
+            pl = plan(spec, records, batch_sizes=probed_batch_sizes(round_dir))
+            for task, st in plan_task_state(pl).items():
+                notes.append(f"{task}: {st}")
         except Exception as e:  # noqa: BLE001
             notes.append(f"note: cannot plan from the spec copy ({' '.join(str(e).split())[:200]})")
-    rows = status_rows(records, pending, active, task_state, list(spec.tasks) if spec is not None else None)
+    rows = status_rows(records, pl, active, stage_steps_of(spec) if spec is not None else None)
     state = f"scheduler running (pid {pid})" if pid else "no scheduler running"
     trials = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())) or "no trials"
     header = f"round {name} ({round_dir}): {state}; {len(records)} runs recorded; study: {trials}"

@@ -349,7 +349,7 @@ class RoundScheduler:
 
         self.planner = planner_mod
         self.spec = spec
-        self.round_dir = Path(round_dir or spec_round_dir(spec))
+        self.round_dir = Path(round_dir or spec.round_dir)
         self.storage_url = storage_url or getattr(spec, "storage", None) or default_storage_url(self.round_dir)
         self.probes: dict[str, dict[str, Any]] = {}
         self.worker_cmd = worker_command(worker_cmd)
@@ -387,7 +387,7 @@ class RoundScheduler:
     def _run_locked(self) -> list[Record]:
         save_spec_copy(self.spec, self.round_dir)
         self.records = self.ledger.read()
-        self.study = RoundStudy.create_or_load(self.storage_url, spec_round_name(self.spec))
+        self.study = RoundStudy.create_or_load(self.storage_url, self.spec.round)
         labels, candidates = spec_labels(self.spec)
         self.study.fix_choices(labels, candidates)
         self.adoptable = self.study.reconcile(self.records)
@@ -398,7 +398,7 @@ class RoundScheduler:
             if not plan.runnable:
                 break
             unit = plan.runnable[0]
-            stage_id = (unit_task(unit), unit_stage(unit))
+            stage_id = (unit.task, unit.stage)
             if self._last_stage is not None and stage_id != self._last_stage:
                 self.kill.hit("stage")
             self._last_stage = stage_id
@@ -411,15 +411,16 @@ class RoundScheduler:
         return self.records
 
     def plan(self) -> Any:
-        return self.planner.plan(self.spec, self.records, **self._plan_kwargs())
+        return self.planner.plan(self.spec, self.records, batch_sizes=self.batch_sizes())
 
-    def _plan_kwargs(self) -> dict[str, Any]:
-        return {}
+    def batch_sizes(self) -> dict[str, int]:
+        """Effective batch of every `batch: auto` task: the probe's micro-batch (no accumulation)."""
+        return {task: int(p["micro_batch"]) for task, p in self.probes.items()}
 
     # one run --------------------------------------------------------------------------------------------------------
     def execute(self, unit: Any) -> Record:
         assert self.study is not None
-        run_key = unit_run_key(unit)
+        run_key = unit.run_key
         runs_dir = self.round_dir / "runs" / run_key
         base_cfg = self.base_config(unit, runs_dir / "attempt-0", 0)
         log = AttemptLog()
@@ -518,51 +519,35 @@ class RoundScheduler:
 
     # unit facts -----------------------------------------------------------------------------------------------------
     def base_config(self, unit: Any, run_dir: Path, attempt: int, micro_batch: int | None = None) -> RunConfig:
-        kwargs: dict[str, Any] = {"run_dir": str(run_dir), "attempt": attempt}
-        task = unit_task(unit)
-        if micro_batch is None and task in self.probes:
-            micro_batch = int(self.probes[task]["micro_batch"])
-        if micro_batch is not None:
-            kwargs["micro_batch"] = micro_batch
-        cfg = unit.run_config(**kwargs)
-        fault = fault_for(cfg.run_key, self.faults)
-        if fault is not None:
-            cfg = cfg.model_copy(update={"fault": fault})
-        return cfg
+        mb = micro_batch if micro_batch is not None and micro_batch != unit.batch_size else None
+        return unit.run_config(run_dir=str(run_dir), attempt=attempt, micro_batch=mb,
+                               fault=fault_for(unit.run_key, self.faults))
 
     def retries_for(self, unit: Any) -> int:
-        return int(unit_attr(unit, "retries", 2))
+        return int(unit.retries)
 
     def time_limit_for(self, unit: Any) -> float:
-        return float(unit_attr(unit, "time_limit_s", 3600.0))
+        return float(unit.time_limit_s)
 
     def make_record(self, unit: Any, cfg: RunConfig, outcome: Outcome, attempt_dir: Path) -> Record:
+        """The run's record: the worker's result, and the comparison with its matched baseline (planner.judge)."""
         res = outcome.result
-        metric = unit_metric(unit, res)
-        value = None
-        status = "failed"
+        primary = (res.primary_metric if res is not None else None) or "tok_acc"
+        metric = unit.metric_name(primary)
+        status, value = "failed", None
         error_kind, error_message = outcome.kind, outcome.message
         if outcome.kind == "ok" and res is not None:
-            value = res.final.get("val_" + metric)
-            status = "ok"
-            error_kind = error_message = None
+            value = unit.value_from(res.final, primary)
+            status, error_kind, error_message = "ok", None, None
             if value is None:
                 status, error_kind = "failed", "config"
-                error_message = (f"the worker reported no 'val_{metric}' (it reported "
+                error_message = (f"the worker reported no finite 'val_{metric}' (it reported "
                                  f"{', '.join(sorted(res.final)) or 'nothing'})")
         elif outcome.kind == "diverged":
             status = "diverged"
-        is_baseline = cfg.mode == "baseline"
-        baseline_key = baseline_value = delta = None
-        if not is_baseline:
-            baseline_key = unit_baseline_key(unit)
-            base = next((r for r in self.records if r.run_key == baseline_key), None)
-            if base is not None and base.value is not None and value is not None:
-                baseline_value = base.value
-                delta = value - base.value
-        threshold = unit_attr(unit, "threshold", None)
-        decision = decide(is_baseline, status, delta, threshold, unit_stage(unit), unit_attr(unit, "n_seeds", 1))
-        best = dict(res.best) if res is not None and status == "ok" else {}
+        j = self.planner.judge(unit, status, value, self.records)
+        ok = status == "ok" and res is not None
+        best = dict(res.best) if ok else {}
         mb = cfg.micro_batch or cfg.batch_size
         return Record(
             round=cfg.round, task=cfg.task, task_kind=cfg.task_kind, stage=cfg.stage, candidate=cfg.candidate,
@@ -572,10 +557,9 @@ class RoundScheduler:
             steps=res.steps if res is not None else 0, budget_steps=cfg.steps, eval_every=cfg.eval_every,
             n_val=cfg.n_val, data_seed=cfg.data_seed, status=status, error_kind=error_kind,
             error_message=error_message, metric=metric, value=value,
-            final=dict(res.final) if res is not None else {}, best=best,
-            best_step=res.best_step if res is not None and status == "ok" else None,
-            test=dict(res.test) if res is not None else {}, baseline_key=baseline_key,
-            baseline_value=baseline_value, delta=delta, threshold=threshold, decision=decision,
+            final=dict(res.final) if res is not None else {}, best=best, best_step=res.best_step if ok else None,
+            test=dict(res.test) if ok else {}, baseline_key=j.baseline_key, baseline_value=j.baseline_value,
+            delta=j.delta, threshold=j.threshold, decision=j.decision,
             wall_s=res.wall_s if res is not None else 0.0, tokens_per_s=res.tokens_per_s if res is not None else 0.0,
             peak_mem_bytes=res.peak_mem_bytes if res is not None else None,
             device=res.device if res is not None else None, run_dir=str(attempt_dir), finished_at=utc_now(),
@@ -584,20 +568,58 @@ class RoundScheduler:
 
     # batch probe ----------------------------------------------------------------------------------------------------
     def ensure_probes(self) -> dict[str, dict[str, Any]]:
-        """Run the worker's batch probe once per `batch: auto` task; reuse <round>/probe/<task>.json on resume."""
+        """Batch size of every `batch: auto` task, decided once per round and reused on resume: the worker's GPU probe
+        (<round>/probe/<task>.json, also a study user attribute), or defaults.probe.cpu_batch on a CPU round."""
         probes: dict[str, dict[str, Any]] = {}
-        for task, request in probe_requests(self.spec):
+        spec = self.spec
+        for task in [label for label, t in spec.tasks.items() if t.batch == "auto"]:
             path = self.round_dir / "probe" / f"{task}.json"
             if path.exists():
                 probes[task] = json.loads(path.read_text())
             else:
-                probes[task] = self.run_probe(task, request, path)
+                probes[task] = self.probe_task(task)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, json.dumps(probes[task], indent=1))
                 self.kill.hit("probe")
             if self.study is not None and self.study.study_attr(f"probe.{task}") != probes[task]:
                 self.study.set_study_attr(f"probe.{task}", probes[task])
         return probes
 
-    def run_probe(self, task: str, request: dict[str, Any], path: Path) -> dict[str, Any]:
+    def probe_task(self, task: str) -> dict[str, Any]:
+        conf = self.spec.defaults.probe
+        if self.spec.defaults.device == "cpu":
+            return {"micro_batch": conf.cpu_batch, "source": "defaults.probe.cpu_batch (device cpu)"}
+        request = {"run": self.probe_run_config(task).model_dump(mode="json"),
+                   "candidates": list(conf.micro_batches), "margin": conf.margin}
+        try:
+            return self.run_probe(task, request)
+        except ProbeFailed as e:
+            if e.kind == "config" and self.spec.defaults.device == "auto" and conf.cpu_batch is not None:
+                self.display.message(f"{task}: the batch probe could not run ({e.message}); batch auto -> "
+                                     f"defaults.probe.cpu_batch = {conf.cpu_batch}")
+                return {"micro_batch": conf.cpu_batch, "source": f"defaults.probe.cpu_batch ({e.message})"}
+            raise SchedulerError(f"tasks.{task}.batch: the batch probe failed ({e.kind}): {e.message}") from None
+
+    def probe_run_config(self, task: str) -> RunConfig:
+        """The heaviest run of the task (by memory): an FS candidate that keeps gradients through the seed if there is
+        one, then any FS candidate, then read_twice, then the baseline; the worker probes worst-case lengths."""
+        import dataclasses
+
+        largest = max(self.spec.defaults.probe.micro_batches)
+        units = self.planner.plan(self.spec, self.records, batch_sizes={**self.batch_sizes(), task: largest}).runnable
+        base = next(u for u in units if u.task == task and u.is_baseline)
+
+        def weight(c: Any) -> tuple[int, int]:
+            if c.fs is not None:
+                return (3 if not c.fs.detach else 2, 1 if c.fs.variant != "scalar" else 0)
+            return (1 if c.mode == "read_twice" else 0, 0)
+
+        heaviest = max(self.spec.candidates(task), key=weight, default=None)
+        unit = dataclasses.replace(base, candidate=heaviest) if heaviest is not None else base
+        return unit.run_config(run_dir=str(self.round_dir / "probe" / task), micro_batch=None,
+                               fault=fault_for(f"{task}.probe", self.faults))
+
+    def run_probe(self, task: str, request: dict[str, Any]) -> dict[str, Any]:
         work = self.round_dir / "probe" / task
         work.mkdir(parents=True, exist_ok=True)
         probe_file = work / "PROBE.json"
@@ -611,14 +633,18 @@ class RoundScheduler:
             result = json.loads((work / "probe_result.json").read_text())
         except (OSError, ValueError):
             result = {}
-        if code != EXIT_OK or "micro_batch" not in result:
+        if code != EXIT_OK or not isinstance(result.get("micro_batch"), int):
+            kind = "timeout" if proc.timed_out else (result.get("error_kind") or EXIT_KIND.get(code, "crash"))
             why = result.get("error_message") or log_tail(work / "worker.log") or f"exit code {code}"
-            kind = result.get("error_kind") or EXIT_KIND.get(code, "crash")
-            raise SchedulerError(f"tasks.{task}.batch: the batch probe failed ({kind}): {why}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(result, indent=1))
+            raise ProbeFailed(kind, why)
         self.display.message(f"{task}: batch probe picked micro-batch {result['micro_batch']}")
         return result
+
+
+class ProbeFailed(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
 
 
 class NullDisplay:
@@ -632,21 +658,6 @@ class NullDisplay:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
-
-def decide(is_baseline: bool, status: str, delta: float | None, threshold: float | None, stage: str,
-           n_seeds: int) -> str:
-    """A record's decision. Per-run promote/prune applies to single-seed screening stages; a multi-seed stage (and the
-    seed check) is decided over its seeds by the planner, so its records say `recorded`."""
-    if status == "failed":
-        return "failed"
-    if status == "diverged":
-        return "diverged"
-    if is_baseline:
-        return "baseline"
-    if stage == "seedcheck" or n_seeds > 1 or delta is None or threshold is None:
-        return "recorded"
-    return "promote" if delta >= threshold else "prune"
-
 
 def next_attempt(runs_dir: Path) -> int:
     """One past the highest attempt folder (attempt numbers are never reused, even after an interrupted attempt)."""
@@ -689,63 +700,7 @@ def save_spec_copy(spec: Any, round_dir: Path) -> None:
         write_text_atomic(round_dir / "spec.yaml", text)
 
 
-# planner/spec adapters: the only places that know attribute names of Spec and RunUnit --------------------------------
-
-def unit_attr(unit: Any, name: str, default: Any) -> Any:
-    v = getattr(unit, name, None)
-    return default if v is None else v
-
-
-def unit_run_key(unit: Any) -> str:
-    return unit.key.run_key
-
-
-def unit_task(unit: Any) -> str:
-    return unit.key.task
-
-
-def unit_stage(unit: Any) -> str:
-    return unit.key.stage
-
-
-def unit_metric(unit: Any, result: RunResult | None) -> str:
-    m = getattr(unit, "metric", None)
-    if m:
-        return m
-    if result is not None and result.primary_metric:
-        return result.primary_metric
-    return "tok_acc"
-
-
-def unit_baseline_key(unit: Any) -> str | None:
-    k = getattr(unit, "baseline_key", None)
-    if k is None:
-        return None
-    return k if isinstance(k, str) else k.run_key
-
-
-def spec_round_name(spec: Any) -> str:
-    return spec.round
-
-
-def spec_round_dir(spec: Any) -> Path:
-    rd = getattr(spec, "round_dir", None)
-    if rd is not None:
-        return Path(rd() if callable(rd) else rd)
-    return Path(getattr(spec, "output", "results")) / spec.round
-
-
 def spec_labels(spec: Any) -> tuple[list[str], list[str]]:
     """Task labels and every candidate name of the spec (for the study's categorical choices)."""
-    labels = list(spec.tasks)
-    names: set[str] = set()
-    for t in spec.tasks.values():
-        for c in t.candidates:
-            names.add(c if isinstance(c, str) else c.name)
-    return labels, sorted(names)
-
-
-def probe_requests(spec: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(task label, probe request) for every task whose batch is "auto" and that the spec wants probed."""
-    fn = getattr(spec, "probe_requests", None)
-    return list(fn()) if callable(fn) else []
+    names = {c.name for label in spec.tasks for c in spec.candidates(label)}
+    return list(spec.tasks), sorted(names)
