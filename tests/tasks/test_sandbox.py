@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import time
 
@@ -60,33 +61,34 @@ def test_exit_and_exceptions_count_as_failures():
 
 def test_cpu_bound_infinite_loop_is_killed_at_cpu_limit():
     t0 = time.monotonic()
-    res = run_python("while True:\n    pass\n", Limits(wall_s=20, cpu_s=1, memory_mb=256))
+    res = run_python("while True:\n    pass\n", Limits(wall_s=60, cpu_s=1, memory_mb=256))
     elapsed = time.monotonic() - t0
-    assert not res.ok and res.returncode < 0  # killed by SIGXCPU / SIGKILL
-    assert elapsed < 5, elapsed
+    assert not res.ok and not res.timed_out  # the CPU limit ended it, not the wall clock
+    assert res.signal in (signal.SIGXCPU, signal.SIGKILL)
+    assert elapsed < 30, elapsed
 
 
 def test_sleeping_loop_is_killed_at_wall_limit():
     t0 = time.monotonic()
     res = run_python("import time\nwhile True:\n    time.sleep(1)\n", Limits(wall_s=0.5, cpu_s=5, memory_mb=256))
     elapsed = time.monotonic() - t0
-    assert res.timed_out and not res.ok
-    assert 0.5 <= elapsed < 3, elapsed
+    assert res.timed_out and not res.ok and res.signal == signal.SIGKILL
+    assert 0.5 <= elapsed < 10, elapsed
     rep = run_tests("import time\ndef f():\n    time.sleep(60)\n", ["assert True", "f()", "assert True"],
                     limits=Limits(wall_s=0.5, cpu_s=5, memory_mb=256))
     assert rep.passed == (True, False, False) and rep.error == "wall time limit exceeded"
 
 
 def test_child_processes_die_with_the_group(tmp_path):
-    marker = tmp_path / "alive"
-    grandchild = "import sys, time; time.sleep(1.5); open(sys.argv[1], 'w')"
+    started, alive = tmp_path / "started", tmp_path / "alive"
+    grandchild = "import sys, time; open(sys.argv[1], 'w'); time.sleep(1.2); open(sys.argv[2], 'w')"
     src = ("import subprocess, sys, time\n"
-           f"subprocess.Popen([sys.executable, '-c', {grandchild!r}, {str(marker)!r}])\n"
+           f"subprocess.Popen([sys.executable, '-c', {grandchild!r}, {str(started)!r}, {str(alive)!r}])\n"
            "time.sleep(60)\n")
-    res = run_python(src, Limits(wall_s=0.5, cpu_s=5, memory_mb=512))
-    assert res.timed_out
+    res = run_python(src, Limits(wall_s=0.8, cpu_s=5, memory_mb=512))
+    assert res.timed_out and started.exists()  # the grandchild ran while the sandbox was alive
     time.sleep(1.5)
-    assert not marker.exists()  # the grandchild was killed with the group
+    assert not alive.exists()  # and was killed with the group before it could finish
 
 
 def test_python_sockets_are_blocked():
