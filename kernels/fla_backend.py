@@ -9,8 +9,9 @@ two places, each converted by a small pure function below (and unit-tested on CP
 - scale: fla scales r by `scale` (None would mean 1/sqrt(K)); RWKV-7 needs scale = 1.0.
 - a, b: fla's DPLR vectors are exactly our a and b (the RWKV-7 layer passes a = -kk, b = kk·iclr).
 
-In fla's convention, per head with S [K, V]:  S_t = exp(w_fla_t)[:, None] · S_{t-1} + k_t v_tᵀ + b_t (a_tᵀ S_{t-1}),
-o_t = S_tᵀ r_t, which is our recurrence transposed. `fla_convention_recurrence` spells that out for the tests.
+In fla's convention, per head with S [K, V]:
+    S_t = exp(w_fla_t)[:, None] · S_{t-1} + k_t v_tᵀ + b_t (a_tᵀ S_{t-1}),   o_t = S_tᵀ r_t,
+which is our recurrence transposed. `fla_convention_recurrence` spells that out for the tests.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def load_chunk_rwkv7():
 
 
 def wkv7_fla(r, w, k, v, a, b, s0=None, **fla_kwargs):
-    """WKV-7 through fla's chunk_rwkv7, in our conventions: (y [B, T, H, D] in fla's output dtype, sT fp32 [B, H, V, K]).
+    """WKV-7 through fla's chunk_rwkv7, in our conventions: (y [B, T, H, D] in r's dtype, sT fp32 [B, H, V, K]).
 
     Extra keyword arguments go to chunk_rwkv7 unchanged (e.g. safe_gate=True, lower_bound=-0.6065306597126334,
     chunk_size=64, which are valid only when every w lies in the model range w < -0.5).

@@ -25,7 +25,8 @@ def wkv7_reference(r, w, k, v, a, b, s0=None):
     ys = []
     for t in range(T):
         sa = torch.einsum("bhvk,bhk->bhv", S, a[:, t])
-        S = S * decay[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        S = (S * decay[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
         ys.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
     y = torch.stack(ys, dim=1)
     return y.to(out_dtype), S

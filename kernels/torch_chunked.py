@@ -8,14 +8,14 @@ The sequence is cut into chunks of C tokens (C a power of two; T is zero-padded 
 a padded step being the identity: d = 1, k = v = a = b = 0). Inside a chunk, with the chunk's start state S0,
 L_i = Σ_{τ≤i} log d_τ (chunk-local, L_{-1} = 0) and sa_i = S_{i-1} a_i (the rows of SA):
 
-    SA = ag S0ᵀ + A_ab SA + A_ak V          →  SA = W S0ᵀ + TA V,   W = Tinv ag,  TA = Tinv A_ak,  Tinv = (I - A_ab)⁻¹
+    SA = ag S0ᵀ + A_ab SA + A_ak V          →  SA = W S0ᵀ + TA V,   W = Tinv ag,  TA = Tinv A_ak,  Tinv = (I-A_ab)⁻¹
     Y  = rg S0ᵀ + A_rb SA + A_rk V          =  Qm S0ᵀ + G V,        Qm = rg + A_rb W,  G = A_rk + A_rb TA
     S_end = S0 diag(g) + SAᵀ bt + Vᵀ kt     =  S0 M + N,            M = diag(g) + Wᵀ bt,  N = Vᵀ (kt + TAᵀ bt)
 
 with rg_i = r_i e^{L_i}, ag_i = a_i e^{L_{i-1}}, kt_j = k_j e^{L_{C-1} - L_j}, bt_j likewise, g = e^{L_{C-1}}, and
 the decay-weighted matrices (x ∈ {r, a} on the rows, y ∈ {k, b} on the columns):
 
-    A_ry[i, j] = Σ_κ r_iκ y_jκ e^{L_iκ - L_jκ}  (j ≤ i),      A_ay[i, j] = Σ_κ a_iκ y_jκ e^{L_{i-1}κ - L_jκ}  (j < i).
+    A_ry[i, j] = Σ_κ r_iκ y_jκ e^{L_iκ - L_jκ}  (j ≤ i),    A_ay[i, j] = Σ_κ a_iκ y_jκ e^{L_{i-1}κ - L_jκ}  (j < i).
 
 Only the chunk-to-chunk recurrence S0 → S0 M + N is sequential (one small matmul per chunk); the rest is batched.
 
@@ -39,14 +39,18 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK = 32  # tokens per chunk, a power of two (T is padded to a multiple internally)
 LOG2E = 1.0 / math.log(2.0)  # e^x = 2^(x·LOG2E); exp2 is much faster than exp on CPU
 LN2 = math.log(2.0)
 
-# slots of the chunk-major input buffer [N, C, 6, D]: (r, a) and (k, b) sit next to each other so that the
-# row-side and column-side operands of A are plain views
-R, A_, K_, B_, MU, V_ = range(6)
+
+
+class Slot:
+    """Slots of the chunk-major input buffer [N, C, 6, D]. (r, a) and (k, b) sit side by side, so the row and
+    column operands of the decay-weighted matrices are plain views; MU holds the decay rate μ."""
+    R, A, K, B, MU, V = range(6)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -88,7 +92,7 @@ class _Layout:
         full = self.T // C                                                     # chunks without padding
         for j, x in enumerate(xs):
             if full:
-                dst[:, :full, :, :, j].copy_(x[:, :full * C].view(B, full, C, H, D))
+                dst[:, :full, :, :, j].copy_(x[:, :full * C].reshape(B, full, C, H, D))
             if full < NC:
                 dst[:, full, :self.T - full * C, :, j].copy_(x[:, full * C:])
         return buf.view(self.N, C, len(xs), D)
@@ -230,13 +234,14 @@ def _unit_lower_inverse(L: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 class _Intra:
-    """Chunk-local quantities for the chunk-major input buffer X [N, C, 6, D] (slots R, A_, K_, B_, MU, V_)."""
+    """Chunk-local quantities for the chunk-major input buffer X [N, C, 6, D] (see Slot)."""
 
     def __init__(self, X: torch.Tensor):
         N, C, _, K = X.shape
         self.C = C
-        self.RA, self.KB = X[:, :, R:A_ + 1], X[:, :, K_:B_ + 1]            # (r, a), (k, b): [N, C, 2, K]
-        self.mu, self.v = X[:, :, MU], X[:, :, V_]
+        self.RA = X[:, :, Slot.R:Slot.A + 1]                                 # (r, a) [N, C, 2, K]
+        self.KB = X[:, :, Slot.K:Slot.B + 1]                                 # (k, b)
+        self.mu, self.v = X[:, :, Slot.MU], X[:, :, Slot.V]
         self.Lc = Lc = self.mu.cumsum(1)                                      # Λ_i = -L_i / ln 2 ≥ 0
         self.Lx = Lx = Lc - self.mu                                           # Λ_{i-1}
         self.d = torch.neg(self.mu).exp2_()                                   # d_i = e^{L_i - L_{i-1}}
@@ -302,6 +307,7 @@ class WKV7Chunked(torch.autograd.Function):
         return y, sT
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, states = ctx.saved_tensors
         lay, cdt = ctx.lay, ctx.cdt
@@ -334,12 +340,12 @@ class WKV7Chunked(torch.autograd.Function):
         VS = torch.cat((it.v, SA), dim=1)                                       # rows (y, j): [V; SA]
         dA = torch.bmm(DZ, VS.transpose(1, 2))                                  # [[dA_rk, dA_rb], [dA_ak, dA_ab]]
         dX = torch.empty_like(X)
-        dRA, dKB = dX[:, :, R:A_ + 1], dX[:, :, K_:B_ + 1]
+        dRA, dKB = dX[:, :, Slot.R:Slot.A + 1], dX[:, :, Slot.K:Slot.B + 1]
         dRAd = X.new_empty(N, C, 2, D)                                         # w.r.t. (r d, a)
         torch.mul(torch.bmm(DZ, S0).view(N, 2, C, D).transpose(1, 2), it.gex.unsqueeze(2), out=dRAd)
         d_ktbt = torch.bmm(VS, dSE).view(N, 2, C, D).transpose(1, 2)           # d(kt, bt)
         torch.mul(d_ktbt, it.grev.unsqueeze(2), out=dKB)
-        dX[:, :, V_] = torch.bmm(it.kt, dSE.transpose(1, 2)).baddbmm_(it.A[:, :, :C].transpose(1, 2), DZ)
+        dX[:, :, Slot.V] = torch.bmm(it.kt, dSE.transpose(1, 2)).baddbmm_(it.A[:, :, :C].transpose(1, 2), DZ)
         dr_diag = _build_A_backward(dA, it.Lc, it.Lx, it.RA, it.RAd, it.KB, dRAd, dKB)
         torch.addcmul(dr_diag, dRAd[:, :, 0], it.d, out=dRA[:, :, 0])
         dRA[:, :, 1] = dRAd[:, :, 1]
@@ -351,7 +357,7 @@ class WKV7Chunked(torch.autograd.Function):
         tail = (it.KBt * d_ktbt).sum((1, 2)) + it.g * (S0 * dSE).sum(1)         # through L_{C-1} (kt, bt, g)
         F = (dL + dLx).flip(1).cumsum(1).flip(1)
         dell = F.sub_(dLx).add_(tail.unsqueeze(1))
-        torch.mul(dell, it.mu, out=dX[:, :, MU]).mul_(-LN2)                      # dw = dℓ · ℓ, ℓ = -μ ln 2
+        torch.mul(dell, it.mu, out=dX[:, :, Slot.MU]).mul_(-LN2)                      # dw = dℓ · ℓ, ℓ = -μ ln 2
         g = lay.from_chunks(dX)                                                  # [B, T, H, 6, D]
         dr, da, dk, db, dw, dv = (g[:, :, :, i].to(x.dtype) for i, x in zip(range(6), (r, a, k, b, w, v)))
         return dr, dw, dk, dv, da, db, ds0, None

@@ -232,7 +232,8 @@ def test_triton_interpret_routes_cpu_tensors_to_the_triton_backend(small, monkey
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda x: x.__setitem__(6, torch.zeros(1, 2, 8, 4)), r"s0 must be \[B, H, D, D\] = \(1, 2, 8, 8\), got shape \(1, 2, 8, 4\)"),
+    (lambda x: x.__setitem__(6, torch.zeros(1, 2, 8, 4)),
+     r"s0 must be \[B, H, D, D\] = \(1, 2, 8, 8\), got shape \(1, 2, 8, 4\)"),
     (lambda x: x.__setitem__(1, x[1][:, :3]), r"w has shape \(1, 3, 2, 8\) but r has \(1, 6, 2, 8\)"),
     (lambda x: x.__setitem__(3, x[3][0]), r"v must be \[B, T, H, D\], got shape \(6, 2, 8\)"),
     (lambda x: x.__setitem__(0, x[0].long()), r"r must be a floating-point tensor"),
