@@ -165,20 +165,22 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     from orchestrator.scheduler import RoundScheduler
 
     spec, warnings = load_spec_arg(spec_arg)
-    for w in warnings:
-        click.echo(f"warning: {w}", err=True)
     round_dir = Path(spec.round_dir)
     url = storage_url_for(spec, round_dir, storage)
     display = make_display(sys.stdout)
     sched = RoundScheduler(spec, round_dir=round_dir, storage_url=url, worker_cmd=worker_cmd, display=display,
                            devices=gpu)
+    sched.acquire()  # a second scheduler stops here, with one line
     try:
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
         records = sched.run()
     except KeyboardInterrupt:
         getattr(display, "close", lambda: None)()
         click.echo(f"interrupted; run the same command to resume ({round_dir})", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
+        sched.release()
         getattr(display, "close", lambda: None)()
     try:
         plan = sched.plan()

@@ -368,21 +368,32 @@ class RoundScheduler:
         self._last_stage: tuple[str, str] | None = None
 
     # top level ------------------------------------------------------------------------------------------------------
-    def run(self) -> list[Record]:
+    def acquire(self) -> None:
+        """Take the round's lock (non-blocking): RoundLocked if another scheduler runs this round."""
+        if self.lock.is_locked:
+            return
         self.round_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
             raise RoundLocked(f"round {self.round_dir} is already being run by another scheduler "
                               f"(lock {self.lock.lock_file} is held)") from None
-        try:
-            (self.round_dir / "scheduler.pid").write_text(f"{os.getpid()}\n")
-            return self._run_locked()
-        finally:
+        (self.round_dir / "scheduler.pid").write_text(f"{os.getpid()}\n")
+
+    def release(self) -> None:
+        if self.lock.is_locked:
             try:
                 (self.round_dir / "scheduler.pid").unlink(missing_ok=True)
             finally:
                 self.lock.release()
+
+    def run(self) -> list[Record]:
+        """Run the round to its end (taking the lock unless `acquire` did); returns every record of the round."""
+        self.acquire()
+        try:
+            return self._run_locked()
+        finally:
+            self.release()
 
     def _run_locked(self) -> list[Record]:
         save_spec_copy(self.spec, self.round_dir)

@@ -1,0 +1,270 @@
+"""The command line: torch-free fast commands, one-line user errors with exit code 2 (never a traceback), internal
+errors with their traceback, status/export/run/report/bench wiring."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator import cli as cli_mod
+from orchestrator.cli import cli
+from orchestrator.records import record_columns
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def assert_user_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def finished_round(write_spec, fake_env, round_runner, tmp_path):
+    round_runner(write_spec())
+    return tmp_path / "results" / "r"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch-free and fast
+
+def test_status_export_validate_do_not_import_torch(finished_round, tmp_path, write_spec):
+    spec = write_spec(name="v.yaml")
+    code = f"""
+import sys, time
+t0 = time.time()
+from orchestrator.cli import main
+codes = [main(['status', '--help']), main(['status', {str(finished_round)!r}]),
+         main(['export', {str(finished_round)!r}, '--format', 'csv', '-o', {str(tmp_path / 'x.csv')!r}]),
+         main(['export', {str(finished_round)!r}, '--format', 'parquet', '-o', {str(tmp_path / 'x.parquet')!r}]),
+         main(['validate', '--spec', {str(spec)!r}])]
+print('RESULT', codes, 'torch' in sys.modules, [m for m in sys.modules if m.startswith(('torch', 'triton'))][:3])
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT"))
+    assert line == "RESULT [0, 0, 0, 0, 0] False []", (line, p.stderr[-2000:])
+
+
+def test_status_help_starts_fast():
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    elapsed = time.time() - t0
+    assert p.returncode == 0 and "read-only" in p.stdout
+    assert elapsed < 10, elapsed  # about 0.5 s on a quiet 2-core machine; generous for a loaded CI box
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# user errors: one line, exit 2
+
+def test_bad_flags_and_unknown_rounds(tmp_path, finished_round):
+    assert_user_error(invoke("round"), "Missing option '--spec'")
+    assert_user_error(invoke("round", "--spec", str(tmp_path / "nope.yaml")), "not found")
+    assert_user_error(invoke("round", "--spec", "x", "--workers", "two"), "--workers")
+    assert_user_error(invoke("status", "no_such_round"), "unknown round 'no_such_round'")
+    assert_user_error(invoke("status", str(tmp_path / "no" / "such")), "unknown round")
+    assert_user_error(invoke("export", str(finished_round), "--format", "xls"), "--format")
+    assert_user_error(invoke("frobnicate"), "No such command")
+    assert_user_error(invoke("bench", "nothing"), "nothing")
+
+
+def test_workers_other_than_one_not_yet_supported(write_spec):
+    spec = write_spec()
+    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "4"), "not yet supported")
+    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "0"), "not yet supported")
+
+
+def test_bad_storage_url(write_spec):
+    assert_user_error(invoke("round", "--spec", str(write_spec()), "--storage", "mysql://x/y"), "storage")
+
+
+def test_round_by_name_under_the_results_root(finished_round, tmp_path):
+    r = invoke("status", "r", "--results", str(tmp_path / "results"))
+    assert r.exit_code == 0 and "3/3" in r.stdout
+    r = invoke("status", "r", env={"FSEARCH_RESULTS": str(tmp_path / "results")})
+    assert r.exit_code == 0 and "no scheduler running; 7 runs recorded" in r.stdout
+
+
+def test_internal_errors_keep_their_traceback(finished_round, monkeypatch):
+    import orchestrator.export as export_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(export_mod, "export_round", boom)
+    r = invoke("export", str(finished_round))
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+# hypothesis: random and mutated spec files never produce a traceback --------------------------------------------------
+
+VALID = {
+    "round": "h", "model": {"preset": "tiny"}, "output": "OUT",
+    "defaults": {"n_val": 8, "device": "cpu"},
+    "stages": {"quick": {"steps": 4, "eval_every": 2, "seeds": [0]}, "med": {"steps": 8, "eval_every": 4}},
+    "tasks": {"sud": {"task": "sudoku", "params": {"base": 2, "mask_count": 4}, "batch": 4, "threshold": 0.01,
+                      "candidates": ["scalar_l1_trainable", {"name": "g", "fs": {"layer_start": 2}}]}},
+}
+PATHS = [("round",), ("model",), ("model", "preset"), ("output",), ("defaults",), ("defaults", "n_val"),
+         ("defaults", "device"), ("stages",), ("stages", "quick"), ("stages", "quick", "steps"),
+         ("stages", "quick", "seeds"), ("stages", "med", "steps"), ("stages", "med", "eval_every"), ("tasks",),
+         ("tasks", "sud"), ("tasks", "sud", "task"), ("tasks", "sud", "params"), ("tasks", "sud", "params", "base"),
+         ("tasks", "sud", "batch"), ("tasks", "sud", "threshold"), ("tasks", "sud", "candidates")]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10_000), st.floats(allow_nan=True),
+                   st.text(max_size=12), st.lists(st.integers(-2, 5), max_size=4),
+                   st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+                   st.sampled_from(["auto", "tiny", "sudoku", "quick", "baseline", "scalar_l9_trainable", "cuda"]))
+
+
+@st.composite
+def mutated_spec_text(draw) -> str:
+    import copy
+
+    data = copy.deepcopy(VALID)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(PATHS))
+        parent = data
+        for k in path[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict):
+            continue
+        op = draw(st.sampled_from(["set", "delete", "extra"]))
+        if op == "set":
+            parent[path[-1]] = draw(VALUES)
+        elif op == "delete":
+            parent.pop(path[-1], None)
+        else:
+            parent[draw(st.text(min_size=1, max_size=8))] = draw(VALUES)
+    text = yaml.safe_dump(data, sort_keys=False)
+    if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the cases: damage the text itself
+        i = draw(st.integers(0, len(text)))
+        text = text[:i] + draw(st.sampled_from([":", "- ", "{", "]", "\t", "\n  x", "'", "&a *a", "!!python/object"])) \
+            + text[i:]
+    return text
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=mutated_spec_text())
+def test_mutated_specs_give_one_line_or_success(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text.replace("OUT", str(tmp_path / "out")))
+    r = invoke("validate", "--spec", str(path))
+    assert r.exit_code in (0, 2), (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    if r.exit_code == 2:
+        assert_user_error(r)
+        # `round` stops on the same spec with the same line, before any compute
+        r2 = invoke("round", "--spec", str(path), "--no-report")
+        assert_user_error(r2)
+        assert r2.stderr == r.stderr
+        assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=20, deadline=None)
+@given(argv=st.lists(st.sampled_from(["round", "status", "export", "validate", "run", "--spec", "--format", "csv",
+                                      "--workers", "3", "-o", "--steps", "x", "--task", "nosuch", "--help", "ROUNDX",
+                                      "--params", "{bad", "--storage", "sqlite://"]), min_size=1, max_size=5))
+def test_random_flags_never_trace(argv):
+    r = invoke(*argv)
+    assert r.exit_code in (0, 2), (argv, r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    if r.exit_code == 2:
+        assert_user_error(r)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# commands
+
+def test_validate_prints_a_summary(write_spec):
+    r = invoke("validate", "--spec", str(write_spec()))
+    assert r.exit_code == 0 and r.stdout.startswith("ok: round r")
+    assert "only 2 seeds" in r.stderr  # the warning
+
+
+def test_export_writes_every_format(finished_round, tmp_path):
+    for fmt in ("jsonl", "csv", "parquet"):
+        r = invoke("export", str(finished_round), "--format", fmt)
+        assert r.exit_code == 0
+        out = Path(r.stdout.strip())
+        assert out == finished_round / "export" / f"records.{fmt}"
+    df = pd.read_parquet(finished_round / "export" / "records.parquet")
+    assert list(df.columns) == record_columns() and len(df) == 7
+    r = invoke("export", str(finished_round), "--format", "csv", "-o", str(tmp_path / "sub" / "x.csv"))
+    assert r.exit_code == 0 and len(pd.read_csv(tmp_path / "sub" / "x.csv")) == 7
+
+
+def test_run_by_hand_with_the_fake_worker(tmp_path, fake_worker_cmd, monkeypatch):
+    monkeypatch.setenv("FAKE_WORKER_STEP_S", "0")
+    out = tmp_path / "one"
+    r = invoke("run", "--task", "sudoku", "--params", '{"base": 2, "mask_count": 4}', "--candidate",
+               "scalar_l1_trainable", "--steps", "6", "--model-preset", "tiny", "--out", str(out),
+               "--worker-cmd", fake_worker_cmd)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("ok: sudoku scalar_l1_trainable s0: 6/6 steps, val_hole_acc=")
+    cfg = json.loads((out / "run.json").read_text())
+    assert (cfg["eval_every"], cfg["mode"], cfg["fs"]["layer_start"]) == (1, "prompt_fs", 1)
+    monkeypatch.setenv("FSEARCH_FAULTS", "")
+    r = invoke("run", "--task", "sudoku", "--steps", "4", "--model-preset", "tiny", "--out", str(tmp_path / "two"),
+               "--worker-cmd", fake_worker_cmd + " --no-such-flag")
+    assert r.exit_code == 1 and "failed (config)" in r.stderr
+    assert_user_error(invoke("run", "--task", "sudoku", "--steps", "4", "--model-preset", "tiny", "--params", "[1]"),
+                      "--params")
+    assert_user_error(invoke("run", "--task", "nosuch", "--steps", "4", "--model-preset", "tiny"), "unknown task")
+    assert_user_error(invoke("run", "--task", "sudoku", "--steps", "4", "--model-preset", "tiny", "--candidate",
+                             "scalar_l1_wat"), "--candidate")
+    assert_user_error(invoke("run", "--task", "sudoku", "--steps", "0", "--model-preset", "tiny"), "steps")
+    assert_user_error(invoke("run", "--task", "sudoku", "--steps", "4"), "--model-preset or --checkpoint")
+
+
+def test_report_command_uses_the_report_module(finished_round, monkeypatch):
+    fake = types.ModuleType("orchestrator.report")
+    fake.write_report = lambda rd: Path(rd) / "report" / "report.md"
+    fake.check_report = lambda rd: ["value of x differs"]
+    monkeypatch.setitem(sys.modules, "orchestrator.report", fake)
+    monkeypatch.setattr(cli_mod.importlib.util, "find_spec", lambda name: object())
+    r = invoke("report", str(finished_round))
+    assert r.exit_code == 0 and r.stdout.strip() == str(finished_round / "report" / "report.md")
+    r = invoke("report", str(finished_round), "--check")
+    assert r.exit_code == 1 and "problem: value of x differs" in r.stdout
+
+
+def test_bench_passes_arguments_through(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("fake_bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setitem(cli_mod.BENCHES, "kernel", ("fake_bench",))
+    monkeypatch.setattr(cli_mod.importlib.util, "find_spec", lambda name: object())
+    r = invoke("bench", "kernel", "--T", "64", "--help")
+    assert r.exit_code == 0 and seen["argv"] == ["--T", "64", "--help"]
+
+
+def test_round_command_prints_the_summary_and_rejects_a_second_scheduler(write_spec, fake_env, tmp_path):
+    from filelock import FileLock
+
+    spec = write_spec()
+    rd = tmp_path / "results" / "r"
+    rd.mkdir(parents=True)
+    with FileLock(str(rd / "round.lock")):
+        assert_user_error(invoke("round", "--spec", str(spec)), "already being run by another scheduler")
+    r = invoke("round", "--spec", str(spec), "--no-report")
+    assert r.exit_code == 0, r.output
+    assert "round r finished: 7 runs recorded" in r.stdout
+    assert "[sud] sudoku, metric hole_acc, threshold +0.0000: done (finalists: scalar_l1_trainable)" in r.stdout
