@@ -295,8 +295,9 @@ class WKV7Chunked(torch.autograd.Function):
         Nm = Nm.view(lay.NC, lay.BH, D, D)
         states = X.new_empty(lay.NC + 1, lay.BH, D, D)                        # chunk-start states, then sT
         states[0].copy_(s0.reshape(lay.BH, D, D))
+        S, Ms, Ns = states.unbind(0), M.unbind(0), Nm.unbind(0)
         for c in range(lay.NC):
-            torch.baddbmm(Nm[c], states[c], M[c], out=states[c + 1])
+            torch.baddbmm(Ns[c], S[c], Ms[c], out=S[c + 1])
         S0 = states[:-1].view(lay.N, D, D)
         Y = torch.bmm(intra.output_matrix(), intra.v)
         Y.baddbmm_(intra.Qm, S0.transpose(1, 2))
@@ -328,8 +329,9 @@ class WKV7Chunked(torch.autograd.Function):
             dS[NC].zero_()
         else:
             dS[NC].copy_(dsT.reshape(BH, D, D))
+        dSs, Mts, Pcs = dS.unbind(0), Mt.unbind(0), Pc.unbind(0)
         for c in range(NC - 1, -1, -1):
-            torch.baddbmm(Pc[c], dS[c + 1], Mt[c], out=dS[c])
+            torch.baddbmm(Pcs[c], dSs[c + 1], Mts[c], out=dSs[c])
         ds0 = dS[0].view(B, H, D, D).to(ctx.s0_dtype)
         dSE = dS[1:].view(N, D, D)
 
