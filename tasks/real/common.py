@@ -30,6 +30,7 @@ files: size and mtime; hub: the cached builds' version/hash folders), so a chang
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -249,7 +250,7 @@ def split_row_count(ref: SplitRef) -> int | None:
 def fingerprint(ref: SplitRef) -> str:
     """Changes when the source's content may have changed (for the token cache key)."""
     if ref.kind == "hub":
-        return "|".join(str(p.relative_to(datasets_cache_dir())) for p in hub_cache_builds(ref.dataset, ref.config))
+        return "|".join(str(p) for p in hub_cache_builds(ref.dataset, ref.config))
     items = []
     for p in ref.paths:
         paths = [Path(p)] if Path(p).is_file() else sorted(x for x in Path(p).rglob("*") if x.is_file())
@@ -260,6 +261,24 @@ def fingerprint(ref: SplitRef) -> str:
 
 
 _LOADED: dict[tuple, Any] = {}
+
+
+@contextlib.contextmanager
+def _offline_libraries(offline: bool):
+    """`datasets` and `huggingface_hub` read the offline variables once, at import: when the environment says offline
+    now, make both libraries offline for this load too (never the reverse)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def load_split(ref: SplitRef):
@@ -283,7 +302,8 @@ def load_split(ref: SplitRef):
             builder = "parquet" if ref.paths[0].endswith(".parquet") else "json"
             ds = datasets.load_dataset(builder, data_files=list(ref.paths), split="train", cache_dir=cache_dir)
         else:
-            ds = datasets.load_dataset(ref.dataset, ref.config, split=ref.split, cache_dir=cache_dir)
+            with _offline_libraries(hf_offline()):
+                ds = datasets.load_dataset(ref.dataset, ref.config, split=ref.split, cache_dir=cache_dir)
     except DataUnavailable:
         raise
     except Exception as e:
@@ -528,10 +548,9 @@ class RealTask(Task):
 
     # ---- the Task interface
     def train_examples(self, seed: int) -> Iterator[Example]:
-        pool = self._pool("train", self.params.n_train)
-        rng = random.Random(seed)
-        while True:
-            yield pool[rng.randrange(len(pool))]
+        """Endless draws with replacement from the fixed training pool, in an order given by `seed`. The pool is built
+        (or read from the cache) here, so data errors surface on this call, not on the first draw."""
+        return _draws(self._pool("train", self.params.n_train), random.Random(seed))
 
     def eval_set(self, split, n: int) -> list[Example]:
         if split not in ("val", "test"):
@@ -567,6 +586,11 @@ class RealTask(Task):
 
     def trigger_len(self, trigger: str) -> int:
         return len(self.tok.encode(trigger))
+
+
+def _draws(pool: list[Example], rng: random.Random) -> Iterator[Example]:
+    while True:
+        yield pool[rng.randrange(len(pool))]
 
 
 def _write_examples(path: Path, pool: list[Example]) -> None:

@@ -132,6 +132,32 @@ def test_cached_hub_dataset_is_available_and_counts_are_checked(tmp_path):
         get_task("mbpp", {"val_split": "valid"}, TOK, 0).check_available()
 
 
+def test_hub_id_is_served_offline_from_the_datasets_cache(tmp_path, monkeypatch):
+    """Put the mbpp fixture into the datasets cache under the hub id `mbpp` (config `full`), as a download would,
+    then build the task by its default hub id with the network off."""
+    import datasets
+
+    repo = tmp_path / "download" / "mbpp"
+    (repo / "full").mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        ds = datasets.load_dataset("json", data_files=str(FIXTURES / "mbpp" / f"{split}.jsonl"), split="train",
+                                   cache_dir=str(tmp_path / "scratch"))
+        ds.to_parquet(str(repo / "full" / f"{split}-00000-of-00001.parquet"))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: full\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: full/{s}-*\n" for s in ("train", "validation", "test")) + "---\n")
+    datasets.load_dataset(str(repo), "full", cache_dir=str(tmp_path / "hf" / "datasets"))  # fills the cache
+    shutil.rmtree(repo.parent)
+    monkeypatch.chdir(tmp_path)  # no local folder named mbpp can shadow the hub id
+    params = {"n_train": 10, "n_val": 5, "n_test": 5, "min_prompt_tokens": 0, "max_prompt_tokens": 400}
+    hub = get_task("mbpp", params, TOK, 0)
+    assert hub.split_ref("train").kind == "hub"
+    hub.check_available()
+    local = get_task("mbpp", {**params, "dataset": str(FIXTURES / "mbpp")}, TOK, 0)
+    assert [e.prompt for e in hub.eval_set("val", 5)] == [e.prompt for e in local.eval_set("val", 5)]
+    with pytest.raises(TaskError, match=r"split 'train' has 10 examples; n_train=11 requested"):
+        get_task("mbpp", {**params, "n_train": 11}, TOK, 0).check_available()
+
+
 def test_online_but_unreachable_hub_is_reported(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
@@ -147,7 +173,7 @@ def test_too_few_examples_names_the_numbers():
         get_task("mbpp", {**mbpp, "n_train": 50}, TOK, 0).check_available()
     task = get_task("mbpp", {**mbpp, "n_train": 50}, TOK, 0)
     with pytest.raises(TaskError, match=r"split 'train' gives 10 usable examples from 10 rows; n_train=50 requested$"):
-        next(task.train_examples(0))
+        task.train_examples(0)  # raised on the call, not on the first draw
     task = get_task("mbpp", {**mbpp, "n_val": 5}, TOK, 0)
     with pytest.raises(TaskError, match=r"split 'validation' gives 5 usable examples from 5 rows; n_val=6 requested"):
         task.eval_set("val", 6)
