@@ -285,6 +285,17 @@ class WKV7Chunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, chunk):
+        with torch.autocast(r.device.type, enabled=False):  # the matmuls stay in the compute dtype
+            return WKV7Chunked._forward(ctx, r, w, k, v, a, b, s0, chunk)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dsT):
+        with torch.autocast(dy.device.type, enabled=False):
+            return WKV7Chunked._backward(ctx, dy, dsT)
+
+    @staticmethod
+    def _forward(ctx, r, w, k, v, a, b, s0, chunk):
         B, T, H, D = r.shape
         cdt = compute_dtype(r, w, k, v, a, b, s0)
         lay = _Layout(B, T, H, D, chunk)
@@ -308,8 +319,7 @@ class WKV7Chunked(torch.autograd.Function):
         return y, sT
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dsT):
+    def _backward(ctx, dy, dsT):
         r, w, k, v, a, b, states = ctx.saved_tensors
         lay, cdt = ctx.lay, ctx.cdt
         B, H, D, C, NC, N, BH = lay.B, lay.H, lay.D, lay.C, lay.NC, lay.N, lay.BH
@@ -317,8 +327,6 @@ class WKV7Chunked(torch.autograd.Function):
         it = _Intra(X)
         M, _ = it.transition()
         S0 = states[:-1].view(N, D, D)
-        if dy is None:
-            dy = torch.zeros_like(r)
         dY = lay.to_chunks((dy,), cdt)[:, :, 0]                               # [N, C, V]
 
         # reverse recurrence: dS0_c = dS_end_c M_cᵀ + dY_cᵀ Qm_c and dS_end_{c-1} = dS0_c

@@ -36,6 +36,7 @@ CASES = [
     (1, 100, 1, 64, W_MODEL_RANGE),
     (2, 33, 4, 16, W_WIDE_RANGE),
     (1, 100, 2, 32, W_WIDE_RANGE),
+    (1, 20, 1, 24, W_MODEL_RANGE),  # a head size that is not a power of two
 ]
 
 
@@ -132,6 +133,21 @@ def test_no_initial_state_means_zeros():
         y1, s1 = kernels.wkv7(r, w, k, v, a, b, zeros, backend=backend)
         torch.testing.assert_close(y0, y1)
         torch.testing.assert_close(s0, s1)
+
+
+def test_torch_backend_ignores_autocast():
+    """Under CPU bf16 autocast the chunked path still computes in float32 (forward and backward)."""
+    inputs = rwkv7_like_inputs(1, 40, 2, 16, seed=8)
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, sT = wkv7_torch(*leaves)
+        (y.sum() + sT.sum()).backward()
+    y_ref, s_ref, g_ref = run_with_grads(wkv7_reference, [x.double() for x in inputs],
+                                         torch.ones(1, 40, 2, 16, dtype=torch.float64),
+                                         torch.ones(1, 2, 16, 16, dtype=torch.float64))
+    assert y.dtype == torch.float32 and err(y, y_ref) < TOL_FP32_OUT and err(sT, s_ref) < TOL_FP32_OUT
+    for n, x, gr in zip(GRAD_NAMES, leaves, g_ref):
+        assert err(x.grad, gr) < TOL_FP32_GRAD, n
 
 
 def test_split_sequence_equals_one_pass():
