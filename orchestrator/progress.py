@@ -297,6 +297,9 @@ class PlainDisplay:
 
     def run_finished(self, sched: Any, record: Record) -> None:
         self._print(f"[{record.task} {record.stage}] {record_line(record)}")
+        rows = _sched_rows(sched)
+        if any((r.task, r.stage, r.state) == (record.task, record.stage, "complete") for r in rows):
+            self._print(format_table(rows))  # a stage just completed: the whole table, once
 
     def message(self, text: str) -> None:
         self._print(text)

@@ -390,9 +390,15 @@ class RoundScheduler:
     def run(self) -> list[Record]:
         """Run the round to its end (taking the lock unless `acquire` did); returns every record of the round."""
         self.acquire()
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main_thread = _in_main_thread()
+        if in_main_thread:  # SIGTERM ends a round like Ctrl-C: the worker's group is killed, the trial is resumed later
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             return self._run_locked()
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
             self.release()
 
     def _run_locked(self) -> list[Record]:
@@ -413,8 +419,7 @@ class RoundScheduler:
             if self._last_stage is not None and stage_id != self._last_stage:
                 self.kill.hit("stage")
             self._last_stage = stage_id
-            record = self.execute(unit)
-            self.records.append(record)
+            self.execute(unit)
         for key, number in sorted(self.adoptable.items()):
             self.study.fail(number, f"run {key} is no longer part of the round's plan (the spec changed)")
         self.adoptable.clear()
@@ -480,6 +485,7 @@ class RoundScheduler:
         self.ledger.append(record)
         self.kill.hit("record")
         self.study.finish(number, record)
+        self.records.append(record)
         self.kill.hit("tell")
         self.display.run_finished(self, record)
         return record
@@ -669,6 +675,16 @@ class NullDisplay:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
 
 def next_attempt(runs_dir: Path) -> int:
     """One past the highest attempt folder (attempt numbers are never reused, even after an interrupted attempt)."""

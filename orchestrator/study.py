@@ -57,9 +57,21 @@ def check_storage_url(url: str) -> None:
         raise StudyError(f"storage: {url!r} is not a sqlite:///PATH or postgresql://... URL")
 
 
+def driver_url(url: str) -> str:
+    """SQLAlchemy reads a bare postgresql:// as the psycopg2 driver; where only psycopg (3, the `postgres` extra) is
+    installed, name that driver instead. Any other URL is returned unchanged."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(url: str) -> RDBStorage:
     """RDBStorage with pre-ping; SQLite in WAL mode (set on the file before Optuna opens it) with a busy timeout."""
     check_storage_url(url)
+    url = driver_url(url)
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if path is not None:
@@ -152,7 +164,7 @@ class RoundStudy:
         path = sqlite_path(url)
         if path is not None and not path.exists():
             return None
-        storage = RDBStorage(url, engine_kwargs={"pool_pre_ping": True,
+        storage = RDBStorage(driver_url(url), engine_kwargs={"pool_pre_ping": True,
                                                  **({"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if path else {})},
                              skip_table_creation=True)
         try:

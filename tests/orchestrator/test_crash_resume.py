@@ -123,8 +123,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_second_scheduler_on_the_same_round_exits_2_and_status_reads_meanwhile(tmp_path, write_spec, fsearch_cli,
-                                                                                   cli_environ):
+def test_second_scheduler_exits_2_status_reads_meanwhile_sigterm_then_resume(tmp_path, write_spec, fsearch_cli,
+                                                                               cli_environ):
     spec = write_spec(CRASH_SPEC)
     rd = tmp_path / "results" / "r"
     first = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "round", "--spec", str(spec), "--no-report"],
@@ -146,6 +146,23 @@ def test_second_scheduler_on_the_same_round_exits_2_and_status_reads_meanwhile(t
         assert f"scheduler running (pid {first.pid})" in status.stdout
         assert " running " in status.stdout and " s0 step " in status.stdout
         assert first.poll() is None
+        # SIGTERM: the worker's group is killed, the scheduler says how to resume, exit 130
+        running = [d for d in rd.glob("runs/*/attempt-*") if not (d / "result.json").exists()]
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 130 and "interrupted; run the same command to resume" in err
+        for d in running:
+            if (d / "config.json").exists():
+                assert not _alive(json.loads((d / "config.json").read_text())["pid"])
     finally:
-        first.kill()
-        first.communicate()
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    status = fsearch_cli("status", str(rd))
+    assert "no scheduler running" in status.stdout and "is RUNNING but no scheduler is: interrupted" in status.stdout
+    resumed = fsearch_cli("round", "--spec", str(spec), "--no-report")
+    assert resumed.returncode == 0, resumed.stderr
+    records = Ledger(rd / "records.jsonl").read()
+    assert len(records) == 5 and len({r.run_key for r in records}) == 5
+    trials = optuna.load_study(study_name="r", storage=default_storage_url(rd)).trials
+    assert len(trials) == 5 and all(t.state != TrialState.RUNNING for t in trials)

@@ -230,3 +230,54 @@ def test_hooks_parse_and_reject_bad_settings(monkeypatch):
     assert worker_command(["a", "b"]) == ["a", "b"]
     monkeypatch.delenv("FSEARCH_WORKER_CMD")
     assert worker_command()[1:] == ["-m", "orchestrator.worker"]
+
+
+def test_rich_display_renders_the_live_table(write_spec, fake_env, round_runner):
+    from rich.console import Console
+
+    from orchestrator.progress import RichDisplay
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=140, color_system=None)
+    display = RichDisplay(console)
+    round_runner(write_spec(), display=display)
+    out = buf.getvalue()
+    assert "round r" in out and "current run" in out and "seedcheck" in out
+    assert "scalar_l2_trainable s0: ok hole_acc=" in out
+
+
+def test_status_rows_show_the_current_run_and_an_eta(make_record):
+    from orchestrator.progress import Active, format_table, status_rows
+
+    done = [make_record(i, task="t", stage="quick", wall_s=10.0, steps=10, budget_steps=10) for i in range(2)]
+    active = Active("t", "quick", "c9", 0, 1, {"step": 4, "steps": 10, "loss": 1.2345, "eta_s": 6.0}, time.time())
+    (row,) = status_rows(done, None, active, {"quick": 10})
+    assert (row.done, row.running, row.current) == (2, 1, "c9 s0 (attempt 1) step 4/10 loss 1.2345")
+    assert row.eta_s == pytest.approx(6.0)
+
+    class Stage:  # the planner's StageProgress: 5 runs, 2 done, 1 running -> 2 to start, 10 steps at 1 s/step
+        task, stage, state, total, done, failed, pruned = "t", "quick", "running", 5, 2, 0, 1
+
+    class Plan:
+        stages = [Stage()]
+
+    (row,) = status_rows(done, Plan(), active, {"quick": 10})
+    assert row.eta_s == pytest.approx(2 * 10 * 1.0 + 6.0) and row.total == 5 and row.pruned == 1
+    assert "2/5" in format_table([row]) and "26s" in format_table([row])
+
+
+def test_status_is_read_only(write_spec, fake_env, round_runner, tmp_path):
+    from orchestrator.progress import round_status
+
+    round_runner(write_spec())
+    rd = tmp_path / "results" / "r"
+
+    def snapshot():
+        return {str(p): p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file() and not p.name.endswith("-shm")}
+
+    before = snapshot()
+    st = round_status(rd)
+    assert "no scheduler running; 7 runs recorded; study: 6 complete, 1 pruned" in st.header
+    assert [(r.stage, r.state, r.done, r.total) for r in st.rows] == [("quick", "complete", 3, 3),
+                                                                       ("seedcheck", "complete", 4, 4)]
+    assert snapshot() == before
