@@ -41,7 +41,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -103,7 +103,9 @@ def hub_cache_builds(dataset: str, config: str | None) -> list[Path]:
     parts = dataset.split("/")
     parts[-1] = _snake(parts[-1])
     root = datasets_cache_dir() / "___".join(parts)
-    return sorted(Path(p) for p in glob.glob(str(root / (config or "*") / "*" / "*")) if os.path.isdir(p))
+    builds = [Path(p) for p in glob.glob(str(root / (config or "*") / "*" / "*"))
+              if os.path.isdir(p) and not p.endswith(".incomplete") and os.path.isfile(os.path.join(p, "dataset_info.json"))]
+    return sorted(builds, key=lambda p: (p.stat().st_mtime, str(p)))  # the newest last, as `datasets` picks it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,10 +324,20 @@ def clean_decode(tok, ids) -> str:
     return tok.decode(list(ids)).strip("\ufffd")
 
 
+class Fitted(NamedTuple):
+    """A context fitted to the token budget, with its token ids (= tok.encode(text))."""
+
+    text: str
+    ids: list[int]
+    was_cut: bool = False
+
+
 def fill_notes(tok, head: str, tail: str, trigger_len: int, notes: Iterator[str], max_tokens: int,
-               max_notes: int) -> str | None:
+               max_notes: int, encode_note: Callable[[str], list[int]] | None = None) -> Fitted | None:
     """`head + notes + tail`, with notes appended while context + trigger fits in `max_tokens` tokens; the last note
-    is cut to the remaining budget. None when `head + tail + trigger` alone does not fit."""
+    is cut to the remaining budget. None when `head + tail + trigger` alone does not fit. `encode_note` may memoise
+    the notes' encodings (they recur across examples)."""
+    encode_note = encode_note or tok.encode
     budget = max_tokens - trigger_len - len(tok.encode(head + tail))
     if budget < 0:
         return None
@@ -334,7 +346,7 @@ def fill_notes(tok, head: str, tail: str, trigger_len: int, notes: Iterator[str]
         piece = next(notes, None)
         if piece is None:
             break
-        ids = tok.encode(piece)
+        ids = encode_note(piece)
         if used + len(ids) <= budget:
             pieces.append(piece)
             used += len(ids)
@@ -344,34 +356,51 @@ def fill_notes(tok, head: str, tail: str, trigger_len: int, notes: Iterator[str]
         break
     body = "".join(pieces)
     # tokens can merge differently across the joins; trim the notes until the whole context fits
-    while body and len(tok.encode(head + body + tail)) + trigger_len > max_tokens:
-        over = len(tok.encode(head + body + tail)) + trigger_len - max_tokens
-        body = body[: max(0, len(body) - max(1, over))]
-    return head + body + tail
+    ids = tok.encode(head + body + tail)
+    while body and len(ids) + trigger_len > max_tokens:
+        body = body[: max(0, len(body) - max(1, len(ids) + trigger_len - max_tokens))]
+        ids = tok.encode(head + body + tail)
+    return Fitted(head + body + tail, ids)
 
 
-def cut_context_start(tok, head: str, material: str, tail: str, trigger_len: int,
-                      max_tokens: int) -> tuple[str, bool] | None:
+def cut_context_start(tok, head: str, material: str, tail: str, trigger_len: int, max_tokens: int) -> Fitted | None:
     """`head + material + tail` fitted to `max_tokens` (with the trigger) by dropping the *start* of `material`
-    (the part farthest from the answer), then a partial leading word. Returns (context, was_cut); None when
-    `head + tail + trigger` alone does not fit."""
+    (the part farthest from the answer), then a partial leading word. None when `head + tail + trigger` alone does
+    not fit."""
     text = head + material + tail
-    if len(tok.encode(text)) + trigger_len <= max_tokens:
-        return text, False
+    ids = tok.encode(text)
+    if len(ids) + trigger_len <= max_tokens:
+        return Fitted(text, ids, False)
     budget = max_tokens - trigger_len - len(tok.encode(head + tail))
     if budget <= 0:
         return None
-    ids = tok.encode(material)
-    kept = clean_decode(tok, ids[len(ids) - budget:])
+    m_ids = tok.encode(material)
+    kept = clean_decode(tok, m_ids[len(m_ids) - budget:])
     start = len(material) - len(kept)
     if material.endswith(kept) and (start == 0 or material[start - 1].isspace()):
         kept = kept.lstrip()  # the cut fell on a word boundary
     else:
         kept = _drop_partial_word(kept)
-    while kept and len(tok.encode(head + kept + tail)) + trigger_len > max_tokens:
-        over = len(tok.encode(head + kept + tail)) + trigger_len - max_tokens
-        kept = _drop_partial_word(kept[max(1, over):])
-    return head + kept + tail, True
+    ids = tok.encode(head + kept + tail)
+    while kept and len(ids) + trigger_len > max_tokens:
+        kept = _drop_partial_word(kept[max(1, len(ids) + trigger_len - max_tokens):])
+        ids = tok.encode(head + kept + tail)
+    return Fitted(head + kept + tail, ids, True)
+
+
+class MemoEncoder:
+    """tok.encode with a memo for texts that recur (notes); cleared when it grows past `limit` entries."""
+
+    def __init__(self, tok, limit: int = 100_000):
+        self.tok, self.limit, self.memo = tok, limit, {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self.memo.get(text)
+        if ids is None:
+            if len(self.memo) >= self.limit:
+                self.memo.clear()
+            ids = self.memo[text] = self.tok.encode(text)
+        return ids
 
 
 def _drop_partial_word(text: str) -> str:
@@ -435,6 +464,8 @@ class RealTask(Task):
     def __init__(self, params, tokenizer, data_seed: int = 0):
         super().__init__(params, tokenizer, data_seed)
         self._pools: dict[str, list[Example]] = {}
+        self._buckets: dict[tuple, list[int]] = {}
+        self.encode_note = MemoEncoder(tokenizer)
 
     # ---- what a subclass provides
     def row_key(self, row: dict) -> str:
@@ -488,19 +519,31 @@ class RealTask(Task):
         return random.Random("|".join(str(t) for t in (self.name, self.data_seed, *tags)))
 
     def role_rows(self, role: str) -> Rows:
+        """The rows of a role in the role's fixed order (hash-separated from the roles that read the same rows)."""
         ref = self.split_ref(role)
-        ds = load_split(ref)
+        try:
+            ds = load_split(ref)
+        except DataUnavailable as e:
+            raise DataUnavailable(f"{self.name}: {e}") from None
         sharing = self._sharing(role)
         if len(sharing) == 1:
             indices = list(range(len(ds)))
         else:
-            keyed = ds
-            if self.key_columns and all(c in ds.column_names for c in self.key_columns):
-                keyed = ds.select_columns(list(self.key_columns))
             buckets = HASH_BUCKETS[sharing][role]
-            indices = [i for i, row in enumerate(keyed) if hash_bucket(self.row_key(row)) in buckets]
+            indices = [i for i, b in enumerate(self._row_buckets(ref, ds)) if b in buckets]
         self.rng(role, "order").shuffle(indices)
         return Rows(ds, indices)
+
+    def _row_buckets(self, ref: SplitRef, ds) -> list[int]:
+        """hash_bucket(row_key(row)) of every row, read column-wise (once per source for all roles)."""
+        memo = (ref.rows_id, fingerprint(ref))
+        if memo not in self._buckets:
+            cols = list(self.key_columns) if self.key_columns and set(self.key_columns) <= set(ds.column_names) \
+                else ds.column_names
+            table = ds.select_columns(cols).to_dict()
+            self._buckets[memo] = [hash_bucket(self.row_key(dict(zip(cols, values))))
+                                   for values in zip(*(table[c] for c in cols))]
+        return self._buckets[memo]
 
     # ---- building with the cache
     def _cache_file(self, role: str, n: int) -> Path | None:
@@ -564,11 +607,15 @@ class RealTask(Task):
         return 2 * self.params.max_prompt_tokens, self.params.max_answer_tokens
 
     # ---- helpers for subclasses
-    def example(self, context: str, trigger: str, answer: str, **meta: Any) -> Example | str:
+    def example(self, context: str | Fitted, trigger: str, answer: str, **meta: Any) -> Example | str:
         """An Example with the answer cut to max_answer_tokens; a drop reason if the prompt is outside
         [min_prompt_tokens, max_prompt_tokens]."""
         p = self.params
-        c_ids, t_ids = self.tok.encode(context), self.tok.encode(trigger)
+        if isinstance(context, Fitted):
+            context, c_ids = context.text, context.ids
+        else:
+            c_ids = self.tok.encode(context)
+        t_ids = self.tok.encode(trigger)
         n_prompt = len(c_ids) + len(t_ids)
         if n_prompt > p.max_prompt_tokens:
             return "prompt over max_prompt_tokens"
@@ -598,14 +645,13 @@ def _write_examples(path: Path, pool: list[Example]) -> None:
     data = [{"context": e.context, "trigger": e.trigger, "answer": e.answer, "context_ids": list(e.context_ids),
              "trigger_ids": list(e.trigger_ids), "answer_ids": list(e.answer_ids), "meta": e.meta} for e in pool]
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        json.dump(data, f)
+    # json.dumps (the C encoder) then one fast compression: json.dump into a gzip stream is ~20x slower
+    tmp.write_bytes(gzip.compress(json.dumps(data).encode("utf-8"), compresslevel=1))
     os.replace(tmp, path)
 
 
 def _read_examples(path: Path) -> list[Example]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        data = json.load(f)
+    data = json.loads(gzip.decompress(path.read_bytes()))
     return [Example(d["context"], d["trigger"], d["answer"], tuple(d["context_ids"]), tuple(d["trigger_ids"]),
                     tuple(d["answer_ids"]), d["meta"]) for d in data]
 

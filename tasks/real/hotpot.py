@@ -112,11 +112,10 @@ class Hotpot(RealTask):
             if fitted is None:
                 yield "question over max_prompt_tokens"
                 continue
-            context, was_cut = fitted
             support = (row.get("supporting_facts") or {}).get("title") or []
-            yield self.example(context, TRIGGER, " " + answer, id=row.get("id"), gold=answer, layout=p.layout,
-                               context_cut=was_cut,
-                               support_kept=all(f"{_clean(t)}:" in context for t in set(support)))
+            yield self.example(fitted, TRIGGER, " " + answer, id=row.get("id"), gold=answer, layout=p.layout,
+                               context_cut=fitted.was_cut,
+                               support_kept=all(f"{_clean(t)}:" in fitted.text for t in set(support)))
 
     def score(self, example: Example, predicted: str) -> dict[str, float]:
         pred, gold = first_line(predicted), example.meta["gold"]

@@ -111,7 +111,7 @@ class MBPP(RealTask):
                           else ("Notes:\n", "\n\n" + question))
             notes = ("\n\n" + n for n in note_stream(self.rng(role, "ex", idx), pool, note_text(problem, tests)))
             context = fill_notes(self.tok, head, tail, trigger_len, notes, p.max_prompt_tokens,
-                                 MAX_NOTES if p.fill_notes else 0)
+                                 MAX_NOTES if p.fill_notes else 0, self.encode_note)
             if context is None:
                 yield "problem and tests over max_prompt_tokens"
                 continue

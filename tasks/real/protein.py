@@ -90,7 +90,7 @@ class ProteinTask(RealTask):
         head, tail, trigger = self.layout_parts(window, query)
         notes = ("\n\n" + n for n in note_stream(self.rng(role, "notes", idx), pool, own_note))
         context = fill_notes(self.tok, head, tail, self.trigger_len(trigger), notes, self.params.max_prompt_tokens,
-                             MAX_NOTES if self.params.fill_notes else 0)
+                             MAX_NOTES if self.params.fill_notes else 0, self.encode_note)
         if context is None:
             return "sequence and queries over max_prompt_tokens"
         return self.example(context, trigger, answer, layout=self.params.layout, **meta)
@@ -185,7 +185,7 @@ class ProteinContactParams(ProteinParams):
     test_split: str | None = "test"
     n_train: int = Field(2000, ge=1)
     n_val: int = Field(200, ge=1)
-    n_test: int = Field(200, ge=1)
+    n_test: int = Field(40, ge=1)  # the test split has 40 proteins
     max_seq_len: int = Field(384, ge=1)
     num_pairs: int = Field(32, ge=1)
     min_sep: int = Field(8, ge=1)

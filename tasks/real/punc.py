@@ -171,7 +171,7 @@ class PuncRestore(RealTask):
             allowed = [n for n in pool if clean not in n]
             notes = (n + "\n" for n in note_stream(self.rng(role, "ex", k), allowed))
             context = fill_notes(self.tok, head, tail, trigger_len, notes, p.max_prompt_tokens,
-                                 MAX_NOTE_PICKS if p.fill_notes else 1)
+                                 MAX_NOTE_PICKS if p.fill_notes else 1, self.encode_note)
             if context is None:
                 yield "noisy line over max_prompt_tokens"
                 continue

@@ -268,23 +268,24 @@ def test_token_cache_is_reused_and_keyed_by_params_version_and_data(tmp_path, mo
 def test_fill_notes_fits_the_budget_and_keeps_head_and_tail():
     head, tail, trig = "Q: what is kept?\nNotes:\n", "\n\nEnd of question.", len(TOK.encode("\nA:"))
     notes = iter(["\n\nnote number %d with some words, fine." % i for i in range(1000)])
-    ctx = fill_notes(TOK, head, tail, trig, notes, 120, 1000)
-    assert ctx.startswith(head) and ctx.endswith(tail)
-    assert 110 <= len(TOK.encode(ctx)) + trig <= 120
+    fitted = fill_notes(TOK, head, tail, trig, notes, 120, 1000)
+    ctx = fitted.text
+    assert ctx.startswith(head) and ctx.endswith(tail) and fitted.ids == TOK.encode(ctx)
+    assert 110 <= len(fitted.ids) + trig <= 120
     assert fill_notes(TOK, head, tail, trig, iter(["x"]), 5, 10) is None  # the question alone does not fit
-    assert fill_notes(TOK, head, tail, trig, iter(["\n\nnote"] * 5), 120, 0) == head + tail
+    assert fill_notes(TOK, head, tail, trig, iter(["\n\nnote"] * 5), 120, 0).text == head + tail
 
 
 def test_cut_context_start_drops_the_far_end_only():
     head, tail = "Context:\n", "\n\nQuestion:\nWhich word comes last?"
     material = " ".join(f"word{i}" for i in range(400)) + " final."
     trig = len(TOK.encode("\n\nAnswer:"))
-    ctx, cut = cut_context_start(TOK, head, material, tail, trig, 100)
+    ctx, ids, cut = cut_context_start(TOK, head, material, tail, trig, 100)
     assert cut and ctx.startswith(head + "word") and ctx.endswith("final." + tail)
-    assert len(TOK.encode(ctx)) + trig <= 100
+    assert ids == TOK.encode(ctx) and len(ids) + trig <= 100
     kept = ctx[len(head):-len(tail)]
     assert material.endswith(kept) and material[len(material) - len(kept) - 1] == " "  # whole words only
-    assert cut_context_start(TOK, head, "short", tail, trig, 100) == (head + "short" + tail, False)
+    assert cut_context_start(TOK, head, "short", tail, trig, 100)[::2] == (head + "short" + tail, False)
     assert cut_context_start(TOK, head, material, tail, trig, 10) is None
 
 
