@@ -364,6 +364,14 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
         xk += xks
         d_gc += tl.sum(b_m * xbs + k_m * xks, axis=0)      # B̄ ⊙ dB̄ + K̄ ⊙ dK̄, summed over tokens
 
+    # reload the chunk and rebuild its factors rather than keep them live through the value loop
+    # (the loop is where registers run out); the loads hit L2
+    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX)
+    a_m = a * ea
+    r_m = r * er
+    b_m = b * eb
+    k_m = k * eb
     offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, D, 0)
     tl.store(da_ptr + offs, (ea * xa).to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(dr_ptr + offs, (er * xr).to(dr_ptr.dtype.element_ty), mask=mask)
@@ -391,9 +399,9 @@ LAUNCH = {
              warps_scan=4, stages_fscan=2, stages_bscan=2),
     32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
              warps_scan=4, stages_fscan=2, stages_bscan=2),
-    64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
-             warps_scan=4, stages_fscan=2, stages_bscan=2),
-    128: dict(BT=64, BV_chunk=64, BV_fscan=64, BV_bscan=64, warps_fchunk=8, warps_bchunk=8, warps_grads=8,
+    64: dict(BT=32, BV_chunk=64, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
+             warps_scan=4, stages_fscan=1, stages_bscan=1),
+    128: dict(BT=32, BV_chunk=32, BV_fscan=64, BV_bscan=64, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
               warps_scan=4, stages_fscan=1, stages_bscan=1),
 }
 TUNING: dict[int, dict] = {}
