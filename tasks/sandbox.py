@@ -18,7 +18,8 @@ What is guaranteed (Linux; each layer is tested in tests/tasks/test_sandbox.py):
   unprivileged user namespace), the child runs in a fresh network namespace with no usable interface, so
   even code that bypasses the prelude (ctypes, a subprocess) cannot reach any host. `SandboxResult
   .network_isolated` says whether that namespace was in effect;
-- limits are set in the child between fork and exec (preexec_fn), so the parent's own limits, working
+- the limits are set by the child itself, in the first lines it runs, before any of the code (no preexec_fn,
+  which can deadlock a multi-threaded parent such as the training worker); the parent's own limits, working
   directory, process group and sockets are never touched.
 
 What is NOT guaranteed: this is a fence against accidents (infinite loops, runaway allocation, stray network
@@ -32,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -82,7 +82,18 @@ class SandboxResult:
         return -self.returncode if self.returncode < 0 else None
 
 
-# Runs first inside the child: makes Python-level networking fail, then runs the user's script.
+# Runs first inside the child: its own resource limits (argv 2-4: CPU seconds, address-space and file-size bytes).
+_LIMITS = r'''
+import resource as _resource, sys as _sys
+_cpu, _mem, _fsize = (int(x) for x in _sys.argv[2:5])
+_resource.setrlimit(_resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+_resource.setrlimit(_resource.RLIMIT_AS, (_mem, _mem))
+_resource.setrlimit(_resource.RLIMIT_FSIZE, (_fsize, _fsize))
+_resource.setrlimit(_resource.RLIMIT_CORE, (0, 0))
+del _resource, _sys, _cpu, _mem, _fsize
+'''
+
+# Then: makes Python-level networking fail.
 _PRELUDE = r'''
 import errno as _errno, socket as _socket_mod, _socket
 
@@ -131,20 +142,6 @@ def network_namespace_available() -> bool:
     return _unshare_prefix() is not None
 
 
-def _limit_child(limits: Limits):
-    cpu = limits.cpu_s
-    mem = limits.memory_mb * 1024 * 1024
-    fsize = limits.file_mb * 1024 * 1024
-
-    def preexec() -> None:  # runs in the child after fork, before exec
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return preexec
-
-
 def _read_capped(path: Path, limit: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -170,18 +167,19 @@ def run_python(source: str, limits: Limits | None = None, *, files: dict[str, st
     with tempfile.TemporaryDirectory(prefix="fsearch-sandbox-") as tmp:
         work = Path(tmp)
         (work / "main.py").write_text(source, encoding="utf-8")
-        runner = (_PRELUDE if limits.block_python_sockets else "") + _RUNNER
+        runner = _LIMITS + (_PRELUDE if limits.block_python_sockets else "") + _RUNNER
         (work / "_runner.py").write_text(runner, encoding="utf-8")
         for name, text in (files or {}).items():
             (work / name).write_text(text, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0",
                "PYTHONDONTWRITEBYTECODE": "1"}
-        cmd = [*(prefix or ()), sys.executable, "-I", "_runner.py", "main.py"]
+        cmd = [*(prefix or ()), sys.executable, "-I", "_runner.py", "main.py", str(limits.cpu_s),
+               str(limits.memory_mb * 1024 * 1024), str(limits.file_mb * 1024 * 1024)]
         t0 = time.monotonic()
         with open(work / "_stdout", "wb") as out, open(work / "_stderr", "wb") as err:
             try:
                 proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True, preexec_fn=_limit_child(limits))
+                                        start_new_session=True)
             except OSError as e:
                 raise SandboxError(f"could not start the sandboxed interpreter: {e}") from e
             timed_out = False

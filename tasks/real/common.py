@@ -541,8 +541,12 @@ class RealTask(Task):
             cols = list(self.key_columns) if self.key_columns and set(self.key_columns) <= set(ds.column_names) \
                 else ds.column_names
             table = ds.select_columns(cols).to_dict()
-            self._buckets[memo] = [hash_bucket(self.row_key(dict(zip(cols, values))))
-                                   for values in zip(*(table[c] for c in cols))]
+            try:
+                self._buckets[memo] = [hash_bucket(self.row_key(dict(zip(cols, values))))
+                                       for values in zip(*(table[c] for c in cols))]
+            except KeyError as e:
+                raise DataUnavailable(f"{self.name}: {ref.describe()} has no field {e} (needed to separate the sets "
+                                      "that share its rows)") from None
         return self._buckets[memo]
 
     # ---- building with the cache

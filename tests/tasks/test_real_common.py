@@ -303,3 +303,28 @@ def test_building_a_real_task_never_imports_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ the ported round specs
+
+ROUND_SPECS = sorted((Path(__file__).parents[2] / "studies").glob("round*.yaml"))
+
+
+def real_tasks_of(path: Path) -> list[tuple[str, str, dict]]:
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    return [(label, t["task"], t.get("params") or {}) for label, t in (spec.get("tasks") or {}).items()
+            if t.get("task") in REAL]
+
+
+@pytest.mark.skipif(not ROUND_SPECS, reason="no ported round specs in studies/")
+@pytest.mark.parametrize("path", ROUND_SPECS, ids=lambda p: p.stem)
+def test_ported_round_specs_take_these_params_and_name_absent_data(path):
+    for label, name, params in real_tasks_of(path):
+        task = get_task(name, params, TOK, 0)  # every parameter name and value is accepted
+        with pytest.raises(DataUnavailable) as e:
+            task.check_available()  # offline, empty cache
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{name}: dataset {task.params.dataset!r}"), (label, msg)
+        assert "is not available offline" in msg, (label, msg)
