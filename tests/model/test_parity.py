@@ -76,15 +76,16 @@ def _assert_states_match(ours: list[LayerState], theirs, n_layer):
             assert diff <= STATE_TOL, f"layer {i} {name}: max abs diff {diff:.3g}"
 
 
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_logits_and_states_match_official(shape, official, tmp_path, make_model, make_tokens):
+def test_logits_and_states_match_official(shape, kernel, official, tmp_path, make_model, make_tokens):
     cfg = SHAPES[shape]
     pth = tmp_path / "model.pth"
     save_blinkdl(make_model(cfg, seed=3), pth)
     idx = make_tokens(1, N_TOKENS, cfg.vocab_size, seed=4)
 
     ref_logits, ref_state = _run_official(official, pth, idx[0].tolist())
-    model = load_blinkdl(pth, kernel="reference")
+    model = load_blinkdl(pth, kernel=kernel)
     unused = {"d_mv"} if cfg.n_layer == 1 else set()  # one layer: no value-residual LoRA to infer its rank from
     assert model.cfg.model_dump(exclude=unused) == cfg.model_dump(exclude=unused)
     with torch.no_grad():
