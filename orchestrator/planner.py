@@ -407,7 +407,9 @@ class _TaskPlanner:
 
         doomed = {c.name for c in members if gate and any(
             recs[(c.name, s)] is not None and _failure(recs[(c.name, s)]) is not None for s in seeds)}
-        missing_base = [baselines[s] for s in seeds if base_rec[s] is None]
+        # a gate stage whose every candidate already failed needs no more baselines: it ends with all pruned
+        all_doomed = gate and len(doomed) == len(members)
+        missing_base = [] if all_doomed else [baselines[s] for s in seeds if base_rec[s] is None]
         missing = [units[(c.name, s)] for c in members for s in seeds
                    if recs[(c.name, s)] is None and c.name not in doomed]
         if missing_base or missing:

@@ -6,8 +6,9 @@
 Every user error is a SpecError whose message is ONE line naming the field, e.g.
 `tasks.sudoku4.candidates[1]: unknown candidate 'foo': ...` or `stages.med.steps: must be greater than quick.steps
 (120), got 100`. Rules (orchestrator contract, "Validation"):
-- unknown keys anywhere (except top-level `x-...` keys, ignored: a place for YAML anchors); YAML syntax errors and duplicate mapping keys (with the line number);
-- stages: quick < med < long in steps, eval_every <= steps, seeds non-empty, unique and >= 0, long needs med,
+- unknown keys anywhere (except top-level `x-...` keys, ignored: a place for YAML anchors); YAML syntax errors and
+  duplicate mapping keys (with the line number);
+- stages: quick < med < long in steps, eval_every <= steps, seeds non-empty, unique, in [0, 2**32), long needs med,
   seedcheck with fewer than 5 seeds unless `allow_few_seeds: true`;
 - tasks: labels and candidate names match [A-Za-z0-9_-]+; `baseline` is never listed (it is implicit); candidate
   names unique within a task and no two candidates of a task resolve to the same configuration; threshold >= 0;
@@ -47,7 +48,7 @@ STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 LOWER_IS_BETTER = ("loss",)  # metrics a promotion threshold cannot apply to (delta = candidate - baseline > 0 wins)
 EXTENSION_PREFIX = "x-"  # top-level keys starting with this are ignored: a place for YAML anchors (x-candidates: &c)
 _NAME_RX = re.compile(f"^{NAME_PATTERN}$")
-_ROUND_RX = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ROUND_RX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under `output`: no leading dot
 
 
 class SpecError(ValueError):
@@ -244,7 +245,7 @@ class Spec(_Strict):
 def _structure_errors(spec: Spec) -> list[str]:
     errors: list[str] = []
     if not _ROUND_RX.match(spec.round):
-        errors.append(f"round: must match [A-Za-z0-9_.-]+, got {spec.round!r}")
+        errors.append(f"round: must be letters, digits, '_', '-' or '.' (not first), got {spec.round!r}")
     if spec.storage is not None and not re.match(r"^(sqlite:///|postgresql(\+\w+)?://)", spec.storage):
         errors.append(f"storage: must be a sqlite:/// or postgresql:// URL, got {spec.storage!r}")
     for name, value in spec.defaults.lr:

@@ -422,3 +422,16 @@ def test_planning_a_large_round_is_fast():
     elapsed = time.perf_counter() - t0
     assert p.finished and len(recs) > 200
     assert elapsed < 1.0, f"plan over {len(recs)} records took {elapsed:.2f}s"
+
+
+def test_a_gate_stage_whose_candidates_all_failed_runs_no_more_baselines():
+    spec = make_spec(lambda d: (d["stages"]["quick"].update(seeds=[0, 1, 2]),
+                                d["tasks"]["su"].update(candidates=[A])))
+    recs: list = []
+    base0 = plan(spec, recs).runnable[0]
+    recs.append(record_for(base0, recs))
+    cand0 = next(u for u in plan(spec, recs).runnable if u.candidate.name == A and u.seed == 0)
+    recs.append(record_for(cand0, recs, "failed", None, "crash", "x"))  # e.g. by a second worker, before base1/2
+    p = plan(spec, recs)
+    assert p.runnable == [] and p.finished
+    assert p.tasks["su"].status == "done" and "no candidate passed quick" in p.tasks["su"].reason
