@@ -272,7 +272,8 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     """One run by hand, in a worker subprocess, with a progress bar and a one-line summary."""
     from model.candidates import resolve
     from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
-    from orchestrator.scheduler import WorkerProcess, classify, read_progress, worker_command, write_text_atomic
+    from orchestrator.scheduler import (classify, read_progress, start_worker, worker_command, worker_environment,
+                                        write_text_atomic)
 
     def parse_json(flag: str, text: str | None) -> dict | None:
         if text is None:
@@ -312,7 +313,7 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     run_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_dir / "run.json"
     write_text_atomic(run_file, cfg.model_dump_json(indent=1))
-    proc = WorkerProcess(worker_command(worker_cmd) + [str(run_file)], run_dir / "worker.log")
+    proc = start_worker(worker_command(worker_cmd) + [str(run_file)], run_dir / "worker.log", env=worker_environment())
     bar = _progress_bar(steps)
 
     def poll() -> None:

@@ -244,11 +244,15 @@ def stage_steps_of(spec: Any) -> dict[str, int]:
         return {}
 
 
-def _sched_rows(sched: Any) -> list[StatusRow]:
+def _sched_plan(sched: Any) -> Any:
     try:
-        plan = sched.plan()
+        return sched.plan()
     except Exception:  # noqa: BLE001 - the display never stops a round
-        plan = None
+        return None
+
+
+def _sched_rows(sched: Any, plan: Any = None) -> list[StatusRow]:
+    plan = plan if plan is not None else _sched_plan(sched)
     return status_rows(sched.records, plan, _active_from(sched), stage_steps_of(sched.spec))
 
 
@@ -333,6 +337,7 @@ class RichDisplay(PlainDisplay):
         self.console = console or Console()
         self.live = Live(console=self.console, refresh_per_second=RICH_REFRESH_PER_S, transient=False)
         self._sched = None
+        self._plan = None  # re-planned when a run starts or ends, not at every progress refresh
         self._last_table = 0.0
 
     def _print(self, text: str) -> None:
@@ -342,7 +347,10 @@ class RichDisplay(PlainDisplay):
         if self._sched is None or (not force and time.time() - self._last_table < 1.0 / RICH_REFRESH_PER_S):
             return
         self._last_table = time.time()
-        self.live.update(rich_table(_sched_rows(self._sched), title=f"round {self._sched.spec.round}"), refresh=True)
+        if force or self._plan is None:
+            self._plan = _sched_plan(self._sched)
+        rows = _sched_rows(self._sched, self._plan)
+        self.live.update(rich_table(rows, title=f"round {self._sched.spec.round}"), refresh=True)
 
     def round_started(self, sched: Any) -> None:
         self._sched = sched

@@ -226,6 +226,28 @@ class WorkerProcess:
             pass
 
 
+def worker_environment(devices: str | None = None) -> dict[str, str]:
+    """The worker's environment: ours, minus the scheduler's kill hook, unbuffered output, this checkout importable,
+    and CUDA_VISIBLE_DEVICES when devices are given."""
+    env = dict(os.environ)
+    env.pop(KILL_ENV, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def start_worker(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> "WorkerProcess":
+    """WorkerProcess, with a worker command that cannot start turned into one clear line."""
+    try:
+        return WorkerProcess(argv, log_path, env=env)
+    except OSError as e:
+        raise SchedulerError(f"the worker command cannot start ({shlex.join(argv[:3])} ...): {e.strerror or e}") \
+            from None
+
+
 def kill_leftover_worker(attempt_dir: Path) -> None:
     """A worker of an interrupted attempt that is somehow still alive (its pid file names it and its command line
     names its run file): kill its process group before the run starts again."""
@@ -498,7 +520,7 @@ class RoundScheduler:
         limit = self.time_limit_for(unit)
         self.active = ActiveRun(unit, cfg.attempt, cfg.micro_batch or cfg.batch_size, attempt_dir, time.time())
         self.display.run_started(self, self.active)
-        proc = WorkerProcess(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
+        proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
         write_text_atomic(attempt_dir / "worker.pid", f"{proc.pid}\n")
         self.kill.hit("spawn")
         seen_progress = False
@@ -525,14 +547,7 @@ class RoundScheduler:
         return outcome
 
     def worker_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop(KILL_ENV, None)
-        env["PYTHONUNBUFFERED"] = "1"
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        if self.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.devices
-        return env
+        return worker_environment(self.devices)
 
     # unit facts -----------------------------------------------------------------------------------------------------
     def base_config(self, unit: Any, run_dir: Path, attempt: int, micro_batch: int | None = None) -> RunConfig:
@@ -643,9 +658,13 @@ class RoundScheduler:
         (work / "probe_result.json").unlink(missing_ok=True)
         write_text_atomic(probe_file, json.dumps(request, indent=1))
         self.display.message(f"{task}: batch probe over micro-batches {request['candidates']}")
-        proc = WorkerProcess(self.worker_cmd + ["--probe", str(probe_file)], work / "worker.log",
-                             env=self.worker_env())
-        code = proc.wait(PROBE_TIME_LIMIT_S, poll_s=self.poll_s, term_grace_s=self.term_grace_s)
+        proc = start_worker(self.worker_cmd + ["--probe", str(probe_file)], work / "worker.log",
+                            env=self.worker_env())
+        try:
+            code = proc.wait(PROBE_TIME_LIMIT_S, poll_s=self.poll_s, term_grace_s=self.term_grace_s)
+        except BaseException:
+            proc.kill()
+            raise
         try:
             result = json.loads((work / "probe_result.json").read_text())
         except (OSError, ValueError):

@@ -32,7 +32,7 @@ def make_record():
     return _make_record
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fake_worker_cmd() -> str:
     return f"{sys.executable} {FAKE_WORKER}"
 
@@ -112,9 +112,14 @@ def run_round(spec_path: Path, **kw):
     return sched, sched.run()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def round_runner():
     return run_round
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return copy.deepcopy(TINY_SPEC), dict(EFFECTS)
 
 
 def cli_env(extra: dict | None = None) -> dict[str, str]:

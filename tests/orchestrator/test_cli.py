@@ -36,16 +36,27 @@ def assert_user_error(result, *needles: str) -> None:
         assert n in err, err
 
 
-@pytest.fixture
-def finished_round(write_spec, fake_env, round_runner, tmp_path):
-    round_runner(write_spec())
-    return tmp_path / "results" / "r"
+@pytest.fixture(scope="module")
+def finished_round(tmp_path_factory, fake_worker_cmd, round_runner, tiny_spec):
+    """One round (fake worker) shared by the read-only tests of this module."""
+    spec, effects = tiny_spec
+    base = tmp_path_factory.mktemp("cli_round")
+    path = base / "spec.yaml"
+    path.write_text(yaml.safe_dump({**spec, "output": str(base / "results")}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FSEARCH_WORKER_CMD", fake_worker_cmd)
+        mp.setenv("FAKE_WORKER_EFFECTS", json.dumps(effects))
+        mp.setenv("FAKE_WORKER_STEP_S", "0")
+        mp.delenv("FSEARCH_FAULTS", raising=False)
+        round_runner(path)
+    return base / "results" / "r"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # torch-free and fast
 
 def test_status_export_validate_do_not_import_torch(finished_round, tmp_path, write_spec):
+    """The read-side commands never import torch (or triton), directly or indirectly."""
     spec = write_spec(name="v.yaml")
     code = f"""
 import sys, time
@@ -95,10 +106,10 @@ def test_bad_storage_url(write_spec):
     assert_user_error(invoke("round", "--spec", str(write_spec()), "--storage", "mysql://x/y"), "storage")
 
 
-def test_round_by_name_under_the_results_root(finished_round, tmp_path):
-    r = invoke("status", "r", "--results", str(tmp_path / "results"))
+def test_round_by_name_under_the_results_root(finished_round):
+    r = invoke("status", "r", "--results", str(finished_round.parent))
     assert r.exit_code == 0 and "3/3" in r.stdout
-    r = invoke("status", "r", env={"FSEARCH_RESULTS": str(tmp_path / "results")})
+    r = invoke("status", "r", env={"FSEARCH_RESULTS": str(finished_round.parent)})
     assert r.exit_code == 0 and "no scheduler running; 7 runs recorded" in r.stdout
 
 

@@ -281,3 +281,14 @@ def test_status_is_read_only(write_spec, fake_env, round_runner, tmp_path):
     assert [(r.stage, r.state, r.done, r.total) for r in st.rows] == [("quick", "complete", 3, 3),
                                                                        ("seedcheck", "complete", 4, 4)]
     assert snapshot() == before
+
+
+def test_a_worker_command_that_cannot_start_is_one_clear_error(write_spec, fake_env, round_runner, tmp_path,
+                                                                fake_worker_cmd):
+    fake_env.setenv("FSEARCH_WORKER_CMD", str(tmp_path / "no-such-worker"))
+    with pytest.raises(SchedulerError, match="the worker command cannot start"):
+        round_runner(write_spec())
+    # the claimed trial is adopted (not duplicated) once the worker command is fixed
+    fake_env.setenv("FSEARCH_WORKER_CMD", fake_worker_cmd)
+    _, records = round_runner(write_spec())
+    assert len(load_trials(tmp_path / "results" / "r")) == len(records) == 7
