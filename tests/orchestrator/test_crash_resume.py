@@ -25,8 +25,9 @@ KILLED = -signal.SIGKILL
 
 CRASH_SPEC = {
     "stages!": {"quick": {"steps": 4, "eval_every": 2, "seeds": [0]}, "med": {"steps": 6, "eval_every": 3}},
-    "tasks": {"sud": {"candidates": ["scalar_l1_trainable", "scalar_l2_trainable"]}},
+    "tasks": {"sud": {"batch": 4, "candidates": ["scalar_l1_trainable", "scalar_l2_trainable"]}},
 }  # 5 runs: quick baseline, l1 (promoted), l2 (pruned); med baseline, l1
+# the same round with `batch: auto`: the probe picks 4 (FAKE_PROBE_MAX), so its runs are the reference's runs
 PROBE_SPEC = {**CRASH_SPEC, "defaults": {"device": "auto", "probe": {"micro_batches": [8, 4]}},
               "tasks": {"sud": {**CRASH_SPEC["tasks"]["sud"], "batch": "auto"}}}
 SLOW = {"FAKE_WORKER_STEP_S": "0.3"}  # a run long enough to be killed in the middle
@@ -41,9 +42,8 @@ CHAINS = {
     "process": (CRASH_SPEC, [("spawn:1", {}), ("run:1", SLOW), ("stage:1", {}), ("claim:2", {})]),
     # the batch probe's result written, not yet stored in the study
     "probe": (PROBE_SPEC, [("probe:1", {})]),
-    # uninterrupted rounds: the comparison
+    # an uninterrupted round: the comparison
     "reference": (CRASH_SPEC, []),
-    "reference_probe": (PROBE_SPEC, []),
 }
 BASE_ENV = {"FAKE_PROBE_MAX": "4"}
 
@@ -69,19 +69,16 @@ def test_kill_anywhere_then_resume_gives_the_uninterrupted_records(tmp_path, wri
         results = {n: f.result() for n, f in futures.items()}
 
     reference = Ledger(tmp_path / "reference" / "r" / "records.jsonl").read()
-    reference_probe = Ledger(tmp_path / "reference_probe" / "r" / "records.jsonl").read()
-    assert [(r.stage, r.candidate) for r in reference] == [
-        ("quick", "baseline"), ("quick", "scalar_l1_trainable"), ("quick", "scalar_l2_trainable"),
-        ("med", "baseline"), ("med", "scalar_l1_trainable")]
-    assert {r.batch_size for r in reference_probe} == {4}
+    assert [(r.stage, r.candidate, r.batch_size) for r in reference] == [
+        ("quick", "baseline", 4), ("quick", "scalar_l1_trainable", 4), ("quick", "scalar_l2_trainable", 4),
+        ("med", "baseline", 4), ("med", "scalar_l1_trainable", 4)]
     for name, chain in results.items():
         *killed, final = chain
         assert all(code == KILLED for _, code, _ in killed), f"{name}: a kill point was not reached: {chain}"
         assert final[1] == 0, f"{name}: the resumed round failed: {final[2]}"
         rd = tmp_path / name / "r"
         records = Ledger(rd / "records.jsonl").read()
-        ref = reference_probe if CHAINS[name][0] is PROBE_SPEC else reference
-        assert comparable(records) == comparable(ref), f"{name}: records differ from the uninterrupted round"
+        assert comparable(records) == comparable(reference), f"{name}: records differ from the uninterrupted round"
         assert (rd / "records.jsonl").read_text().count("\n") == len(records)  # the torn line is gone
         trials = optuna.load_study(study_name="r", storage=default_storage_url(rd)).trials
         assert not [t.number for t in trials if t.state == TrialState.RUNNING], f"{name}: RUNNING trials left"
