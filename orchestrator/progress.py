@@ -449,20 +449,25 @@ def round_status(round_dir: Any) -> RoundStatus:
 
     active, counts = None, {}
     try:
-        from orchestrator.study import RoundStudy, default_storage_url
+        from orchestrator.runkey import parse_run_key
+        from orchestrator.study import default_storage_url, read_snapshot
 
         url = (spec.storage if spec is not None and spec.storage else None) or default_storage_url(round_dir)
-        study = RoundStudy.load(url, name)
+        snap = read_snapshot(url, name)
     except Exception as e:  # noqa: BLE001
-        study = None
+        snap = None
         notes.append(f"note: the study cannot be read ({' '.join(str(e).split())[:200]})")
-    if study is not None:
-        for t in study.trials():
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
-        for t in study.running():
+    if snap is not None:
+        counts = snap.counts
+        for t in snap.running:
+            key = t.user_attrs.get("run_key")
             if pid is None:
-                notes.append(f"note: trial {t.number} ({t.user_attrs.get('run_key')}) is RUNNING but no scheduler is: "
+                notes.append(f"note: trial {t.number} ({key}) is RUNNING but no scheduler is: "
                              f"interrupted; run the round's command again to resume it")
+                continue
+            try:
+                parts = parse_run_key(str(key))
+            except ValueError:
                 continue
             run_dir = t.user_attrs.get("run_dir")
             prog = {}
@@ -471,10 +476,9 @@ def round_status(round_dir: Any) -> RoundStatus:
                     prog = json.loads((Path(run_dir) / "progress.json").read_text())
                 except (OSError, ValueError):
                     prog = {}
-            p = t.params
-            active = Active(p.get("task", "?"), p.get("stage", "?"), p.get("candidate", "?"), int(p.get("seed", 0)),
+            active = Active(parts["task"], parts["stage"], parts["candidate"], parts["seed"],
                             int(t.user_attrs.get("attempt") or 0), prog,
-                            t.datetime_start.timestamp() if t.datetime_start else None)
+                            t.started.timestamp() if t.started else None)
 
     pl = None
     if spec is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -299,3 +301,73 @@ class RoundStudy:
 
     def study_attr(self, key: str, default: Any = None) -> Any:
         return self.storage.get_study_user_attrs(self.study_id).get(key, default)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# read-only snapshot for `fsearch status`
+
+@dataclass
+class RunningTrial:
+    number: int
+    user_attrs: dict[str, Any]
+    started: datetime | None
+
+
+@dataclass
+class StudySnapshot:
+    counts: dict[str, int] = field(default_factory=dict)  # trial state name -> number of trials
+    running: list[RunningTrial] = field(default_factory=list)
+
+
+def read_snapshot(url: str, name: str) -> StudySnapshot | None:
+    """Trial counts and RUNNING trials, read-only; None when there is no such study. SQLite is read with the standard
+    library in read-only mode (a WAL reader never blocks the scheduler, and no Optuna/alembic start-up cost); other
+    storages, or an SQLite schema this reader does not know, go through Optuna."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.exists():
+            return None
+        try:
+            return _sqlite_snapshot(path, name)
+        except sqlite3.Error:
+            pass
+    study = RoundStudy.load(url, name)
+    if study is None:
+        return None
+    snap = StudySnapshot()
+    for t in study.trials():
+        snap.counts[t.state.name] = snap.counts.get(t.state.name, 0) + 1
+        if t.state == TrialState.RUNNING:
+            snap.running.append(RunningTrial(t.number, dict(t.user_attrs), t.datetime_start))
+    return snap
+
+
+def _sqlite_snapshot(path: Path, name: str) -> StudySnapshot | None:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_S)
+    try:
+        row = con.execute("SELECT study_id FROM studies WHERE study_name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        study_id = row[0]
+        snap = StudySnapshot()
+        for state, n in con.execute("SELECT state, COUNT(*) FROM trials WHERE study_id = ? GROUP BY state",
+                                    (study_id,)):
+            snap.counts[str(state)] = int(n)
+        for trial_id, number, started in con.execute(
+                "SELECT trial_id, number, datetime_start FROM trials WHERE study_id = ? AND state = 'RUNNING' "
+                "ORDER BY number", (study_id,)).fetchall():
+            attrs = {k: json.loads(v) for k, v in con.execute(
+                "SELECT key, value_json FROM trial_user_attributes WHERE trial_id = ?", (trial_id,))}
+            snap.running.append(RunningTrial(int(number), attrs, _parse_time(started)))
+        return snap
+    finally:
+        con.close()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None

@@ -272,8 +272,9 @@ def test_status_is_read_only(write_spec, fake_env, round_runner, tmp_path):
     round_runner(write_spec())
     rd = tmp_path / "results" / "r"
 
-    def snapshot():
-        return {str(p): p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file() and not p.name.endswith("-shm")}
+    def snapshot():  # every file but SQLite's own -wal/-shm bookkeeping
+        return {str(p): p.stat().st_mtime_ns for p in rd.rglob("*")
+                if p.is_file() and not p.name.endswith(("-shm", "-wal"))}
 
     before = snapshot()
     st = round_status(rd)

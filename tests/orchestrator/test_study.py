@@ -110,3 +110,20 @@ def test_metric_curve_skips_bad_lines(tmp_path):
                                             '{"step": 4, "val_x": 0.5}\n')
     assert metric_curve(tmp_path, "x") == {0: 1.0, 4: 0.5}
     assert metric_curve(tmp_path / "missing", "x") == {}
+
+
+def test_read_only_snapshot_matches_optuna(tmp_path, study, make_record):
+    from orchestrator.study import read_snapshot
+
+    n0 = claim(study, "c0")
+    claim(study, "c1", seed=2)
+    study.set_attrs(n0, {"attempt": 1})
+    study.finish(n0, make_record(0))
+    url = default_storage_url(tmp_path)
+    snap = read_snapshot(url, "demo")
+    assert snap.counts == {"COMPLETE": 1, "RUNNING": 1}
+    (t,) = snap.running
+    assert t.number == 1 and t.user_attrs["run_key"] == "t.quick.c1.s2-abc" and t.started is not None
+    assert read_snapshot(url, "other") is None
+    assert read_snapshot(default_storage_url(tmp_path / "none"), "demo") is None
+    assert not (tmp_path / "none").exists()
