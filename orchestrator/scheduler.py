@@ -606,8 +606,11 @@ class RoundScheduler:
         spec = self.spec
         for task in [label for label, t in spec.tasks.items() if t.batch == "auto"]:
             path = self.round_dir / "probe" / f"{task}.json"
+            used = [r.batch_size for r in self.records if r.task == task]
             if path.exists():
                 probes[task] = json.loads(path.read_text())
+            elif used:  # the probe file is gone but the task already ran: keep the batch its records used
+                probes[task] = {"micro_batch": used[-1], "source": "records (probe file missing)"}
             else:
                 probes[task] = self.probe_task(task)
                 path.parent.mkdir(parents=True, exist_ok=True)

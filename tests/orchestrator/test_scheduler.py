@@ -105,6 +105,9 @@ def test_batch_probe_runs_once_per_task_and_is_reused(write_spec, fake_env, roun
     _, again = round_runner(spec)
     assert again == records
     assert (rd / "probe" / "sud" / "probe_result.json").stat().st_mtime_ns == mtime
+    (rd / "probe" / "sud.json").unlink()  # a lost probe file: the records' batch is kept, nothing reruns
+    _, again = round_runner(spec)
+    assert again == records and (rd / "probe" / "sud" / "probe_result.json").stat().st_mtime_ns == mtime
 
 
 def test_batch_probe_failure_is_one_clear_error(write_spec, fake_env, round_runner):
