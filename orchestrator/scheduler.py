@@ -48,12 +48,10 @@ KILL_ENV = "FSEARCH_KILL_AT"
 
 POLL_S = 0.2  # how often the scheduler looks at the worker (exit, progress.json)
 TERM_GRACE_S = 5.0  # after SIGTERM to a worker's process group, wait this long before SIGKILL
-PROBE_TIME_LIMIT_S = 1800.0
-PROBE_MARGIN = 0.9  # the probe keeps peak memory below this fraction of the device
+PROBE_TIME_LIMIT_S = 1800.0  # the batch probe: model build + a few forward/backward passes per size
 ERROR_TAIL_LINES = 4  # log lines kept as the error message when a worker dies without result.json
 
-RETRYABLE = ("crash", "timeout")
-FINAL_FAILURES = ("data", "config")
+RETRYABLE = ("crash", "timeout")  # retried up to `retries`; oom halves the micro-batch; data/config fail at once
 
 # kill points (FSEARCH_KILL_AT), in the order a run meets them
 KILL_POINTS = (

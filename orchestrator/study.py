@@ -35,7 +35,6 @@ from orchestrator.records import Record
 
 SQLITE_TIMEOUT_S = 60.0
 STAGES = ("quick", "med", "long", "seedcheck")
-PARAMS = ("task", "stage", "candidate", "seed")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
