@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, TextIO
 
 from orchestrator.records import Record
+from orchestrator.spec import STAGE_ORDER
 
 PLAIN_PROGRESS_EVERY_S = 30.0
 RICH_REFRESH_PER_S = 4
-STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 
 
 def fmt_duration(seconds: float | None) -> str:

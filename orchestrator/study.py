@@ -32,9 +32,10 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from orchestrator.records import Record
+from orchestrator.spec import STAGE_ORDER
 
 SQLITE_TIMEOUT_S = 60.0
-STAGES = ("quick", "med", "long", "seedcheck")
+STAGES = STAGE_ORDER  # the stage param's choices: every stage a spec can have, so they never change
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
