@@ -2,8 +2,9 @@
 
     python -m kernels.bench_cpu [--batch 1 --seq 512 --heads 4 --head-size 64 --repeats 7]
 
-Prints one JSON object per line: for each backend and pass ("forward", "forward_backward") the median wall time
-over the repeats and the tokens/s (B·T / median), then one line per pass with the ratio torch / reference.
+Prints one JSON object per line: for each backend and pass ("forward", "forward_backward") the median time over
+the repeats (wall clock, or with --clock cpu this process's CPU time) and the tokens/s (B·T / median), then one
+line per pass with the ratio torch / reference.
 Inputs are RWKV-7-like (kernels.reference.rwkv7_like_inputs), fp32. The median hides other processes on a
 shared machine only partly: the load average at the start is printed so that such a run can be recognised.
 """
@@ -23,14 +24,22 @@ from kernels.reference import rwkv7_like_inputs, wkv7_reference
 from kernels.torch_chunked import DEFAULT_CHUNK, wkv7_torch
 
 DEFAULTS = dict(batch=1, seq=512, heads=4, head_size=64, repeats=7, warmup=2, chunk=DEFAULT_CHUNK, seed=0)
-def _median_seconds(fn, repeats: int, warmup: int) -> float:
+CLOCKS = {
+    "wall": time.perf_counter,
+    # CPU time of this process (all its threads): with --threads 1 it barely moves when other processes share the
+    # cores, so it is the steadier measure on a busy machine; with several threads it also counts their spinning
+    "cpu": time.process_time,
+}
+
+
+def _median_seconds(fn, repeats: int, warmup: int, clock) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -62,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     p.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="chunk size of the torch path")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared machine with --threads 1)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     return p.parse_args(argv)
@@ -78,14 +89,14 @@ def main(argv=None) -> int:
         "torch": lambda *x: wkv7_torch(*x, chunk=args.chunk),
     }
     passes = {"forward": _forward} if args.no_backward else {"forward": _forward, "forward_backward": _forward_backward}
-    common = dict(B=B, T=T, H=H, D=D, dtype="float32", device="cpu", threads=torch.get_num_threads(),
+    common = dict(B=B, T=T, H=H, D=D, dtype="float32", device="cpu", threads=torch.get_num_threads(), clock=args.clock,
                   repeats=args.repeats, machine=platform.machine(), cpus=os.cpu_count(),
                   loadavg_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
     tokens = B * T
     rates = {}
     for pass_name, make in passes.items():
         for name, op in backends.items():
-            sec = _median_seconds(make(op, inputs), args.repeats, args.warmup)
+            sec = _median_seconds(make(op, inputs), args.repeats, args.warmup, CLOCKS[args.clock])
             rates[pass_name, name] = tokens / sec
             line = {"bench": "wkv7_cpu", "backend": name, "pass": pass_name, "median_ms": round(sec * 1e3, 3),
                     "tokens_per_s": round(tokens / sec, 1), **common}

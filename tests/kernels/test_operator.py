@@ -265,3 +265,17 @@ def test_dispatch_validation(small, mutate, message):
 def test_chunk_size_must_be_power_of_two(small):
     with pytest.raises(ValueError, match="chunk size must be a power of two, got 12"):
         wkv7_torch(*small, chunk=12)
+
+
+def test_bench_cpu_prints_json_lines(capsys):
+    import json
+
+    from kernels.bench_cpu import main
+
+    assert main(["--seq", "8", "--heads", "1", "--head-size", "8", "--repeats", "1", "--warmup", "0"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    timed = [d for d in lines if "backend" in d]
+    assert {(d["backend"], d["pass"]) for d in timed} == {(b, p) for b in ("reference", "torch")
+                                                          for p in ("forward", "forward_backward")}
+    assert all(d["tokens_per_s"] > 0 and d["T"] == 8 for d in timed)
+    assert {d["pass"] for d in lines if "speedup_torch_over_reference" in d} == {"forward", "forward_backward"}
