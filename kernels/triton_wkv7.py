@@ -37,7 +37,8 @@ are <= 1. They are computed as products of two factors referenced to the chunk's
 exp(G_t - G_mid) · exp(G_mid - G_s); each factor is bounded by exp((C/2)·max|g|). The state-side
 factors (Ã, R̃, B̄, K̄, γ) are referenced to the chunk start or end and are all <= 1. So the kernels
 rely on one bound: the per-step log decay satisfies |g| = exp(w) <= exp(W_MAX) = 2, i.e. w <= ln 2
-(per-step decay >= e^-2 ≈ 0.135), which keeps every factor <= e^64 at C = 64. RWKV-7 computes
+(per-step decay >= e^-2 ≈ 0.135), which keeps every factor <= e^64 for chunks up to C = 64 (e^32 at
+the default C = 32); fp32 holds up to e^88. RWKV-7 computes
 w = -0.5 - softplus(·) < -0.5 (|g| < 0.607), far inside. The kernels clamp w at W_MAX (for larger w the
 decay used is e^-2 instead of a smaller one, and dw is 0 there); `wkv7_triton(check_domain=True)`
 (the default) raises instead of clamping silently. No division by a cumulative decay happens anywhere.
@@ -46,7 +47,20 @@ Precision. State, accumulators and every intermediate are fp32. Matrix products 
 TF32 for 16-bit inputs and in full fp32 ("ieee") for fp32 inputs.
 
 Saved for the backward: the inputs (by reference) and the fp32 chunk-start states H_c, i.e.
-4·D²/C bytes per token and head (256 B at D=64, C=64; the six bf16 inputs take 12·D = 768 B).
+4·D²/C bytes per token and head: 512 B at D=64 (C=32) against 768 B for the six bf16 inputs; 128 B
+at D=32. At D=128 (C=32) it is 2048 B against 1536 B, i.e. more than the inputs (C=64 would halve it,
+but the gradient kernel spills badly at C=64; see below).
+
+Measured (NVIDIA H200, one run, bf16, s0 in, sT out, all gradients; triton.testing.do_bench medians;
+fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run), `python -m kernels.bench`:
+    B8 T4096 H12 D64   fwd 0.918 ms (fla 0.921)   fwd+bwd 3.48 ms (fla 3.67)
+    B16 T1024 H12 D64  fwd 0.474 ms (fla 0.954)   fwd+bwd 1.77 ms (fla 2.85)
+    B4 T8192 H12 D64   fwd 1.13 ms  (fla 1.12)    fwd+bwd 3.86 ms (fla 4.17)
+    B2 T4096 H32 D128  fwd 1.76 ms  (fla 1.60)    fwd+bwd 42.4 ms (gradient kernel spills; fla not reached)
+Per kernel at B8 T4096 H12 D64 (ms): _fwd_chunk 0.56, _fwd_scan 0.40, _bwd_chunk 0.45, _bwd_scan 0.24,
+_bwd_grads 1.82 (255 registers, ~380 spilled). At C=64 the scans drop to 0.23 / 0.12 ms, but the
+parallel kernels spill more. What limits it now: register pressure in _bwd_grads (many live [C, D]
+fp32 tiles), and the fp32 M/E/Q/Z/P intermediates the chunk kernels write and the scans read.
 """
 from __future__ import annotations
 
@@ -364,14 +378,6 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
         xk += xks
         d_gc += tl.sum(b_m * xbs + k_m * xks, axis=0)      # B̄ ⊙ dB̄ + K̄ ⊙ dK̄, summed over tokens
 
-    # reload the chunk and rebuild its factors rather than keep them live through the value loop
-    # (the loop is where registers run out); the loads hit L2
-    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX)
-    a_m = a * ea
-    r_m = r * er
-    b_m = b * eb
-    k_m = k * eb
     offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, D, 0)
     tl.store(da_ptr + offs, (ea * xa).to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(dr_ptr + offs, (er * xr).to(dr_ptr.dtype.element_ty), mask=mask)
@@ -391,8 +397,9 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
 # ----------------------------------------------------------------------------------------------------
 
 
-# Launch parameters per head size (measured on an H200, see kernels/NOTES_triton.md). TUNING overrides
-# entries (used by the tuning script); keys: BT chunk, BV_chunk value tile of the parallel kernels,
+# Launch parameters per head size: D=64 and D=128 picked per kernel from timings on an H200 (module
+# docstring); D=16/32 are untuned. TUNING overrides entries (for tuning runs); keys: BT chunk, BV_chunk
+# value tile of the parallel kernels,
 # BV_fscan / BV_bscan value tiles of the scans, warps_*, stages_fscan / stages_bscan.
 LAUNCH = {
     16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
@@ -401,7 +408,7 @@ LAUNCH = {
              warps_scan=4, stages_fscan=2, stages_bscan=2),
     64: dict(BT=32, BV_chunk=64, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
              warps_scan=4, stages_fscan=1, stages_bscan=1),
-    128: dict(BT=32, BV_chunk=32, BV_fscan=64, BV_bscan=64, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
+    128: dict(BT=32, BV_chunk=64, BV_fscan=64, BV_bscan=64, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
               warps_scan=4, stages_fscan=1, stages_bscan=1),
 }
 TUNING: dict[int, dict] = {}
