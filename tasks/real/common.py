@@ -104,7 +104,7 @@ def hub_cache_builds(dataset: str, config: str | None) -> list[Path]:
     parts[-1] = _snake(parts[-1])
     root = datasets_cache_dir() / "___".join(parts)
     builds = [Path(p) for p in glob.glob(str(root / (config or "*") / "*" / "*"))
-              if os.path.isdir(p) and not p.endswith(".incomplete") and os.path.isfile(os.path.join(p, "dataset_info.json"))]
+              if not p.endswith(".incomplete") and os.path.isfile(os.path.join(p, "dataset_info.json"))]
     return sorted(builds, key=lambda p: (p.stat().st_mtime, str(p)))  # the newest last, as `datasets` picks it
 
 

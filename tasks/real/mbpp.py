@@ -115,8 +115,8 @@ class MBPP(RealTask):
             if context is None:
                 yield "problem and tests over max_prompt_tokens"
                 continue
-            yield self.example(context, TRIGGER, "\n" + code, task_id=row.get("task_id"), problem=problem, tests=tests, setup=setup,
-                               code=code, layout=p.layout)
+            yield self.example(context, TRIGGER, "\n" + code, task_id=row.get("task_id"), problem=problem,
+                               tests=tests, setup=setup, code=code, layout=p.layout)
 
     def exec_limits(self) -> Limits:
         p = self.params

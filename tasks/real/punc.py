@@ -13,10 +13,9 @@ pool (the first note_pool_size lines) and the targets (the rest), so a target is
 contains its example's target is never drawn for it. No target sentence appears in its own prompt.
 
 Layouts (prompt = context + trigger; each note is followed by a newline):
-  question_last   Background notes:\\n{notes}\\n\\nNoisy transcript:\\n{noisy}\\n\\nTask: Restore punctuation and casing.
-                  + \\nAnswer:
-  question_first  Noisy transcript:\\n{noisy}\\n\\nTask: Restore punctuation and casing.\\n\\nBackground notes:\\n{notes}
-                  + \\nAnswer:
+  question_last   Background notes:\\n{notes}\\n\\nNoisy transcript:\\n{noisy}\\n\\n{TASK}  +  \\nAnswer:
+  question_first  Noisy transcript:\\n{noisy}\\n\\n{TASK}\\n\\nBackground notes:\\n{notes}  +  \\nAnswer:
+with TASK = `Task: Restore punctuation and casing.`
 fill_notes: random notes until max_prompt_tokens (at most 256); otherwise one random note. Answer: ` {clean}`.
 
 Metrics: token accuracy, and of the first generated line: `char_acc` = 1 - Levenshtein distance / target length

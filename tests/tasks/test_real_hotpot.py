@@ -18,7 +18,8 @@ CONTEXT = ("Quillmere:\n\nQuillmere is known for its wool trade. Its old bridge 
            "Lorvath:\n\nLorvath is a fishing village. It lies far from the Tiveth River.\n\n"
            "Marrowick:\n\nMarrowick is a market town on the Pellwyn River. It was founded in 1613 by Lady Maren Holt. "
            "Its population was about 5000 at the last census.\n\n"
-           "Pellwyn River:\n\nThe Pellwyn River rises in the northern hills. The largest town on its banks is Marrowick.")
+           "Pellwyn River:\n\nThe Pellwyn River rises in the northern hills. "
+           "The largest town on its banks is Marrowick.")
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +82,8 @@ def test_min_prompt_tokens_keeps_long_contexts_only():
     task = hotpot(min_prompt_tokens=floor, n_val=1)
     assert all(len(e.prompt_ids()) >= floor for e in task.eval_set("val", long_enough))
     with pytest.raises(TaskError, match=rf"gives {long_enough} usable examples from 8 rows \({8 - long_enough} "
-                                        rf"dropped: prompt under min_prompt_tokens\); n_val={long_enough + 1} requested"):
+                                        r"dropped: prompt under min_prompt_tokens\); "
+                                        rf"n_val={long_enough + 1} requested"):
         hotpot(min_prompt_tokens=floor, n_val=1).eval_set("val", long_enough + 1)
 
 
