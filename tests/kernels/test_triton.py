@@ -5,24 +5,56 @@ fp32 inputs use full-fp32 products in the kernels, so the bar is 1e-5 relative (
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-
-os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first @triton.jit decoration
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from kernels.reference import wkv7_reference
 
-from kernels.reference import wkv7_reference  # noqa: E402
-import kernels.triton_wkv7 as tw  # noqa: E402
 
-if not torch.cuda.is_available() and type(tw._fwd_chunk_kernel).__name__ != "InterpretedFunction":
-    tw = importlib.reload(sys.modules["kernels.triton_wkv7"])   # imported earlier without the interpreter
-if not torch.cuda.is_available() and type(tw._fwd_chunk_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("TRITON_INTERPRET is off and no GPU is visible", allow_module_level=True)
+def _load_kernels():
+    """kernels.triton_wkv7 with every @triton.jit function (Triton's own tl.cumsum included) decorated
+    for the interpreter when no GPU is visible.
+
+    Triton picks the interpreter when a function is decorated, i.e. when triton and this module are
+    first imported, so TRITON_INTERPRET=1 is set around those imports and restored afterwards; the
+    fixture below sets it again for each test here (the interpreter reads it while running too), and the
+    rest of the session keeps its own environment.
+    """
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        import kernels.triton_wkv7 as module
+        return module
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        import triton.language.standard as standard
+        if type(standard.cumsum).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run these tests with "
+                        "TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+        import kernels.triton_wkv7 as module
+        if type(module._fwd_chunk_kernel).__name__ != "InterpretedFunction":
+            import importlib
+            module = importlib.reload(module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    del triton
+    return module
+
+
+tw = _load_kernels()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while it runs a kernel, so set it per test."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
