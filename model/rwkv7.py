@@ -22,7 +22,12 @@ float32 in RWKV's [value, key] layout, and the last LN2 output (FFN token shift)
 layer of the official package's state.
 
 Precision: parameters are float32 (master weights); under torch.autocast(bf16) the linears run in bf16,
-LayerNorm/GroupNorm and the decay run in float32, states stay float32, logits are returned in float32.
+LayerNorm/GroupNorm and the decay run in float32, the WKV operator gets r, w, k, v, a, b in one dtype (bf16 under
+autocast, as in the official training kernel) and a float32 initial state, states stay float32, logits are float32.
+
+Left padding (`pad_left`): at a pad position the WKV step is the identity (k = v = a = b = 0, decay 1) and no
+token shift reads a pad (the first real token reads the carried shift state), so a padded row gives the unpadded
+row's outputs at its real positions and the same final states.
 """
 from __future__ import annotations
 
