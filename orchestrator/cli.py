@@ -190,9 +190,7 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {round_dir / 'records.jsonl'}")
     click.echo(format_summary(records, plan, list(spec.tasks)))
     if not no_report and importlib.util.find_spec("orchestrator.report") is not None:
-        from orchestrator.report import write_report
-
-        click.echo(f"report: {write_report(round_dir)}")
+        click.echo(f"report: {importlib.import_module('orchestrator.report').write_report(round_dir)}")
 
 
 @cli.command("status")
@@ -378,8 +376,7 @@ def report_cmd(round_arg: str, check: bool, results: str | None) -> None:
     round_dir = resolve_round(round_arg, results)
     if importlib.util.find_spec("orchestrator.report") is None:
         raise UserError("report: orchestrator.report is not available in this installation")
-    from orchestrator import report
-
+    report = importlib.import_module("orchestrator.report")
     if check:
         problems = report.check_report(round_dir)
         for p in problems:

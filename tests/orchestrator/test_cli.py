@@ -248,7 +248,10 @@ def test_report_command_uses_the_report_module(finished_round, monkeypatch):
     fake = types.ModuleType("orchestrator.report")
     fake.write_report = lambda rd: Path(rd) / "report" / "report.md"
     fake.check_report = lambda rd: ["value of x differs"]
+    import orchestrator
+
     monkeypatch.setitem(sys.modules, "orchestrator.report", fake)
+    monkeypatch.setattr(orchestrator, "report", fake, raising=False)
     monkeypatch.setattr(cli_mod.importlib.util, "find_spec", lambda name: object())
     r = invoke("report", str(finished_round))
     assert r.exit_code == 0 and r.stdout.strip() == str(finished_round / "report" / "report.md")
