@@ -32,13 +32,36 @@ from orchestrator.stats import DecisionRule, paired_stats
 REPORT_DIR = "report"
 SUMMARY_SCHEMA = 1
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
+GATE_STAGES = ("quick", "med")  # stages whose mean delta decides promotion (orchestrator.spec.GATE_STAGES)
 SEEDCHECK = "seedcheck"
 TEXT_RULE_WIDTH = 108  # the original's `=`/`-` rules
 FLOAT_REL_TOL = 1e-12  # records vs recomputation (the same float operations: equal up to JSON round trips)
 MAX_DIFF_LINES = 5  # re-rendered files: how many differing lines a message quotes
 MAX_NAMED_SOURCES = 8
 DECISION_COLOURS = {"confirmed": "#2ca02c", "inconclusive": "#ff7f0e", "rejected": "#d62728",
-                    "promote": "#1f77b4", "prune": "#7f7f7f", "pending": "#bcbd22"}
+                    "promote": "#1f77b4", "prune": "#7f7f7f", "pending": "#bcbd22", "recorded": "#9467bd"}
+
+
+def _spec_metric(spec_task: Any) -> str | None:
+    """The decision metric of a task that has no records yet: the spec's, else the task's primary metric."""
+    if spec_task is None:
+        return None
+    if spec_task.metric:
+        return spec_task.metric
+    from tasks import task_class
+
+    return task_class(spec_task.task).primary_metric
+
+
+def _task_status(state: Any) -> str:
+    """A planner TaskState in words."""
+    if state.status == "running":
+        return f"running (stage {state.stage})" if state.stage else "waiting"
+    if state.status == "failed":
+        return f"failed: {state.reason}"
+    if state.status == "needs_probe":
+        return "needs batch probe"
+    return "done" + (f" ({state.reason})" if state.reason else "")
 
 
 class ReportError(Exception):
@@ -171,6 +194,7 @@ class _Builder:
         self.check_records()
         labels = self.task_labels()
         tasks = {label: self.task_summary(label) for label in labels}
+        self.check_against_planner(tasks)
         finalists = [(label, name) for label in labels for name in tasks[label]["seedcheck"]["finalists"]]
         self.decide_finalists(tasks, finalists)
         summary = {
@@ -191,6 +215,36 @@ class _Builder:
         }
         summary["plots"] = plot_list(summary, self.data)
         return summary
+
+    def check_against_planner(self, tasks: dict[str, Any]) -> None:
+        """The planner (orchestrator.planner) decides promotions and task states from the same records: it must agree
+        with the report's own reading of them, and every record must be a run of the spec."""
+        if self.data.spec is None:
+            return
+        from orchestrator.planner import plan
+        from orchestrator.progress import probed_batch_sizes
+
+        try:
+            p = plan(self.data.spec, self.recs, batch_sizes=probed_batch_sizes(self.data.round_dir))
+        except Exception as e:  # noqa: BLE001 - a planner that cannot read the records is itself a finding
+            self.problem(f"planner: cannot plan from these records ({type(e).__name__}: {e})")
+            return
+        for key in p.unused_records:
+            self.problem(f"record {key}: not a run of the current spec.yaml (an earlier version of the spec?)", key)
+        for label, state in p.tasks.items():
+            if label in tasks:
+                tasks[label]["status"] = _task_status(state)
+        for d in p.decisions:
+            if d.decision not in ("promote", "prune"):
+                continue
+            mine = tasks.get(d.task, {}).get("stages", {}).get(d.stage, {}).get("candidates", {}).get(d.candidate)
+            if mine is None:
+                self.problem(f"task {d.task}: the planner decided {d.decision} for {d.candidate} at {d.stage}, "
+                             f"which has no records here")
+            elif mine["stage_decision"] != d.decision or not _close(mine["mean_delta"], d.mean_delta):
+                self.problem(f"task {d.task}: {d.candidate} at {d.stage}: the planner says {d.decision} (mean delta "
+                             f"{d.mean_delta!r}), the records give {mine['stage_decision']} (mean delta "
+                             f"{mine['mean_delta']!r})", *mine["sources"])
 
     def task_labels(self) -> list[str]:
         seen = list(self.data.spec.tasks) if self.data.spec is not None else []
@@ -251,7 +305,7 @@ class _Builder:
                              f"(baseline {base_key})", key, base_key)
             seeds = self.spec_seeds(rec["stage"]) or stage_seeds[(rec["task"], rec["stage"])]
             single_seed = len(seeds) == 1
-            if rec["stage"] != SEEDCHECK and single_seed and delta is not None and rec.get("threshold") is not None:
+            if rec["stage"] in GATE_STAGES and single_seed and delta is not None and rec.get("threshold") is not None:
                 expect_d = "promote" if delta >= rec["threshold"] else "prune"
             else:
                 expect_d = "recorded"
@@ -290,7 +344,7 @@ class _Builder:
         stages = self.stage_names(recs)
         out: dict[str, Any] = {
             "task_kind": recs[0]["task_kind"] if recs else (spec_task.task if spec_task is not None else None),
-            "metric": metrics[0] if metrics else (spec_task.metric if spec_task is not None else None),
+            "metric": metrics[0] if metrics else _spec_metric(spec_task),
             "threshold": threshold,
             "candidates": candidates,
             "status": "not started" if not recs else "ok",
@@ -390,8 +444,8 @@ class _Builder:
                     "sources": [r["run_key"]] + ([r["baseline_key"]] if r.get("baseline_key") else [])}
             mean = math.fsum(deltas) / len(deltas) if deltas else None
             complete = len(deltas) == len(seeds)
-            if stage == SEEDCHECK:
-                rule = "statistics"
+            if stage not in GATE_STAGES:
+                rule = "statistics" if stage == SEEDCHECK else "recorded"  # long: informational, no promotion
             elif any(r["status"] != "ok" for r in crecs):
                 rule = "prune"  # a failed or diverged candidate run is pruned
             elif not complete:
@@ -522,11 +576,12 @@ def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
 
 def _caption_deltas(task: dict[str, Any]) -> str:
     return (f"Deltas of the final validation {task['metric']} against the matched baseline (candidate − baseline, "
-            f"same stage and seed). Screening stages: one marker per candidate at its mean delta over the stage's "
-            f"seeds (blue = promoted, grey = pruned). Seed check: mean delta with its "
-            f"t-based 95% interval (bar) and every seed's delta (small dots), coloured by decision (green confirmed, "
-            f"orange inconclusive, red rejected). Solid line: zero; dashed line: the task's threshold "
-            f"({task['threshold']:g}).")
+            f"same stage and seed), one row per stage and candidate. Quick/med: a large marker at the candidate's "
+            f"mean delta over the stage's seeds, coloured by the promotion rule (blue promoted, grey pruned, yellow "
+            f"stage not complete); long: purple (recorded, no promotion); small dots: single seeds where a stage has "
+            f"several. Seed check: mean delta (large marker) with its t-based 95% interval (bar) and every seed's "
+            f"delta (small dots), coloured by decision (green confirmed, orange inconclusive, red rejected). Solid "
+            f"line: zero; dashed red line: the task's threshold ({task['threshold']:g}).")
 
 
 def _caption_curves(task: dict[str, Any]) -> str:
@@ -816,14 +871,14 @@ def _plot_deltas(round_name: str, label: str, t: dict[str, Any], path: Path) -> 
             if c["mean_delta"] is not None:
                 d = [r["delta"] for r in c["seeds"].values() if r["delta"] is not None]
                 rows.append((f"{stage} · {name}", c["mean_delta"], None, d if len(d) > 1 else [],
-                             DECISION_COLOURS.get(c["stage_decision"], "#7f7f7f")))
+                             DECISION_COLOURS.get(c["stage_decision"], "#7f7f7f"), c["stage_decision"]))
     for name, f in t["seedcheck"]["finalists"].items():
         if f["n"]:
             ci = None if f.get("ci_low") is None else (f["ci_low"], f["ci_high"])
             rows.append((f"seedcheck · {name}", f["mean"], ci, list(f["deltas"].values()),
-                         DECISION_COLOURS[f["decision"]]))
+                         DECISION_COLOURS[f["decision"]], f["decision"]))
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * max(len(rows), 1)))
-    for i, (_, mean, ci, per_seed, colour) in enumerate(reversed(rows)):
+    for i, (_, mean, ci, per_seed, colour, _kind) in enumerate(reversed(rows)):
         if ci is not None:
             ax.plot(ci, [i, i], color=colour, linewidth=2.5, solid_capstyle="butt")
             ax.plot([ci[0], ci[0]], [i - 0.15, i + 0.15], color=colour, linewidth=2)
@@ -839,8 +894,8 @@ def _plot_deltas(round_name: str, label: str, t: dict[str, Any], path: Path) -> 
     ax.set_title(f"{round_name} · {label}: deltas vs matched baselines")
     if not rows:
         ax.text(0.5, 0.5, "no paired deltas", transform=ax.transAxes, ha="center")
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=DECISION_COLOURS[k], label=k)
-               for k in ("promote", "prune", "confirmed", "inconclusive", "rejected")]
+    present = [k for k in DECISION_COLOURS if k in {r[5] for r in rows}]
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=DECISION_COLOURS[k], label=k) for k in present]
     handles.append(plt.Line2D([], [], color="#d62728", linestyle="--", label=f"threshold {t['threshold']:g}"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
+from orchestrator.planner import judge, plan
 from orchestrator.records import Ledger, Record
 from orchestrator.report import build_summary, check_report, load_round, write_report
+from orchestrator.spec import parse_spec_text
+from tasks import task_class
 
 SEEDS = [0, 1, 2, 3, 4]
 SPEC = """\
@@ -46,63 +49,76 @@ SEEDCHECK_DELTAS = {
     ("kv_last", "scalar_l1_sched_cos"): [0.0625, 0.0125, -0.025, 0.05, 0.0375],  # positive-ish, one negative
 }
 BASE_SEEDCHECK = [0.61, 0.58, 0.64, 0.6, 0.625]
-METRIC = {"sudoku4": "hole_acc", "kv_last": "exact"}
+# one-seed screening stages: final values (None: the run failed)
+SCREEN = {
+    "sudoku4": {"quick": {"baseline": 0.5, "scalar_l2_trainable": 0.56, "scalar_l1_sched_cos": 0.53, "head_l2": 0.505,
+                          "read_twice": None},
+                "med": {"baseline": 0.6, "scalar_l2_trainable": 0.66, "scalar_l1_sched_cos": 0.62}},
+    "kv_last": {"quick": {"baseline": 0.38, "scalar_l2_trainable": 0.41, "scalar_l1_sched_cos": 0.40, "read_twice": 0.35},
+                "med": {"baseline": 0.5, "scalar_l2_trainable": 0.52, "scalar_l1_sched_cos": 0.505}},
+}
+METRIC = {"sudoku4": task_class("sudoku").primary_metric, "kv_last": task_class("kv_retrieval").primary_metric}
+
+
+def value_of(task: str, stage: str, cand: str, seed: int) -> float | None:
+    if stage == "seedcheck":
+        base = BASE_SEEDCHECK[seed]
+        return base if cand == "baseline" else base + SEEDCHECK_DELTAS[(task, cand)][seed]
+    return SCREEN[task][stage][cand]
 
 
 class RoundBuilder:
+    """A round folder written the way the scheduler writes one: the planner picks the runs, `judge` fills each
+    record's comparison fields; the 'training' is a table of final values with linear validation curves."""
+
     def __init__(self, root: Path):
         self.dir = root / "synth"
         self.dir.mkdir(parents=True)
         (self.dir / "spec.yaml").write_text(SPEC)
+        self.spec = parse_spec_text(SPEC)
         self.ledger = Ledger(self.dir / "records.jsonl")
         self.records: list[Record] = []
 
-    def add(self, task: str, stage: str, cand: str, seed: int, value: float | None, *, steps: int, eval_every: int,
-            batch: int, threshold: float, status: str = "ok", decision: str | None = None,
-            baseline: Record | None = None, n_seeds: int = 1, wall_s: float | None = None) -> Record:
-        key = f"{task}.{stage}.{cand}.s{seed}-{abs(hash((task, stage, cand))) % 10**6:06d}"
-        run_dir = self.dir / "runs" / key / "attempt-0"
+    def run_all(self) -> None:
+        while True:
+            units = plan(self.spec, self.records).runnable
+            if not units:
+                return
+            for unit in units:
+                self.add(unit, value_of(unit.task, unit.stage, unit.candidate.name, unit.seed))
+
+    def add(self, unit, value: float | None) -> Record:
+        status = "ok" if value is not None else "failed"
+        run_dir = self.dir / "runs" / unit.run_key / "attempt-0"
         run_dir.mkdir(parents=True)
-        metric = METRIC[task]
+        metric = unit.metric_name(METRIC[unit.task])
         final, best = {}, {}
         if status == "ok":
             loss = 2.0 - value  # a loss that falls as the metric rises
             final = {"val_loss": loss, f"val_{metric}": value, "val_tok_acc": value}
             best = dict(final)
             rows = []
-            for step in range(0, steps + 1, eval_every):
-                frac = step / steps
+            for step in range(0, unit.steps + 1, unit.eval_every):
+                frac = step / unit.steps
                 rows.append({"step": step, "tokens": step * 1000, "train_loss": 3.0 - frac,
                              "val_loss": 3.0 - frac * (3.0 - loss), f"val_{metric}": 0.3 + frac * (value - 0.3),
                              "val_tok_acc": 0.3 + frac * (value - 0.3)})
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        is_base = cand == "baseline"
-        delta = base_value = None
-        if not is_base and baseline is not None and status == "ok" and baseline.value is not None:
-            base_value = baseline.value
-            delta = value - base_value
-        if decision is None:
-            if status != "ok":
-                decision = status
-            elif is_base:
-                decision = "baseline"
-            elif stage == "seedcheck" or n_seeds > 1:
-                decision = "recorded"
-            else:
-                decision = "promote" if delta >= threshold else "prune"
+        j = judge(unit, status, value, self.records)
+        cand = unit.candidate
         rec = Record(
-            round="synth", task=task, task_kind="sudoku" if task == "sudoku4" else "kv_retrieval", stage=stage,
-            candidate=cand, mode="baseline" if is_base else "read_twice" if cand == "read_twice" else "prompt_fs",
-            seed=seed, run_key=key, attempt=0, batch_size=batch, micro_batch=batch, grad_accum=1,
-            steps=steps if status == "ok" else steps // 2, budget_steps=steps, eval_every=eval_every, n_val=32,
-            data_seed=0, status=status, error_kind=None if status == "ok" else "crash",
-            error_message=None if status == "ok" else "worker crashed", metric=metric,
-            value=value if status == "ok" else None, final=final, best=best, best_step=steps if best else None,
-            baseline_key=None if is_base else baseline.run_key, baseline_value=base_value, delta=delta,
-            threshold=threshold, decision=decision,
-            wall_s=wall_s if wall_s is not None else round(steps * 0.1 + 0.01 * seed + 0.003 * len(cand), 6),
-            run_dir=str(run_dir), finished_at="2026-01-01T00:00:00+00:00",
-            best_val_loss=best.get("val_loss"), best_val_tok_acc=best.get("val_tok_acc"))
+            round=self.spec.round, task=unit.task, task_kind=unit.task_kind, stage=unit.stage, candidate=cand.name,
+            mode=cand.mode, seed=unit.seed, run_key=unit.run_key, attempt=0,
+            fs=cand.fs.model_dump(mode="json") if cand.fs else None, batch_size=unit.batch_size,
+            micro_batch=unit.batch_size, grad_accum=1, steps=unit.steps if status == "ok" else unit.steps // 2,
+            budget_steps=unit.steps, eval_every=unit.eval_every, n_val=unit.n_val, data_seed=unit.data_seed,
+            status=status, error_kind=None if status == "ok" else "crash",
+            error_message=None if status == "ok" else "worker crashed", metric=metric, value=value, final=final,
+            best=best, best_step=unit.steps if best else None, baseline_key=j.baseline_key,
+            baseline_value=j.baseline_value, delta=j.delta, threshold=j.threshold, decision=j.decision,
+            wall_s=round(unit.steps * 0.1 + 0.01 * unit.seed + 0.003 * len(cand.name), 6), run_dir=str(run_dir),
+            finished_at="2026-01-01T00:00:00+00:00", best_val_loss=best.get("val_loss"),
+            best_val_tok_acc=best.get("val_tok_acc"))
         self.ledger.append(rec)
         self.records.append(rec)
         return rec
@@ -110,28 +126,7 @@ class RoundBuilder:
 
 def build_round(root: Path) -> RoundBuilder:
     rb = RoundBuilder(root)
-    for task, batch, thr, quick, med in (
-        ("sudoku4", 16, 0.01,
-         {"scalar_l2_trainable": 0.56, "scalar_l1_sched_cos": 0.53, "head_l2": 0.505, "read_twice": None},
-         {"scalar_l2_trainable": 0.66, "scalar_l1_sched_cos": 0.62}),
-        ("kv_last", 8, 0.0,
-         {"scalar_l2_trainable": 0.41, "scalar_l1_sched_cos": 0.40, "read_twice": 0.35},
-         {"scalar_l2_trainable": 0.52, "scalar_l1_sched_cos": 0.505}),
-    ):
-        kw = dict(batch=batch, threshold=thr)
-        b = rb.add(task, "quick", "baseline", 0, 0.5 if task == "sudoku4" else 0.38, steps=40, eval_every=20, **kw)
-        for cand, v in quick.items():
-            rb.add(task, "quick", cand, 0, v, steps=40, eval_every=20, baseline=b,
-                   status="ok" if v is not None else "failed", **kw)
-        b = rb.add(task, "med", "baseline", 0, 0.6 if task == "sudoku4" else 0.5, steps=80, eval_every=40, **kw)
-        for cand, v in med.items():
-            rb.add(task, "med", cand, 0, v, steps=80, eval_every=40, baseline=b, **kw)
-        bases = {s: rb.add(task, "seedcheck", "baseline", s, BASE_SEEDCHECK[s], steps=80, eval_every=40, **kw)
-                 for s in SEEDS}
-        for cand in med:
-            for s in SEEDS:
-                rb.add(task, "seedcheck", cand, s, BASE_SEEDCHECK[s] + SEEDCHECK_DELTAS[(task, cand)][s], steps=80,
-                       eval_every=40, baseline=bases[s], n_seeds=5, **kw)
+    rb.run_all()
     return rb
 
 
@@ -371,13 +366,35 @@ def test_missing_report_and_records(tmp_path):
 
 def test_a_pruned_candidate_at_a_later_stage_is_a_problem(tmp_path):
     rb = build_round(tmp_path)
-    base = next(r for r in rb.records if (r.task, r.stage, r.candidate) == ("sudoku4", "med", "baseline"))
-    rb.add("sudoku4", "med", "head_l2", 0, 0.61, steps=80, eval_every=40, batch=16, threshold=0.01, baseline=base)
+    med = next(r for r in rb.records if (r.task, r.stage, r.candidate) == ("sudoku4", "med", "scalar_l2_trainable"))
+    extra = med.model_copy(update={"candidate": "head_l2", "run_key": med.run_key.replace("scalar_l2_trainable",
+                                                                                            "head_l2")})
+    rb.ledger.append(extra)
     msgs = [p["message"] for p in build_summary(load_round(rb.dir))["problems"]]
     assert any(m.startswith("task sudoku4: head_l2 ran at med but was not promoted at quick: the rule says prune")
                for m in msgs), msgs
+    assert f"record {extra.run_key}: not a run of the current spec.yaml (an earlier version of the spec?)" in msgs
     assert not any("finalists at seedcheck" in m for m in msgs)
     spec = rb.dir / "spec.yaml"
     spec.write_text(spec.read_text().replace("max_finalists: 2", "max_finalists: 1"))
     msgs = [p["message"] for p in build_summary(load_round(rb.dir))["problems"]]
     assert "task sudoku4: 2 finalists at seedcheck, the spec allows 1" in msgs
+
+
+def test_planner_agrees_and_gives_task_status(reported):
+    rb, _ = reported
+    s = summary_of(rb.dir)
+    assert s["problems"] == []
+    assert s["tasks"]["sudoku4"]["status"].startswith("done") and s["tasks"]["kv_last"]["status"].startswith("done")
+    assert len(rb.records) == 45
+
+
+def test_in_progress_round(tmp_path):
+    rb = RoundBuilder(tmp_path)
+    for _ in range(3):  # baseline + candidates of quick, then med's baseline and survivors
+        for unit in plan(rb.spec, rb.records).runnable:
+            rb.add(unit, value_of(unit.task, unit.stage, unit.candidate.name, unit.seed))
+    write_report(rb.dir)
+    s = summary_of(rb.dir)
+    assert s["tasks"]["sudoku4"]["status"] == "running (stage med)"
+    assert check_report(rb.dir) == []
