@@ -42,3 +42,27 @@ def test_tiny_round_with_the_real_worker(write_spec, monkeypatch, tmp_path, roun
     assert trials[1].user_attrs["attempts"][0]["outcome"] == "oom"
     _, again = round_runner(spec)
     assert again == records == Ledger(rd / "records.jsonl").read()
+
+
+@pytest.mark.slow  # one worker process importing torch
+def test_real_worker_accepts_the_probe_request_and_cpu_falls_back_to_cpu_batch(write_spec, monkeypatch, tmp_path,
+                                                                                round_runner):
+    """On a machine without CUDA the real worker parses the scheduler's probe request, then says it needs a CUDA
+    device (kind config); with device auto and defaults.probe.cpu_batch set, the round uses that batch, saying so."""
+    import io
+
+    from orchestrator.progress import PlainDisplay
+
+    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m orchestrator.worker")
+    monkeypatch.delenv("FSEARCH_FAULTS", raising=False)
+    spec = write_spec({"stages!": {"quick": {"steps": 2, "eval_every": 1, "seeds": [0]}},
+                       "defaults": {"device": "auto", "probe": {"cpu_batch": 2, "micro_batches": [8, 4]}},
+                       "tasks": {"sud": {"batch": "auto", "candidates": ["scalar_l1_nodetach"]}}})
+    out = io.StringIO()
+    _, records = round_runner(spec, display=PlainDisplay(out))
+    rd = tmp_path / "results" / "r"
+    probe = json.loads((rd / "probe" / "sud.json").read_text())
+    assert probe["micro_batch"] == 2 and "needs a CUDA device" in probe["source"]
+    assert "batch auto -> defaults.probe.cpu_batch = 2" in out.getvalue()
+    assert [(r.candidate, r.batch_size, r.status) for r in records] == [("baseline", 2, "ok"),
+                                                                         ("scalar_l1_nodetach", 2, "ok")]
