@@ -18,6 +18,7 @@ Torch-free; matplotlib is imported lazily with the Agg backend.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -1079,9 +1080,11 @@ def _diff_file(path: Path, expected: str) -> list[str]:
     if actual == expected:
         return []
     a, e = actual.splitlines(), expected.splitlines()
-    diffs = [i for i in range(max(len(a), len(e))) if (a[i] if i < len(a) else None) != (e[i] if i < len(e) else None)]
-    out = [f"{path.name}: {len(diffs)} line(s) differ from what the records give"]
-    for i in diffs[:MAX_DIFF_LINES]:
-        out.append(f"{path.name} line {i + 1}: has {a[i] if i < len(a) else '<nothing>'!r}, records give "
-                   f"{e[i] if i < len(e) else '<nothing>'!r}")
+    hunks = [op for op in difflib.SequenceMatcher(None, a, e, autojunk=False).get_opcodes() if op[0] != "equal"]
+    changed = sum(max(i2 - i1, j2 - j1) for _, i1, i2, j1, j2 in hunks)
+    out = [f"{path.name}: {changed} line(s) differ from what the records give"]
+    for _, i1, i2, j1, j2 in hunks[:MAX_DIFF_LINES]:
+        has = " / ".join(a[i1:i2][:2]) or "<nothing>"
+        give = " / ".join(e[j1:j2][:2]) or "<nothing>"
+        out.append(f"{path.name} line {i1 + 1}: has {_show(has, 240)}, records give {_show(give, 240)}")
     return out
