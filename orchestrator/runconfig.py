@@ -88,6 +88,7 @@ class RunConfig(BaseModel):
     kernel: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    cpu_threads: int = 1  # torch threads on CPU: fixed, because results depend on it (and 1 is fastest at demo size)
     eval_batch: int = 64
     run_dir: str
     attempt: int = 0

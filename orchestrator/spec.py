@@ -108,6 +108,7 @@ class Defaults(_Strict):
     data_seed: int = Field(0, ge=0, le=MAX_SEED)
     kernel: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    cpu_threads: int = Field(1, ge=1)  # torch threads of a CPU run; part of the run's identity (results depend on it)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_limit_s: float = Field(3600.0, gt=0.0)  # per run
     retries: int = Field(2, ge=0)  # crash/timeout retries per candidate run

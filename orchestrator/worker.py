@@ -150,6 +150,8 @@ class Run:
             raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         self.precision = precision
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
