@@ -37,32 +37,11 @@ GATE_STAGES = ("quick", "med")  # stages whose mean delta decides promotion (orc
 SEEDCHECK = "seedcheck"
 TEXT_RULE_WIDTH = 108  # the original's `=`/`-` rules
 FLOAT_REL_TOL = 1e-12  # records vs recomputation (the same float operations: equal up to JSON round trips)
+FLOAT_ABS_TOL = 1e-15
 MAX_DIFF_LINES = 5  # re-rendered files: how many differing lines a message quotes
 MAX_NAMED_SOURCES = 8
 DECISION_COLOURS = {"confirmed": "#2ca02c", "inconclusive": "#ff7f0e", "rejected": "#d62728",
                     "promote": "#1f77b4", "prune": "#7f7f7f", "pending": "#bcbd22", "recorded": "#9467bd"}
-
-
-def _spec_metric(spec_task: Any) -> str | None:
-    """The decision metric of a task that has no records yet: the spec's, else the task's primary metric."""
-    if spec_task is None:
-        return None
-    if spec_task.metric:
-        return spec_task.metric
-    from tasks import task_class
-
-    return task_class(spec_task.task).primary_metric
-
-
-def _task_status(state: Any) -> str:
-    """A planner TaskState in words."""
-    if state.status == "running":
-        return f"running (stage {state.stage})" if state.stage else "waiting"
-    if state.status == "failed":
-        return f"failed: {state.reason}"
-    if state.status == "needs_probe":
-        return "needs batch probe"
-    return "done" + (f" ({state.reason})" if state.reason else "")
 
 
 class ReportError(Exception):
@@ -162,11 +141,33 @@ def _seed_key(seed: int) -> str:
 def _close(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
-    return math.isclose(a, b, rel_tol=FLOAT_REL_TOL, abs_tol=1e-15)
+    return math.isclose(a, b, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(stage), "") if stage in STAGE_ORDER else (len(STAGE_ORDER), stage)
+
+
+def _spec_metric(spec_task: Any) -> str | None:
+    """The decision metric of a task that has no records yet: the spec's, else the task's primary metric."""
+    if spec_task is None:
+        return None
+    if spec_task.metric:
+        return spec_task.metric
+    from tasks import task_class
+
+    return task_class(spec_task.task).primary_metric
+
+
+def _task_status(state: Any) -> str:
+    """A planner TaskState in words."""
+    if state.status == "running":
+        return f"running (stage {state.stage})" if state.stage else "waiting"
+    if state.status == "failed":
+        return f"failed: {state.reason}"
+    if state.status == "needs_probe":
+        return "needs batch probe"
+    return "done" + (f" ({state.reason})" if state.reason else "")
 
 
 class _Builder:
@@ -822,7 +823,8 @@ def render_text(summary: dict[str, Any]) -> str:
             sign = (sum(x > 0 for x in d), sum(x == 0 for x in d), sum(x < 0 for x in d))
             out += ["", f"filter: {filt!r}", "-" * TEXT_RULE_WIDTH,
                     f"pairs={len(d)} mean d_acc={_f(_mean(d), '+.4f')} std={_f(_pstd(d))} | "
-                    f"mean d_loss={_f(_mean(dl), '+.4f')} std={_f(_pstd(dl))} | sign(+/0/-)={sign[0]}/{sign[1]}/{sign[2]}"]
+                    f"mean d_loss={_f(_mean(dl), '+.4f')} std={_f(_pstd(dl))} | "
+                    f"sign(+/0/-)={sign[0]}/{sign[1]}/{sign[2]}"]
             for r in rows:
                 out.append(f"  seed={r['seed']} d_acc={r['delta']:+.4f} (no={r['baseline_value']:.4f} "
                            f"fs={r['value']:.4f}) d_loss={_f(r['delta_loss'], '+.4f')}")
@@ -992,8 +994,9 @@ def check_report(round_dir: Path) -> list[str]:
     messages = [f"integrity: {p['message']}" for p in fresh["problems"]]
     changed = _diff_records(stored.get("records") or {}, fresh["records"], messages)
     if stored.get("records_file", {}).get("sha256") != fresh["records_file"]["sha256"]:
-        messages.append(f"records.jsonl changed since the report was written ({stored.get('records_file', {}).get('count')} "
-                        f"records then, {fresh['records_file']['count']} now)")
+        then = stored.get("records_file", {}).get("count")
+        messages.append(f"records.jsonl changed since the report was written ({then} records then, "
+                        f"{fresh['records_file']['count']} now)")
     ignore = {"records", "problems", "records_file"}
     _diff_values({k: v for k, v in stored.items() if k not in ignore},
                  {k: v for k, v in fresh.items() if k not in ignore}, "", [], changed, messages)

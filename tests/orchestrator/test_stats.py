@@ -10,7 +10,8 @@ import pytest
 import scipy.stats as ss
 
 from orchestrator import stats
-from orchestrator.stats import DecisionRule, holm, paired_stats, sign_flip_test, t_cdf, t_ppf, t_sf, wilcoxon_signed_rank
+from orchestrator.stats import (DecisionRule, holm, paired_stats, sign_flip_test, t_cdf, t_ppf, t_sf,
+                                wilcoxon_signed_rank)
 
 REL = 1e-9
 
