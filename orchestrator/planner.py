@@ -43,6 +43,15 @@ StageStateKind = Literal["waiting", "running", "complete", "failed", "skipped"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # one run
+# Metrics are means of per-example scores, so two runs with the same number of correct cells can differ in the last
+# bits (0.22916666666666663 vs ...674). A delta within this of the threshold counts as meeting it.
+THRESHOLD_TOLERANCE = 1e-9
+
+
+def meets_threshold(delta: float, threshold: float) -> bool:
+    return delta >= threshold - THRESHOLD_TOLERANCE
+
+
 @dataclass(frozen=True)
 class RunUnit:
     """One run the scheduler may start: its key, resolved candidate and everything its RunConfig needs."""
@@ -262,7 +271,7 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
     if bad:
         decision = bad
     elif delta is not None and unit.stage in GATE_STAGES and unit.stage_seeds == 1:
-        decision = "promote" if delta >= unit.threshold else "prune"
+        decision = "promote" if meets_threshold(delta, unit.threshold) else "prune"
     else:
         decision = "recorded"
     return Judgement(key, base_value, delta, unit.threshold, decision)  # type: ignore[arg-type]
@@ -438,7 +447,7 @@ class _TaskPlanner:
             if gate:
                 if failure is not None:
                     decision, reason = "prune", f"{name} {failure}"
-                elif mean >= self.task.threshold:
+                elif meets_threshold(mean, self.task.threshold):
                     decision, reason = "promote", f"{name} delta {mean:+.4g} >= threshold {self.task.threshold:g}"
                 else:
                     decision, reason = "prune", f"{name} delta {mean:+.4g} < threshold {self.task.threshold:g}"

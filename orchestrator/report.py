@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 from orchestrator.records import Ledger, LedgerError
 from orchestrator.stats import DecisionRule, paired_stats
+from orchestrator.planner import meets_threshold
 
 REPORT_DIR = "report"
 SUMMARY_SCHEMA = 1
@@ -308,7 +309,7 @@ class _Builder:
             seeds = self.spec_seeds(rec["stage"]) or stage_seeds[(rec["task"], rec["stage"])]
             single_seed = len(seeds) == 1
             if rec["stage"] in GATE_STAGES and single_seed and delta is not None and rec.get("threshold") is not None:
-                expect_d = "promote" if delta >= rec["threshold"] else "prune"
+                expect_d = "promote" if meets_threshold(delta, rec["threshold"]) else "prune"
             else:
                 expect_d = "recorded"
             if rec["decision"] != expect_d:
@@ -453,7 +454,7 @@ class _Builder:
             elif not complete:
                 rule = "pending"
             else:
-                rule = "promote" if mean >= threshold else "prune"
+                rule = "promote" if meets_threshold(mean, threshold) else "prune"
             out["candidates"][name] = {
                 "seeds": per_seed, "n_pairs": len(deltas), "mean_delta": mean, "stage_decision": rule,
                 "sources": [k for s in per_seed.values() for k in s["sources"]]}
