@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from orchestrator.planner import RunUnit, judge, plan, stage_table
+from orchestrator.planner import RunUnit, judge, meets_threshold, plan, stage_table
 from orchestrator.records import Record, utc_now
 from orchestrator.runconfig import RunConfig
 from orchestrator.runkey import RunKey, parse_run_key
@@ -132,8 +132,11 @@ def test_full_round_order_matched_baselines_and_no_unit_twice():
 
 
 def test_promotion_at_the_threshold_and_pruning_just_below():
-    # threshold 0.125 (exact in binary): delta == threshold promotes, the next float below prunes
-    below = math.nextafter(0.375, 0.0)
+    # threshold 0.125 (exact in binary): delta == threshold promotes, and so does float noise just below it
+    # (THRESHOLD_TOLERANCE); a delta 1e-6 below prunes
+    below = 0.375 - 1e-6
+    noise = math.nextafter(0.375, 0.0)
+    assert meets_threshold(noise - 0.25, 0.125) and not meets_threshold(below - 0.25, 0.125)
     recs, _, p = simulate(make_spec(), values({"baseline": 0.25, A: 0.375, B: below, C: 0.125, RT: 1.0}))
     quick = {d.candidate: d for d in p.decisions if d.stage == "quick"}
     assert quick[A].decision == "promote" and quick[A].mean_delta == 0.125
