@@ -16,7 +16,7 @@ from orchestrator.study import default_storage_url
 pytest.importorskip("torch")
 
 
-@pytest.mark.slow  # four worker processes, each importing torch: about a minute of CPU on the 2-core dev machine
+@pytest.mark.slow  # four worker processes, each importing torch: about 22 s on a quiet 2-core dev machine, minutes on a busy one
 def test_tiny_round_with_the_real_worker(write_spec, monkeypatch, tmp_path, round_runner):
     monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m orchestrator.worker")
     monkeypatch.setenv("FSEARCH_FAULTS", json.dumps({"*.scalar_l1_trainable.*": "oom"}))
@@ -44,7 +44,7 @@ def test_tiny_round_with_the_real_worker(write_spec, monkeypatch, tmp_path, roun
     assert again == records == Ledger(rd / "records.jsonl").read()
 
 
-@pytest.mark.slow  # one worker process importing torch
+# not slow: one worker process importing torch, about 12 s on the 2-core dev machine
 def test_real_worker_accepts_the_probe_request_and_cpu_falls_back_to_cpu_batch(write_spec, monkeypatch, tmp_path,
                                                                                 round_runner):
     """On a machine without CUDA the real worker parses the scheduler's probe request, then says it needs a CUDA
