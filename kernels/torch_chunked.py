@@ -149,6 +149,7 @@ class _Level:
 
 
 def _levels(Lc, Lx, RAd, KB):
+    """The split levels s = 1, 2, 4, ..., C/2 of a chunk, lazily (the forward keeps none of them alive)."""
     C = Lc.shape[1]
     s = 1
     while s < C:
@@ -156,30 +157,34 @@ def _levels(Lc, Lx, RAd, KB):
         s *= 2
 
 
-def _build_A(Lc, Lx, RA, RAd, KB) -> torch.Tensor:
+def _build_A(levels, RA, KB) -> torch.Tensor:
     """The four decay-weighted matrices as [N, 2C, 2C] = [[A_rk, A_rb], [A_ak, A_ab]].
 
     Only the entries the recurrence uses are written (j ≤ i for the r-rows, j < i for the a-rows); the rest stay 0.
     """
-    N, C = Lc.shape[:2]
-    A = Lc.new_zeros(N, 2, C, 2, C)
-    for lv in _levels(Lc, Lx, RAd, KB):
+    N, C = RA.shape[:2]
+    A = RA.new_zeros(N, 2, C, 2, C)
+    for lv in levels:
         lv.blocks(A).copy_(torch.bmm(lv.xt, lv.yt.transpose(1, 2)).view(N, lv.P, 2, lv.s, 2, lv.s))
     # the diagonal: A_rk[i, i] = r_i·k_i and A_rb[i, i] = r_i·b_i (no decay between a token and itself)
     A[:, 0].diagonal(dim1=1, dim2=3).copy_((RA[:, :, :1] * KB).sum(-1).transpose(1, 2))
     return A.view(N, 2 * C, 2 * C)
 
 
-def _build_A_backward(dA, Lc, Lx, RA, RAd, KB, dRAd, dKB) -> torch.Tensor:
+def _build_A_backward(dA, levels, RA, KB, dRAd, dKB) -> torch.Tensor:
     """Gradient through _build_A given dA = ∂loss/∂A [N, 2C, 2C]: accumulated into dRAd (w.r.t. (r d, a)) and
     dKB (w.r.t. (k, b)); the diagonal's gradient w.r.t. r is returned ([N, C, K])."""
-    N, C, K = Lc.shape
+    N, C, _, K = RA.shape
     dA5 = dA.view(N, 2, C, 2, C)
-    for lv in _levels(Lc, Lx, RAd, KB):
+    for lv in levels:
         s, P = lv.s, lv.P
         g = lv.blocks(dA5).reshape(N * P, 2 * s, 2 * s)                     # rows (x, i), columns (y, j)
-        dxt = torch.bmm(g, lv.yt).view(N, P, 2, s, K)
-        dyt = torch.bmm(g.transpose(1, 2), lv.xt).view(N, P, 2, s, K)
+        if s == 1:  # 2×2 blocks: two broadcast products beat a batched matmul of tiny matrices
+            dxt = torch.addcmul(g[:, :, :1] * lv.yt[:, :1], g[:, :, 1:], lv.yt[:, 1:]).view(N, P, 2, s, K)
+            dyt = torch.addcmul(g[:, :1, :].mT * lv.xt[:, :1], g[:, 1:, :].mT, lv.xt[:, 1:]).view(N, P, 2, s, K)
+        else:
+            dxt = torch.bmm(g, lv.yt).view(N, P, 2, s, K)
+            dyt = torch.bmm(g.transpose(1, 2), lv.xt).view(N, P, 2, s, K)
         dx = dRAd.view(N, P, 2, s, 2, K)[:, :, 1].transpose(2, 3)
         dy = dKB.view(N, P, 2, s, 2, K)[:, :, 0].transpose(2, 3)
         if lv.fx is None:
@@ -236,7 +241,7 @@ def _unit_lower_inverse(L: torch.Tensor) -> torch.Tensor:
 class _Intra:
     """Chunk-local quantities for the chunk-major input buffer X [N, C, 6, D] (see Slot)."""
 
-    def __init__(self, X: torch.Tensor):
+    def __init__(self, X: torch.Tensor, keep_levels: bool = False):
         N, C, _, K = X.shape
         self.C = C
         self.RA = X[:, :, Slot.R:Slot.A + 1]                                 # (r, a) [N, C, 2, K]
@@ -255,7 +260,10 @@ class _Intra:
         self.KBt = self.KB * self.grev.unsqueeze(2)                           # (kt, bt)
         self.rg, self.ag = RAg[:, :, 0], RAg[:, :, 1]
         self.kt, self.bt = self.KBt[:, :, 0], self.KBt[:, :, 1]
-        self.A = A = _build_A(Lc, Lx, self.RA, self.RAd, self.KB)
+        levels = _levels(Lc, Lx, self.RAd, self.KB)
+        if keep_levels:  # the backward reuses them
+            levels = self.levels = list(levels)
+        self.A = A = _build_A(levels, self.RA, self.KB)
         self.A_rk, self.A_rb = A[:, :C, :C], A[:, :C, C:]
         self.A_ak, self.A_ab = A[:, C:, :C], A[:, C:, C:]
         self.Tinv = _unit_lower_inverse(self.A_ab)
@@ -324,7 +332,7 @@ class WKV7Chunked(torch.autograd.Function):
         lay, cdt = ctx.lay, ctx.cdt
         B, H, D, C, NC, N, BH = lay.B, lay.H, lay.D, lay.C, lay.NC, lay.N, lay.BH
         X = lay.to_chunks((r, a, k, b, decay_rate(w, cdt), v), cdt)
-        it = _Intra(X)
+        it = _Intra(X, keep_levels=True)
         M, _ = it.transition()
         S0 = states[:-1].view(N, D, D)
         dY = lay.to_chunks((dy,), cdt)[:, :, 0]                               # [N, C, V]
@@ -356,7 +364,7 @@ class WKV7Chunked(torch.autograd.Function):
         d_ktbt = torch.bmm(VS, dSE).view(N, 2, C, D).transpose(1, 2)           # d(kt, bt)
         torch.mul(d_ktbt, it.grev.unsqueeze(2), out=dKB)
         dX[:, :, Slot.V] = torch.bmm(it.kt, dSE.transpose(1, 2)).baddbmm_(it.A[:, :, :C].transpose(1, 2), DZ)
-        dr_diag = _build_A_backward(dA, it.Lc, it.Lx, it.RA, it.RAd, it.KB, dRAd, dKB)
+        dr_diag = _build_A_backward(dA, it.levels, it.RA, it.KB, dRAd, dKB)
         torch.addcmul(dr_diag, dRAd[:, :, 0], it.d, out=dRA[:, :, 0])
         dRA[:, :, 1] = dRAd[:, :, 1]
 
@@ -365,8 +373,8 @@ class WKV7Chunked(torch.autograd.Function):
         dL = xdx[:, :, 0] - (it.KB * dKB).sum(2)
         dLx = xdx[:, :, 1]
         tail = (it.KBt * d_ktbt).sum((1, 2)) + it.g * (S0 * dSE).sum(1)         # through L_{C-1} (kt, bt, g)
-        F = (dL + dLx).flip(1).cumsum(1).flip(1)
-        dell = F.sub_(dLx).add_(tail.unsqueeze(1))
+        suffix = torch.ones(C, C, dtype=cdt, device=X.device).triu_()                # suffix sums as one matmul
+        dell = torch.matmul(suffix, dL.add_(dLx)).sub_(dLx).add_(tail.unsqueeze(1))
         torch.mul(dell, it.mu, out=dX[:, :, Slot.MU]).mul_(-LN2)                      # dw = dℓ · ℓ, ℓ = -μ ln 2
         g = lay.from_chunks(dX)                                                  # [B, T, H, 6, D]
         dr, da, dk, db, dw, dv = (g[:, :, :, i].to(x.dtype) for i, x in zip(range(6), (r, a, k, b, w, v)))
