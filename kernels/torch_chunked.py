@@ -33,6 +33,9 @@ forms every gradient chunk-parallel. Decay gradients use the identity that, for 
 gradient on L_i is x_i ∂/∂x_i and on L_j it is -y_j ∂/∂y_j.
 
 Computation runs in float32 (float64 for float64 inputs); y is returned in r's dtype, sT in the compute dtype.
+Precision: the decay factors are 2^(difference of chunk-local cumulative sums of μ = exp(w)/ln 2), so their relative
+error is about the float32 spacing of C·max μ: ~2e-6 in the RWKV-7 range (w < -0.5), ~1e-5 at w = 1.5 (measured
+errors of y and of all gradients against the float64 reference stay below ~3e-6 for w in [-3, 1.5]).
 """
 from __future__ import annotations
 
