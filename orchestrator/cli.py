@@ -1,6 +1,8 @@
 """`fsearch`: the command line (console script orchestrator.cli:main).
 
     fsearch round --spec studies/demo.yaml        run (or resume) a round
+    fsearch round --spec F --storage postgresql://... --workers 3    ... with 3 worker processes (one GPU each)
+    fsearch worker --round NAME --storage postgresql://...           join a round from any host
     fsearch status ROUND                          the round's table, from another shell (read-only, no lock)
     fsearch export ROUND --format csv -o x.csv    records as jsonl / csv / parquet
     fsearch validate --spec FILE                  check a spec before any compute
@@ -103,6 +105,24 @@ def storage_url_for(spec, round_dir: Path, override: str | None = None) -> str:
     return url
 
 
+class ClaimsTiming(click.Option):
+    """A float option whose default is a constant of orchestrator.claims, read only when the command runs or its help
+    is shown (that module imports SQLAlchemy, which other commands need not pay for)."""
+
+    def __init__(self, *args, constant: str, **kw):
+        super().__init__(*args, type=float, default=lambda: _claims_constant(constant), **kw)
+        self.constant = constant
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        extra["default"] = f"{_claims_constant(self.constant):g}"
+        return extra
+
+
+def _claims_constant(name: str) -> float:
+    return float(getattr(importlib.import_module("orchestrator.claims"), name))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # commands
 
@@ -150,31 +170,51 @@ def cli() -> None:
 
 @cli.command("round")
 @click.option("--spec", "spec_arg", required=True, help="spec file (a name also finds studies/NAME.yaml)")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///<round folder>/study.db)")
-@click.option("--workers", default=1, show_default=True, type=int, help="parallel workers (reserved: only 1 for now)")
-@click.option("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the worker processes")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (default: sqlite:///<round folder>/study.db; postgresql://... for several "
+                   "workers)")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="worker processes on this host, one device each (more than 1 needs a PostgreSQL storage)")
+@click.option("--gpu", default=None,
+              help="CUDA_VISIBLE_DEVICES for the worker processes; with --workers N a comma list, one per worker")
 @click.option("--no-report", is_flag=True, help="do not write the report at the end (fsearch report ROUND does)")
+@click.option("--heartbeat-s", type=float, default=None,
+              help="PostgreSQL storage: claim heartbeat interval in seconds (default: as for `fsearch worker`)")
+@click.option("--stale-after-s", type=float, default=None,
+              help="PostgreSQL storage: a claim without heartbeat this long is taken over by another worker (default: "
+                   "as for `fsearch worker`)")
 @click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
 def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool,
-              worker_cmd: str | None) -> None:
+              heartbeat_s: float | None, stale_after_s: float | None, worker_cmd: str | None) -> None:
     """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
-    if workers != 1:
-        raise UserError(f"--workers {workers}: several workers are not yet supported; run with --workers 1"
-                        + (" (and note that SQLite storage serves a single worker)" if workers > 1 else ""))
     from orchestrator.progress import format_summary, make_display
-    from orchestrator.scheduler import RoundScheduler
+    from orchestrator.scheduler import WorkerPool, pool_devices, scheduler_for
+    from orchestrator.spec import find_spec_file
+    from orchestrator.study import is_shared_storage, require_shared_storage
 
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
     spec, warnings = load_spec_arg(spec_arg)
     round_dir = Path(spec.round_dir)
     url = storage_url_for(spec, round_dir, storage)
+    if workers > 1:
+        require_shared_storage(url, f"--workers {workers}")
+    shared = is_shared_storage(url)
+    if not shared and (heartbeat_s is not None or stale_after_s is not None):
+        raise UserError("--heartbeat-s/--stale-after-s: only for a PostgreSQL storage (claims of several workers)")
+    timing = {k: v for k, v in (("heartbeat_s", heartbeat_s), ("stale_after_s", stale_after_s)) if v is not None}
     display = make_display(sys.stdout)
-    sched = RoundScheduler(spec, round_dir=round_dir, storage_url=url, worker_cmd=worker_cmd, display=display,
-                           devices=gpu)
-    sched.acquire()  # a second scheduler stops here, with one line
+    devices = pool_devices(workers, gpu, spec.defaults.device) if workers > 1 else None
+    sched = scheduler_for(spec, round_dir=round_dir, storage_url=url, worker_cmd=worker_cmd, display=display,
+                          devices=gpu if workers == 1 else None, **timing)
+    sched.acquire()  # a second coordinator stops here, with one line
     try:
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
-        records = sched.run()
+        if workers > 1:
+            records = WorkerPool(sched, workers, find_spec_file(spec_arg), devices).run()  # type: ignore[arg-type]
+        else:
+            records = sched.run()
     except KeyboardInterrupt:
         getattr(display, "close", lambda: None)()
         click.echo(f"interrupted; run the same command to resume ({round_dir})", err=True)
@@ -191,6 +231,79 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     click.echo(format_summary(records, plan, list(spec.tasks)))
     if not no_report and importlib.util.find_spec("orchestrator.report") is not None:
         click.echo(f"report: {importlib.import_module('orchestrator.report').write_report(round_dir)}")
+
+
+@cli.command("worker")
+@click.option("--round", "round_name", required=True, help="the round's name (its study in the storage)")
+@click.option("--storage", required=True, help="the round's PostgreSQL storage URL (postgresql://USER@HOST:PORT/DB)")
+@click.option("--spec", "spec_arg", default=None,
+              help="spec file (default: the spec the round's study keeps, written by `fsearch round`)")
+@click.option("--results", default=None,
+              help="results root on this host; the round folder is RESULTS/ROUND (default: the spec's output)")
+@click.option("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker's runs")
+@click.option("--heartbeat-s", cls=ClaimsTiming, constant="HEARTBEAT_S",
+              help="seconds between two refreshes of this worker's claim")
+@click.option("--stale-after-s", cls=ClaimsTiming, constant="STALE_AFTER_S",
+              help="seconds without heartbeat after which another worker may take this worker's unit over")
+@click.option("--wait-s", cls=ClaimsTiming, constant="WAIT_S",
+              help="seconds to wait before looking again when other workers hold every runnable unit")
+@click.option("--worker-id", default=None, hidden=True, help="claim owner name (default host:pid:hostid)")
+@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
+def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: str | None, gpu: str | None,
+                heartbeat_s: float, stale_after_s: float, wait_s: float, worker_id: str | None,
+                worker_cmd: str | None) -> None:
+    """Join a round on a shared (PostgreSQL) storage: claim its runnable units one at a time, run and record them,
+    until the plan is finished. Start any number, on any number of hosts; each claim is atomic, a stage's units
+    start only when the stage before is recorded, and a dead worker's unit is taken over after its heartbeat
+    timeout."""
+    from orchestrator.progress import make_display
+    from orchestrator.scheduler import SharedScheduler
+    from orchestrator.study import require_shared_storage
+
+    require_shared_storage(storage, "fsearch worker")
+    spec, warnings = _worker_spec(round_name, storage, spec_arg, results)
+    round_dir = Path(results) / spec.round if results else Path(spec.round_dir)
+    display = make_display(sys.stdout)
+    sched = SharedScheduler(spec, round_dir=round_dir, storage_url=storage, worker_cmd=worker_cmd, display=display,
+                            devices=gpu, worker_id=worker_id, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s,
+                            wait_s=wait_s)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    try:
+        records = sched.run()
+    except KeyboardInterrupt:
+        getattr(display, "close", lambda: None)()
+        click.echo(f"interrupted; worker {sched.worker_id} gave its unit back", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        getattr(display, "close", lambda: None)()
+    click.echo(f"worker {sched.worker_id}: round {spec.round} has no work left; {len(sched.recorded_here)} run(s) "
+               f"recorded by this worker, {len(records)} in the round ({round_dir / 'records.jsonl'})")
+
+
+def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: str | None):
+    """The spec a worker runs: --spec, else the text the round's study keeps (copied to the round folder)."""
+    from orchestrator.scheduler import write_text_atomic
+    from orchestrator.spec import load_spec, parse_spec_text, validate_spec
+    from orchestrator.study import stored_spec_text
+
+    if spec_arg is not None:
+        spec, warnings = load_spec_arg(spec_arg)
+        if spec.round != round_name:
+            raise UserError(f"--spec: the spec's round is {spec.round!r}, not --round {round_name!r}")
+        return spec, warnings
+    text = stored_spec_text(storage, round_name)
+    if text is None:
+        raise UserError(f"round {round_name!r} has no spec in that storage yet: start it with `fsearch round --spec "
+                        f"FILE --storage URL`, or give this worker --spec FILE")
+    parsed = parse_spec_text(text, f"round {round_name} (stored spec)")
+    round_dir = Path(results) / round_name if results else Path(parsed.round_dir)
+    round_dir.mkdir(parents=True, exist_ok=True)
+    path = round_dir / "spec.yaml"
+    if not path.exists() or path.read_text() != text:
+        write_text_atomic(path, text)
+    spec = load_spec(path)
+    return spec, validate_spec(spec)
 
 
 @cli.command("status")

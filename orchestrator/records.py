@@ -158,6 +158,34 @@ class Ledger:
             if new_file:
                 _fsync_dir(self.path.parent)
 
+    def append_missing(self, records: list[Record]) -> list[Record]:
+        """Append, in the given order, the records whose run key the file does not have yet (one lock, one fsync);
+        returns those appended. The mirror of a shared round: several workers, on one host or several, keep their
+        host's file equal to the database's records this way."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            new_file = not self.path.exists()
+            with open(self.path, "ab+") as f:
+                f.seek(0)
+                existing, valid_len = self._parse(f.read())
+                have = {r.run_key for r in existing}
+                missing = []
+                for r in records:
+                    if r.run_key not in have:
+                        have.add(r.run_key)
+                        missing.append(r)
+                if not missing:
+                    return []
+                if valid_len != f.seek(0, os.SEEK_END):
+                    f.truncate(valid_len)
+                f.seek(0, os.SEEK_END)
+                f.write(b"".join(r.to_line().encode() + b"\n" for r in missing))
+                f.flush()
+                os.fsync(f.fileno())
+            if new_file:
+                _fsync_dir(self.path.parent)
+        return missing
+
     def write_torn(self, record: Record, fraction: float = 0.5) -> None:
         """Test hook: write the first part of a record's line without its newline (what a crash mid-write leaves)."""
         line = record.to_line().encode()

@@ -35,12 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
 
+from orchestrator.claims import (DONE, HEARTBEAT_S, PROBE_PREFIX, STALE_AFTER_S, WAIT_S, Heartbeat, Lease, RoundClaims,
+                                 worker_name)
 from orchestrator.records import Ledger, Record, utc_now
 from orchestrator.runconfig import EXIT_KIND, EXIT_OK, RunConfig, RunResult
-from orchestrator.study import RoundStudy, default_storage_url
+from orchestrator.study import (SPEC_ATTR, RoundStudy, default_storage_url, is_shared_storage,
+                                require_shared_storage)
 
 WORKER_CMD_ENV = "FSEARCH_WORKER_CMD"
 FAULTS_ENV = "FSEARCH_FAULTS"
@@ -48,10 +52,13 @@ KILL_ENV = "FSEARCH_KILL_AT"
 
 POLL_S = 0.2  # how often the scheduler looks at the worker (exit, progress.json)
 TERM_GRACE_S = 5.0  # after SIGTERM to a worker's process group, wait this long before SIGKILL
+POOL_POLL_S = 0.5  # how often `fsearch round --workers N` looks at its workers and the round's records
 PROBE_TIME_LIMIT_S = 1800.0  # the batch probe: model build + a few forward/backward passes per size
 ERROR_TAIL_LINES = 4  # log lines kept as the error message when a worker dies without result.json
 
-RETRYABLE = ("crash", "timeout")  # retried up to `retries`; oom halves the micro-batch; data/config fail at once
+# retried up to `retries` ("lost": a shared round's worker died mid-run and another took its unit over);
+# oom halves the micro-batch; data/config fail at once
+RETRYABLE = ("crash", "timeout", "lost")
 
 # kill points (FSEARCH_KILL_AT), in the order a run meets them
 KILL_POINTS = (
@@ -344,6 +351,18 @@ class AttemptLog:
         return sum(1 for h in self.history if h["outcome"] in RETRYABLE)
 
 
+@dataclass
+class RunStart:
+    """How a run begins in this process: its trial, attempt history and micro-batch; attempt numbers from
+    `first_attempt` on (another host may have used lower ones); `over`: the run already has its final outcome."""
+
+    number: int
+    log: AttemptLog
+    micro_batch: int
+    first_attempt: int = 0
+    over: Outcome | None = None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the round
 
@@ -360,7 +379,10 @@ class ActiveRun:
 
 
 class RoundScheduler:
-    """Runs one round to completion (or until interrupted). Single worker, one GPU."""
+    """Runs one round to completion (or until interrupted). Single worker, one GPU; its study on SQLite (a PostgreSQL
+    round runs through SharedScheduler: `scheduler_for`)."""
+
+    shared = False
 
     def __init__(self, spec: Any, *, round_dir: Path | None = None, storage_url: str | None = None,
                  worker_cmd: str | list[str] | None = None, display: Any = None, devices: str | None = None,
@@ -379,6 +401,9 @@ class RoundScheduler:
         self.devices = devices
         self.poll_s = poll_s
         self.term_grace_s = term_grace_s
+        if is_shared_storage(self.storage_url) and not self.shared:
+            raise SchedulerError("a round on PostgreSQL runs through SharedScheduler (scheduler_for), whose claims "
+                                 "keep several workers apart")
         self.ledger = Ledger(self.round_dir / "records.jsonl")
         self.lock = FileLock(str(self.round_dir / "round.lock"))
         self.study: RoundStudy | None = None
@@ -456,31 +481,67 @@ class RoundScheduler:
     # one run --------------------------------------------------------------------------------------------------------
     def execute(self, unit: Any) -> Record:
         assert self.study is not None
-        run_key = unit.run_key
-        runs_dir = self.round_dir / "runs" / run_key
-        base_cfg = self.base_config(unit, runs_dir / "attempt-0", 0)
-        log = AttemptLog()
-        micro_batch = base_cfg.micro_batch or base_cfg.batch_size
-        number = self.adoptable.pop(run_key, None)
-        if number is None:
-            number = self.study.claim(base_cfg.task, base_cfg.stage, base_cfg.candidate, base_cfg.seed,
-                                      {"run_key": run_key, "attempt": 0, "micro_batch": micro_batch,
-                                       "batch_size": base_cfg.batch_size, "attempts": []})
-        else:  # resume the run in the trial a killed scheduler left RUNNING
-            attrs = self.study.trial(number).user_attrs
-            log.history = list(attrs.get("attempts") or [])
-            micro_batch = int(attrs.get("micro_batch") or micro_batch)
-            for d in sorted(runs_dir.glob("attempt-*")):
-                kill_leftover_worker(d)
-            self.display.message(f"resuming {run_key} (trial {number}, {len(log.history)} earlier attempt(s))")
+        runs_dir = self.round_dir / "runs" / unit.run_key
+        start = self.open_run(unit, runs_dir)
         self.kill.hit("claim")
+        if start.over is not None:  # ended before any attempt here (its lost attempts used up the retries)
+            attempt = max(0, start.first_attempt - 1)
+            attempt_dir = runs_dir / f"attempt-{attempt}"
+            cfg, outcome = self.base_config(unit, attempt_dir, attempt, start.micro_batch), start.over
+        else:
+            cfg, outcome, attempt_dir = self.run_attempts(unit, runs_dir, start)
+        record = self.make_record(unit, cfg, outcome, attempt_dir)
+        self.commit_record(record)
+        self.study.finish(start.number, record)
+        self.records.append(record)
+        self.after_tell(record)
+        self.kill.hit("tell")
+        self.display.run_finished(self, record)
+        return record
 
+    def open_run(self, unit: Any, runs_dir: Path) -> "RunStart":
+        """The run's trial: the RUNNING one a killed scheduler left (adopted), else a new one."""
+        micro_batch = self.first_micro_batch(unit, runs_dir)
+        number = self.adoptable.pop(unit.run_key, None)
+        if number is None:
+            return RunStart(self.new_trial(unit, runs_dir, micro_batch), AttemptLog(), micro_batch)
+        return self.adopt_trial(unit, number, runs_dir, micro_batch)
+
+    def first_micro_batch(self, unit: Any, runs_dir: Path) -> int:
+        cfg = self.base_config(unit, runs_dir / "attempt-0", 0)
+        return cfg.micro_batch or cfg.batch_size
+
+    def new_trial(self, unit: Any, runs_dir: Path, micro_batch: int, **attrs: Any) -> int:
+        assert self.study is not None
+        cfg = self.base_config(unit, runs_dir / "attempt-0", 0)
+        return self.study.claim(cfg.task, cfg.stage, cfg.candidate, cfg.seed,
+                                {"run_key": unit.run_key, "attempt": 0, "micro_batch": micro_batch,
+                                 "batch_size": cfg.batch_size, "attempts": [], **attrs})
+
+    def adopt_trial(self, unit: Any, number: int, runs_dir: Path, micro_batch: int) -> "RunStart":
+        """Resume a run in its RUNNING trial: its attempt history, micro-batch and attempt count go on."""
+        assert self.study is not None
+        attrs = self.study.trial(number).user_attrs
+        log = AttemptLog(list(attrs.get("attempts") or []))
+        micro_batch = int(attrs.get("micro_batch") or micro_batch)
+        first = int(attrs.get("attempt") or 0) + 1 if attrs.get("run_dir") else 0  # an attempt was started
+        for d in sorted(runs_dir.glob("attempt-*")):
+            kill_leftover_worker(d)
+        self.display.message(f"resuming {unit.run_key} (trial {number}, {len(log.history)} earlier attempt(s))")
+        return RunStart(number, log, micro_batch, first)
+
+    def run_attempts(self, unit: Any, runs_dir: Path, start: "RunStart") -> tuple[RunConfig, Outcome, Path]:
+        """Attempts until an outcome is final: oom halves the micro-batch, crash/timeout retry up to `retries`."""
+        assert self.study is not None
+        run_key, number, log, micro_batch = unit.run_key, start.number, start.log, start.micro_batch
         while True:
-            attempt = next_attempt(runs_dir)
+            self.check_lease(confirm=True)
+            attempt = max(next_attempt(runs_dir), start.first_attempt)
             attempt_dir = runs_dir / f"attempt-{attempt}"
             cfg = self.base_config(unit, attempt_dir, attempt, micro_batch)
             self.study.set_attrs(number, {"attempt": attempt, "micro_batch": micro_batch, "run_dir": str(attempt_dir)})
             outcome = self.run_attempt(unit, cfg, attempt_dir)
+            self.check_lease(confirm=True)
             log.add(attempt, micro_batch, outcome)
             self.study.set_attrs(number, {"attempts": log.history})
             if outcome.kind == "oom":
@@ -496,19 +557,22 @@ class RoundScheduler:
                 self.display.message(f"{run_key}: {outcome.kind} ({outcome.message}); retry "
                                      f"{log.retries_used()}/{self.retries_for(unit)}")
                 continue
-            break
+            return cfg, outcome, attempt_dir
 
-        record = self.make_record(unit, cfg, outcome, attempt_dir)
+    def commit_record(self, record: Record) -> None:
+        """Append the record to the ledger (the round's truth on a single-scheduler storage)."""
         if self.kill.due("torn_record"):
             self.ledger.write_torn(record)
             self.kill.die()
         self.ledger.append(record)
         self.kill.hit("record")
-        self.study.finish(number, record)
-        self.records.append(record)
-        self.kill.hit("tell")
-        self.display.run_finished(self, record)
-        return record
+
+    def after_tell(self, record: Record) -> None:
+        """Hook: the run's trial is told."""
+
+    def check_lease(self, confirm: bool = False) -> None:
+        """Hook: a shared round's worker stops here (ClaimLost) when another worker has taken its unit over;
+        `confirm`: ask the database now rather than trust the heartbeat thread's last answer."""
 
     def run_attempt(self, unit: Any, cfg: RunConfig, attempt_dir: Path) -> Outcome:
         attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -525,6 +589,7 @@ class RoundScheduler:
 
         def poll() -> None:
             nonlocal seen_progress
+            self.check_lease()
             prog = read_progress(attempt_dir)
             if prog is not None:
                 self.active.progress = prog
@@ -694,6 +759,415 @@ class NullDisplay:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# several workers on a shared (PostgreSQL) storage
+
+class ClaimLost(Exception):
+    """Another worker took this worker's unit over: its heartbeats stopped for longer than the claim's timeout."""
+
+
+class SharedScheduler(RoundScheduler):
+    """One of any number of workers of a round whose study lives in PostgreSQL (`fsearch worker`, and
+    `fsearch round --storage postgresql://...`), on any number of hosts.
+
+    Each loop: the round's records from the database -> the planner -> the first runnable unit no live claim holds is
+    claimed atomically (orchestrator.claims) -> run under a heartbeat thread, as the single scheduler runs a unit ->
+    record committed to the database with the claim still held -> trial told -> claim done. Stage barriers are the
+    planner's: a unit is runnable only once the records it depends on exist, so a med unit starts only after its task's
+    quick stage is recorded. When every runnable unit is held by others the worker waits (`wait_s`) and plans again;
+    it exits when the plan has nothing left. A worker whose claim was taken over (it fell silent past the timeout)
+    kills its run and records nothing. A unit taken over from a dead worker is resumed in the same trial; the lost
+    attempt counts as a crash retry.
+
+    Records: the database's fsearch_records table is the round's truth; <round>/records.jsonl on each host is its
+    mirror (appended under the ledger's file lock after each record, and on start and exit), so `status`, `export`
+    and `report` read a consistent file. Only a coordinator (`fsearch round`) takes the round lock; workers do not.
+    """
+
+    shared = True
+
+    def __init__(self, spec: Any, *, coordinator: bool = False, worker_id: str | None = None,
+                 heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S, wait_s: float = WAIT_S,
+                 **kw: Any):
+        super().__init__(spec, **kw)
+        require_shared_storage(self.storage_url, "a round shared by several workers")
+        if not (heartbeat_s > 0 and stale_after_s >= 2 * heartbeat_s):
+            raise SchedulerError(f"stale-after {stale_after_s:g} s must be at least twice the heartbeat interval "
+                                 f"({heartbeat_s:g} s), or a live worker loses its claims")
+        self.coordinator = coordinator
+        self.worker_id = worker_id or worker_name()
+        self.heartbeat_s, self.stale_after_s, self.wait_s = heartbeat_s, stale_after_s, wait_s
+        self.claims: RoundClaims | None = None
+        self.lease: Lease | None = None
+        self.recorded_here: list[Record] = []
+
+    def acquire(self) -> None:
+        if self.coordinator:  # two coordinators of a round are refused; any number of workers may join
+            super().acquire()
+
+    def release(self) -> None:
+        if self.coordinator:
+            super().release()
+
+    # set-up ---------------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Open the study and the claim tables, publish the spec, read the records, mirror them, repair trials."""
+        self.round_dir.mkdir(parents=True, exist_ok=True)
+        local = self.ledger.read()  # before the database: the mirror never runs ahead of it
+        self.study = RoundStudy.create_or_load(self.storage_url, self.spec.round)
+        self.claims = RoundClaims(self.study.storage.engine, self.spec.round, self.worker_id, self.stale_after_s)
+        self.claims.ensure_tables()
+        labels, candidates = spec_labels(self.spec)
+        self.study.fix_choices(labels, candidates)
+        self.publish_spec()
+        save_spec_copy(self.spec, self.round_dir)
+        self.refresh()
+        extra = sorted({r.run_key for r in local} - {r.run_key for r in self.records})
+        if extra:
+            raise SchedulerError(
+                f"{self.ledger.path} has {len(extra)} record(s) that the storage {_safe(self.storage_url)} does not "
+                f"(e.g. {extra[0]}): this round folder was run with another storage; use that storage, or another "
+                f"results folder for this one")
+        self.sync_ledger()
+        self.repair_trials()
+
+    def publish_spec(self) -> None:
+        """Keep the spec in the study (workers started with only --round read it). A coordinator's spec replaces the
+        stored one (a resumed round may change its spec, as with one scheduler); a worker's must match it."""
+        assert self.study is not None
+        text = spec_text(self.spec)
+        stored = self.study.study_attr(SPEC_ATTR)
+        if stored is None or self.coordinator:
+            if stored != text:
+                self.study.set_study_attr(SPEC_ATTR, text)
+            return
+        if stored != text and _spec_fields(stored) != _spec_fields(self.spec):
+            raise SchedulerError(f"spec: differs from the spec round {self.spec.round} runs with (kept in its study); "
+                                 f"start this worker without --spec to use the round's")
+
+    # the loop -------------------------------------------------------------------------------------------------------
+    def _run_locked(self) -> list[Record]:
+        self.prepare()
+        self.probes = self.ensure_probes()
+        self.display.round_started(self)
+        waiting = False
+        while True:
+            self.refresh()
+            plan = self.plan()
+            if not plan.runnable:
+                break
+            stage_id = (plan.runnable[0].task, plan.runnable[0].stage)
+            if self._last_stage is not None and stage_id != self._last_stage:
+                self.kill.hit("stage")
+            self._last_stage = stage_id
+            claimed = self.claim_next(plan.runnable)
+            if claimed is None:
+                if not waiting:
+                    self.display.message(f"waiting: the {len(plan.runnable)} runnable unit(s) are held by other "
+                                         f"workers; looking again every {self.wait_s:g} s")
+                waiting = True
+                time.sleep(self.wait_s)
+                continue
+            waiting = False
+            self.execute_leased(*claimed)
+        self.refresh()
+        self.sync_ledger()
+        self.repair_trials(final=True)
+        self.display.round_finished(self)
+        return self.records
+
+    def refresh(self) -> None:
+        assert self.claims is not None
+        self.records = self.claims.records()
+
+    def sync_ledger(self) -> None:
+        self.ledger.append_missing(self.records)
+
+    def claim_next(self, runnable: list[Any]) -> tuple[Any, Lease] | None:
+        """The first runnable unit this worker could claim (in plan order), with its lease; None when all are held."""
+        assert self.claims is not None
+        busy = self.claims.busy_keys()
+        for unit in runnable:
+            if unit.run_key not in busy:
+                lease = self.claims.try_claim(unit.run_key)
+                if lease is not None:
+                    return unit, lease
+        return None
+
+    def execute_leased(self, unit: Any, lease: Lease) -> Record | None:
+        assert self.claims is not None
+        self.lease = lease
+        if lease.stolen_from:
+            self.display.message(f"{unit.run_key}: taken over from worker {lease.stolen_from} (no heartbeat within "
+                                 f"its timeout, or its process is gone)")
+        try:
+            with Heartbeat(self.claims, lease, self.heartbeat_s):
+                record = self.execute(unit)
+            self.recorded_here.append(record)
+            return record
+        except ClaimLost as e:
+            self.display.message(str(e))
+            return None
+        except optuna.exceptions.UpdateFinishedTrialError:  # the new owner finished the trial while this one slept
+            self.display.message(f"{unit.run_key}: another worker took this unit over and finished it; nothing "
+                                 f"recorded here")
+            return None
+        except BaseException:
+            try:  # interrupted or failed: give the unit back at once (its trial stays RUNNING, to be adopted)
+                self.claims.release(lease)
+            except Exception:  # noqa: BLE001 - the claim then goes stale and is taken over after the timeout
+                pass
+            raise
+        finally:
+            self.lease = None
+
+    # hooks of the single scheduler's run ----------------------------------------------------------------------------
+    def open_run(self, unit: Any, runs_dir: Path) -> RunStart:
+        """The run's RUNNING trial if a worker left one (adopted), else a new trial. A unit taken over from a dead
+        worker counts the lost attempt as a crash retry; with the retries used up, the run fails without another."""
+        assert self.study is not None
+        micro_batch = self.first_micro_batch(unit, runs_dir)
+        trials = self.study.running_of(unit.run_key)
+        for t in trials[1:]:
+            self.study.fail(t.number, f"duplicate RUNNING trial of run {unit.run_key} (trial {trials[0].number} kept)")
+        if not trials:
+            number = self.new_trial(unit, runs_dir, micro_batch, worker=self.worker_id)
+            return RunStart(number, AttemptLog(), micro_batch)
+        start = self.adopt_trial(unit, trials[0].number, runs_dir, micro_batch)
+        self.study.set_attrs(start.number, {"worker": self.worker_id})
+        if self.lease is not None and self.lease.stolen_from:
+            why = f"worker {self.lease.stolen_from} stopped sending heartbeats during this run"
+            start.log.history.append({"attempt": max(0, start.first_attempt - 1), "micro_batch": start.micro_batch,
+                                      "outcome": "lost", "exit_code": None, "message": why})
+            self.study.set_attrs(start.number, {"attempts": start.log.history})
+            if start.log.retries_used() > self.retries_for(unit):
+                start.over = Outcome("lost", None, None, f"{why}; retries used up ({self.retries_for(unit)})")
+        return start
+
+    def check_lease(self, confirm: bool = False) -> None:
+        if self.lease is None or self.claims is None:
+            return
+        if self.lease.lost.is_set() or (confirm and not self.claims.beat(self.lease)):
+            raise ClaimLost(f"{self.lease.run_key}: another worker took this unit over (no heartbeat from this "
+                            f"worker for over {self.stale_after_s:g} s); its run here is stopped, nothing recorded")
+
+    def commit_record(self, record: Record) -> None:
+        """The record into the database with the claim still held (else ClaimLost: nothing written), then into this
+        host's records.jsonl mirror."""
+        assert self.claims is not None and self.lease is not None
+        if not self.claims.commit_record(self.lease, record):
+            self.check_lease()
+            raise ClaimLost(f"{record.run_key}: the claim is no longer this worker's; nothing recorded")
+        self.ledger.append_missing(self.claims.records())
+        self.kill.hit("record")
+
+    def after_tell(self, record: Record) -> None:
+        assert self.claims is not None and self.lease is not None
+        self.claims.mark_done(self.lease)
+
+    def repair_trials(self, final: bool = False) -> None:
+        """RUNNING trials whose owner is gone: told from their record (a worker died between record and tell); at the
+        end of the round, those without a record are failed (their run left the plan). Others stay for adoption."""
+        assert self.study is not None and self.claims is not None
+        by_key = {r.run_key: r for r in self.records}
+        now, rows = self.claims.claims()
+        owner_alive = {c.run_key for c in rows if c.state != DONE and c.fresh(now)}
+        for t in self.study.running():
+            key = t.user_attrs.get("run_key")
+            if key in owner_alive:
+                continue
+            if key in by_key:
+                self.study.finish(t.number, by_key[key])
+            elif final:
+                self.study.fail(t.number, f"run {key} is not part of the round's plan (the spec changed)")
+
+    # batch probes ---------------------------------------------------------------------------------------------------
+    def ensure_probes(self) -> dict[str, dict[str, Any]]:
+        """One probe per `batch: auto` task for the whole round: the study keeps the result; a worker that finds none
+        claims the probe (key probe:<task>) and runs it, the others wait for it."""
+        probes: dict[str, dict[str, Any]] = {}
+        for task in [label for label, t in self.spec.tasks.items() if t.batch == "auto"]:
+            probes[task] = self.shared_probe(task)
+            path = self.round_dir / "probe" / f"{task}.json"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, json.dumps(probes[task], indent=1))
+        return probes
+
+    def stored_probes(self) -> dict[str, dict[str, Any]]:
+        """The probe results the study holds so far (what the coordinator of a worker pool plans with)."""
+        assert self.study is not None
+        attrs = self.study.storage.get_study_user_attrs(self.study.study_id)
+        return {t: attrs[f"probe.{t}"] for t, ts in self.spec.tasks.items()
+                if ts.batch == "auto" and f"probe.{t}" in attrs}
+
+    def shared_probe(self, task: str) -> dict[str, Any]:
+        assert self.study is not None and self.claims is not None
+        waiting = False
+        while True:
+            value = self.study.study_attr(f"probe.{task}")
+            if value is not None:
+                return value
+            lease = self.claims.try_claim(PROBE_PREFIX + task)
+            if lease is None:
+                if not waiting:
+                    self.display.message(f"{task}: waiting for the batch probe another worker runs")
+                waiting = True
+                time.sleep(self.wait_s)
+                continue
+            try:
+                with Heartbeat(self.claims, lease, self.heartbeat_s):
+                    value = self.probe_task(task)
+                    self.kill.hit("probe")
+                    self.study.set_study_attr(f"probe.{task}", value)
+            except BaseException:
+                self.claims.release(lease)
+                raise
+            self.claims.mark_done(lease)
+            return value
+
+
+def scheduler_for(spec: Any, **kw: Any) -> RoundScheduler:
+    """The scheduler for a spec's storage: RoundScheduler (SQLite: one scheduler, the ledger is the truth) or
+    SharedScheduler (PostgreSQL: claims; a coordinator unless `coordinator=False`)."""
+    round_dir = Path(kw.get("round_dir") or spec.round_dir)
+    url = kw.get("storage_url") or getattr(spec, "storage", None) or default_storage_url(round_dir)
+    if is_shared_storage(url):
+        return SharedScheduler(spec, **{"coordinator": True, **kw})
+    if any(kw.get(k) is not None for k in SHARED_ONLY):
+        raise SchedulerError(f"{', '.join(k for k in SHARED_ONLY if kw.get(k) is not None)}: only for a "
+                             f"PostgreSQL storage")
+    return RoundScheduler(spec, **{k: v for k, v in kw.items() if k not in SHARED_ONLY})
+
+
+SHARED_ONLY = ("coordinator", "worker_id", "heartbeat_s", "stale_after_s", "wait_s")
+
+
+class WorkerPool:
+    """`fsearch round --workers N` on a shared storage: N `fsearch worker` processes on this host, one device each
+    (CUDA_VISIBLE_DEVICES), watched by this coordinator, which holds the round lock.
+
+    Each worker's output goes to <round>/workers/worker-<i>.log; the coordinator prints each record as the database
+    gets it. The workers die with the coordinator (and their runs with them). A worker that dies leaves its unit to the
+    others; when all have exited with the plan unfinished, the round stops with one line naming the failed workers
+    (run the same command to resume: units of this host's dead workers are taken over at once)."""
+
+    def __init__(self, coordinator: SharedScheduler, n: int, spec_file: Path, devices: list[str | None],
+                 poll_s: float = POOL_POLL_S):
+        if n < 1 or len(devices) != n:
+            raise SchedulerError(f"--workers {n}: needs one device entry per worker, got {devices}")
+        self.c, self.n, self.spec_file, self.devices, self.poll_s = coordinator, n, Path(spec_file), devices, poll_s
+        self.procs: list[WorkerProcess] = []
+
+    def worker_argv(self, i: int) -> list[str]:
+        c = self.c
+        argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--round", c.spec.round, "--storage",
+                c.storage_url, "--spec", str(self.spec_file.resolve()), "--results",
+                str(c.round_dir.resolve().parent), "--heartbeat-s", f"{c.heartbeat_s:g}", "--stale-after-s",
+                f"{c.stale_after_s:g}", "--wait-s", f"{c.wait_s:g}", "--worker-cmd", shlex.join(c.worker_cmd)]
+        if self.devices[i] is not None:
+            argv += ["--gpu", str(self.devices[i])]
+        return argv
+
+    def log_path(self, i: int) -> Path:
+        return self.c.round_dir / "workers" / f"worker-{i}.log"
+
+    def run(self) -> list[Record]:
+        c = self.c
+        c.acquire()
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main_thread = _in_main_thread()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            c.prepare()
+            c.probes = c.stored_probes()
+            c.display.round_started(c)
+            self.log_path(0).parent.mkdir(parents=True, exist_ok=True)
+            for i in range(self.n):
+                self.procs.append(start_worker(self.worker_argv(i), self.log_path(i), env=worker_environment()))
+                c.display.message(f"worker {i}: pid {self.procs[-1].pid}"
+                                  + (f", CUDA_VISIBLE_DEVICES={self.devices[i]}" if self.devices[i] is not None else "")
+                                  + f", log {self.log_path(i)}")
+            self.watch()
+            return c.records
+        finally:
+            self.stop()
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            c.release()
+
+    def watch(self) -> None:
+        c = self.c
+        seen = {r.run_key for r in c.records}
+        while True:
+            running = [p for p in self.procs if p.proc.poll() is None]
+            c.refresh()
+            c.probes = c.stored_probes()
+            for r in c.records:
+                if r.run_key not in seen:
+                    seen.add(r.run_key)
+                    c.display.run_finished(c, r)
+            if not running:
+                break
+            time.sleep(self.poll_s)
+        c.sync_ledger()
+        failed = [(i, p) for i, p in enumerate(self.procs) if p.proc.returncode != 0]
+        if failed:
+            why = "; ".join(f"worker {i} (exit {p.proc.returncode}): {log_tail(self.log_path(i), 1) or '-'}"
+                            for i, p in failed)
+            if c.plan().runnable:
+                raise SchedulerError(f"{len(failed)} of {self.n} workers failed and the round is not finished "
+                                     f"({why}); run the same command to resume")
+            c.display.message(f"note: {len(failed)} worker(s) failed, the others finished the round ({why})")
+        c.display.round_finished(c)
+
+    def stop(self) -> None:
+        """SIGTERM the workers still running (they give their units back), SIGKILL those that linger."""
+        alive = [p for p in self.procs if p.proc.poll() is None]
+        for p in alive:
+            p.signal_group(signal.SIGTERM)
+        deadline = time.time() + self.c.term_grace_s + TERM_GRACE_S
+        for p in alive:
+            try:
+                p.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def pool_devices(n: int, gpu: str | None, device: str) -> list[str | None]:
+    """One CUDA_VISIBLE_DEVICES value per worker: from --gpu (comma list), else none on a CPU round, else the devices
+    this process sees (its CUDA_VISIBLE_DEVICES), else 0..n-1."""
+    if gpu:
+        parts = [x.strip() for x in gpu.split(",") if x.strip()]
+        if len(parts) < n:
+            raise SchedulerError(f"--gpu {gpu}: {n} workers need {n} devices (one each), got {len(parts)}")
+        return list(parts[:n])
+    if device == "cpu":
+        return [None] * n
+    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    if visible:
+        if len(visible) < n:
+            raise SchedulerError(f"--workers {n}: CUDA_VISIBLE_DEVICES names {len(visible)} device(s); give --gpu")
+        return list(visible[:n])
+    return [str(i) for i in range(n)]
+
+
+def _spec_fields(spec: Any) -> dict[str, Any]:
+    """A spec's content for comparison, without what may differ by host (output folder, storage URL)."""
+    if isinstance(spec, str):
+        from orchestrator.spec import parse_spec_text
+
+        spec = parse_spec_text(spec, "stored spec")
+    return spec.model_dump(mode="json", exclude={"output", "storage"})
+
+
+def _safe(url: str) -> str:
+    from orchestrator.study import _safe_url
+
+    return _safe_url(url)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
 def _in_main_thread() -> bool:
@@ -725,7 +1199,7 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers of a round may write the same file
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -733,18 +1207,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_spec_copy(spec: Any, round_dir: Path) -> None:
-    """The spec as this round runs it (for `fsearch status` and the report), next to the records."""
+def spec_text(spec: Any) -> str | None:
+    """The spec's YAML: its file's text, else a dump of the parsed spec."""
     src = getattr(spec, "source", None)
-    text = None
     if src is not None and Path(src).exists():
-        text = Path(src).read_text()
-    elif hasattr(spec, "model_dump"):
+        return Path(src).read_text()
+    if hasattr(spec, "model_dump"):
         import yaml
 
-        text = yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return None
+
+
+def save_spec_copy(spec: Any, round_dir: Path) -> None:
+    """The spec as this round runs it (for `fsearch status` and the report), next to the records."""
+    text = spec_text(spec)
     if text is not None:
-        write_text_atomic(round_dir / "spec.yaml", text)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        if not (round_dir / "spec.yaml").exists() or (round_dir / "spec.yaml").read_text() != text:
+            write_text_atomic(round_dir / "spec.yaml", text)
 
 
 def spec_labels(spec: Any) -> tuple[list[str], list[str]]:

@@ -15,12 +15,17 @@ from the record; one without a record is kept for adoption (the scheduler resume
 run never has two trials); records that have no trial at all are mirrored in as finished trials.
 
 Storage: SQLite (default, `sqlite:///<round>/study.db`) in WAL mode with a connect timeout, so a reader
-(`fsearch status`, optuna-dashboard) never blocks the scheduler; PostgreSQL URLs are accepted. Torch-free.
+(`fsearch status`, optuna-dashboard) never blocks the scheduler. PostgreSQL (`postgresql://...`) is the shared
+storage: any number of `fsearch worker` processes on any number of hosts run one round, claiming units through
+orchestrator.claims. SQLite serves one scheduler only (`require_shared_storage` refuses it for several workers:
+no SELECT ... FOR UPDATE, so neither Optuna's nor our claims are atomic across processes, writers get "database is
+locked", and it does not work over NFS). Torch-free.
 """
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +40,9 @@ from orchestrator.records import Record
 from orchestrator.spec import STAGE_ORDER
 
 SQLITE_TIMEOUT_S = 60.0
+OPEN_TRIES = 3  # a shared study opened by several workers at once: tries, and a growing pause between them
+OPEN_RETRY_S = 0.5
+SPEC_ATTR = "spec_yaml"  # study user attribute: the spec text the round runs (workers on other hosts read it)
 STAGES = STAGE_ORDER  # the stage param's choices: every stage a spec can have, so they never change
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,6 +65,19 @@ def sqlite_path(url: str) -> Path | None:
 def check_storage_url(url: str) -> None:
     if not (url.startswith("sqlite:///") or url.startswith("postgresql://") or url.startswith("postgresql+")):
         raise StudyError(f"storage: {url!r} is not a sqlite:///PATH or postgresql://... URL")
+
+
+def is_shared_storage(url: str) -> bool:
+    """A storage several worker processes (on several hosts) can share: PostgreSQL."""
+    return url.startswith("postgresql://") or url.startswith("postgresql+")
+
+
+def require_shared_storage(url: str, what: str) -> None:
+    """`what` (e.g. "fsearch worker") needs a shared storage: one line naming the problem otherwise."""
+    if not is_shared_storage(url):
+        raise StudyError(f"{what} needs a PostgreSQL storage (--storage postgresql://USER@HOST:PORT/DB), not "
+                         f"{_safe_url(url)}: SQLite serves a single scheduler (no row locks across processes, "
+                         f"'database is locked' under concurrent writers, unsafe on NFS)")
 
 
 def driver_url(url: str) -> str:
@@ -156,9 +177,18 @@ class RoundStudy:
     # opening -----------------------------------------------------------------------------------------------------------
     @classmethod
     def create_or_load(cls, url: str, name: str) -> "RoundStudy":
-        storage = open_storage(url)
-        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-        return cls(storage, name)
+        """Open (creating if needed) the round's study. Several workers starting at once on a fresh database can race
+        on Optuna's table and study creation; the loser tries again."""
+        for attempt in range(OPEN_TRIES):
+            storage = open_storage(url)
+            try:
+                optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+                return cls(storage, name)
+            except Exception:  # noqa: BLE001 - a concurrent create of the same tables or study
+                if attempt == OPEN_TRIES - 1 or not is_shared_storage(url):
+                    raise
+                time.sleep(OPEN_RETRY_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @classmethod
     def load(cls, url: str, name: str) -> "RoundStudy | None":
@@ -233,25 +263,36 @@ class RoundStudy:
             self.storage.set_trial_user_attr(tid, k, v)
 
     def finish(self, number: int, record: Record) -> None:
-        """Mirror a record into its RUNNING trial: attributes, metric curve, then tell. Idempotent."""
+        """Mirror a record into its RUNNING trial: attributes, metric curve, then tell. Idempotent, also when two
+        workers of a shared round finish the same trial at once (the second finds it finished)."""
         t = self.trial(number)
         if t.state.is_finished():
             return
-        self.set_attrs(number, record_attrs(record))
-        tid = t._trial_id
-        for step, v in metric_curve(record.run_dir, record.metric).items():
-            self.storage.set_trial_intermediate_value(tid, step, v)
-        state = trial_state_for(record)
-        # as Study.tell does: a pruned trial carries its last value
-        value = record.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None
-        self.storage.set_trial_state_values(tid, state, None if value is None else [float(value)])
+        try:
+            self.set_attrs(number, record_attrs(record))
+            tid = t._trial_id
+            for step, v in metric_curve(record.run_dir, record.metric).items():
+                self.storage.set_trial_intermediate_value(tid, step, v)
+            state = trial_state_for(record)
+            # as Study.tell does: a pruned trial carries its last value
+            value = record.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None
+            self.storage.set_trial_state_values(tid, state, None if value is None else [float(value)])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
     def fail(self, number: int, reason: str) -> None:
         t = self.trial(number)
         if t.state.is_finished():
             return
-        self.set_attrs(number, {"status": "abandoned", "error_message": reason})
-        self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL, None)
+        try:
+            self.set_attrs(number, {"status": "abandoned", "error_message": reason})
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL, None)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    def running_of(self, run_key: str) -> list[FrozenTrial]:
+        """RUNNING trials of one run, oldest first."""
+        return sorted((t for t in self.running() if t.user_attrs.get("run_key") == run_key), key=lambda t: t.number)
 
     def add_finished(self, record: Record) -> None:
         """A finished trial for a record that has none (its trial was lost); same params and attributes."""
@@ -301,6 +342,19 @@ class RoundStudy:
 
     def study_attr(self, key: str, default: Any = None) -> Any:
         return self.storage.get_study_user_attrs(self.study_id).get(key, default)
+
+
+def stored_spec_text(url: str, name: str) -> str | None:
+    """The spec text a round's study keeps (SPEC_ATTR), or None when there is no such study or no spec in it."""
+    check_storage_url(url)
+    try:
+        study = RoundStudy.load(url, name)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials, a database without Optuna's tables
+        text = " ".join(str(e).split())
+        if "does not exist" in text or "no such table" in text:
+            return None
+        raise StudyError(f"storage: cannot read {_safe_url(url)}: {text[:300]}") from None
+    return None if study is None else study.study_attr(SPEC_ATTR)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

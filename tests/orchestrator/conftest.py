@@ -103,12 +103,13 @@ def fake_env(monkeypatch, fake_worker_cmd):
 
 
 def run_round(spec_path: Path, **kw):
-    """Run a round in this process (needs fake_env); returns (scheduler, records)."""
-    from orchestrator.scheduler import RoundScheduler
+    """Run a round in this process (needs fake_env); returns (scheduler, records). The spec's storage picks the
+    scheduler (scheduler_for): SQLite -> RoundScheduler, PostgreSQL -> SharedScheduler."""
+    from orchestrator.scheduler import scheduler_for
     from orchestrator.spec import load_spec
 
     spec = load_spec(spec_path)
-    sched = RoundScheduler(spec, poll_s=0.02, term_grace_s=1.0, **kw)
+    sched = scheduler_for(spec, poll_s=0.02, term_grace_s=1.0, **kw)
     return sched, sched.run()
 
 
@@ -146,3 +147,171 @@ def fsearch_cli():
 @pytest.fixture
 def cli_environ():
     return cli_env
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a real PostgreSQL server on loopback (Debian's binaries: initdb + pg_ctl in a temporary folder, on a free port)
+
+import atexit  # noqa: E402
+import itertools  # noqa: E402
+import pwd  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+PG_SEARCH = "/usr/lib/postgresql/*/bin"
+PG_MISSING = ("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin: "
+              "install Debian's postgresql package (.ci/run does)")
+
+
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL server program: the newest /usr/lib/postgresql/*/bin (Debian keeps them off PATH), else PATH."""
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: _version(p.parent.name), reverse=True):
+        if (d / name).exists():
+            return str(d / name)
+    return shutil.which(name)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".") if x.isdigit())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class PostgresServer:
+    """A throwaway cluster: initdb (trust auth) and pg_ctl in a temporary folder, listening on 127.0.0.1:<free port>,
+    run as the postgres account when we are root (initdb refuses root). `stop` is idempotent and leaves no server
+    process: pg_ctl stop, then SIGKILL of the postmaster and its children if any lingers (only the processes this
+    server started)."""
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+        if not self.initdb or not self.pg_ctl:
+            raise FileNotFoundError(PG_MISSING)
+        self.as_user: list[str] = []
+        self.owner = None
+        if os.geteuid() == 0:
+            self.owner = pwd.getpwnam("postgres")  # KeyError: no postgres account
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.base = Path(tempfile.mkdtemp(prefix="fsearch-pg-"))
+        self.data, self.sock = self.base / "data", self.base / "sock"
+        self.port = free_port()
+        self.started = False
+        self.processes: list[int] = []  # postmaster and children, as seen after start
+
+    def start(self) -> "PostgresServer":
+        self.sock.mkdir()
+        if self.owner is not None:
+            for p in (self.base, self.sock):
+                os.chown(p, self.owner.pw_uid, self.owner.pw_gid)
+        subprocess.run(self.as_user + [self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                                       "-E", "UTF8", "--no-instructions"],
+                       check=True, capture_output=True, timeout=120)
+        atexit.register(self.stop)
+        self.started = True
+        opts = (f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        subprocess.run(self.as_user + [self.pg_ctl, "-D", str(self.data), "-w", "-t", "60", "-l",
+                                       str(self.base / "server.log"), "-o", opts, "start"],
+                       check=True, capture_output=True, timeout=120)
+        pid = self.postmaster_pid()
+        self.processes = [pid, *_children(pid)] if pid else []
+        return self
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                             autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        pid = self.postmaster_pid()
+        tracked = set(self.processes) | ({pid, *_children(pid)} if pid else set())
+        subprocess.run(self.as_user + [self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop"],
+                       capture_output=True, timeout=60)
+        deadline = time.time() + 10
+        while any(process_alive(p) for p in tracked) and time.time() < deadline:
+            time.sleep(0.05)
+        for p in tracked:
+            if process_alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.processes = sorted(tracked)
+
+    alive = staticmethod(process_alive)
+
+    def leftovers(self) -> list[int]:
+        """Processes of this server still alive (after stop: must be none)."""
+        return [p for p in self.processes if process_alive(p)]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the test session; skipped with the reason when the binaries are not installed."""
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    except KeyError:
+        pytest.skip("running as root without a postgres account (Debian's postgresql package creates it)")
+    try:
+        server.start()
+    except subprocess.CalledProcessError as e:
+        server.stop()
+        pytest.fail(f"PostgreSQL did not start: {(e.stderr or b'').decode(errors='replace')[-800:]}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert not server.leftovers(), f"PostgreSQL processes left after stop: {server.leftovers()}"
+
+
+_db_numbers = itertools.count()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh database on the session's server: its URL."""
+    return pg_server.create_database(f"t{os.getpid()}_{next(_db_numbers)}")
