@@ -87,11 +87,13 @@ def validate_inputs(r, w, k, v, a, b, s0) -> None:
             raise ValueError(f"s0 is on {s0.device} but r is on {r.device}")
 
 
-def wkv7(r, w, k, v, a, b, s0=None, *, backend: str = "auto"):
+def wkv7(r, w, k, v, a, b, s0=None, *, backend: str = "auto", w_in_model_range: bool = False):
     """WKV-7 over a sequence: (y [B, T, H, D] in r's dtype, sT [B, H, D, D]).
 
     Per head, S in [value, key] layout: S_t = S_{t-1}·diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_tᵀ + v_t k_tᵀ,
     y_t = S_t r_t. s0 None means a zero initial state. Differentiable in every input including s0.
+    `w_in_model_range=True` is the RWKV-7 model's promise that w < -0.5 (w = -softplus(·) - 0.5): the triton
+    backend then skips its domain check (w <= ln 2), a reduction and a host sync per call.
     """
     validate_inputs(r, w, k, v, a, b, s0)
     name = resolve_backend(backend, r.device)
@@ -104,7 +106,7 @@ def wkv7(r, w, k, v, a, b, s0=None, *, backend: str = "auto"):
             raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {r.device} "
                              f"(set TRITON_INTERPRET=1 to run the Triton interpreter on CPU)")
         from kernels.triton_wkv7 import wkv7_triton
-        return wkv7_triton(r, w, k, v, a, b, s0)
+        return wkv7_triton(r, w, k, v, a, b, s0, check_domain=not w_in_model_range)
     from kernels.fla_backend import load_chunk_rwkv7, wkv7_fla
     load_chunk_rwkv7()  # a clear ImportError when fla is missing
     if r.device.type != "cuda":

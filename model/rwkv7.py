@@ -71,7 +71,7 @@ def wkv_operator(kernel: str):
         return wkv7_reference
     from kernels.dispatch import wkv7
 
-    return functools.partial(wkv7, backend=kernel)
+    return functools.partial(wkv7, backend=kernel, w_in_model_range=True)  # w = -softplus(.) - 0.5 < -0.5
 
 
 @dataclass
