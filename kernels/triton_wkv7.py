@@ -26,11 +26,20 @@ M = diag(γ) + B̄ᵀ W  (C×K and K×K, independent of H0, so computed for all 
 Kernels:
   forward   _fwd_chunk   (parallel over chunks)      M, E, Q, Z per chunk
             _fwd_scan    (sequential over chunks,    H_{c+1} = M_c H_c + E_c ; y = Q_c H_c + Z_c ;
-                          parallel over value tiles)  saves H_c (fp32) for the backward, writes sT
-  backward  _bwd_chunk   (parallel)                  M_c and P_c = Q_cᵀ dY_c
-            _bwd_scan    (sequential, reverse)       dH_c = M_cᵀ dH_{c+1} + P_c ; writes ds0
-            _bwd_grads   (parallel)                  recomputes the chunk from (H_c, dH_{c+1}) and
-                                                     writes dr, dw, dk, dv, da, db
+                          parallel over value tiles)  saves H_c for the backward, writes sT
+  backward  _bwd_chunk   (parallel; only when the     M_cᵀ and P_c = Q_cᵀ dY_c
+                          forward did not keep M, Q)
+            _bwd_scan    (sequential, reverse)       dH_c = M_cᵀ dH_{c+1} + P_c (P_c formed here from
+                                                     the kept Q_c when reuse_factors); writes ds0
+            _bwd_delta   (parallel over chunks)      recomputes the chunk from (H_c, dH_{c+1}): dv and
+                                                     the per-token SA and Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C)
+            _bwd_grads   (parallel over chunks and   dr, dw, dk, da, db from SA, Δ, H_c, dH_{c+1}
+                          key slices)
+
+Time segments. The chunk range is cut into `segments_fwd` (`segments_bwd`) pieces; the scan of one
+piece runs on a second, high-priority CUDA stream while the chunk kernels of the next piece run on the
+current one (the state passes between pieces through sT / ds0). The results are bitwise the same for
+any number of pieces; on CPU tensors (the interpreter) everything runs in order.
 
 Numerical stability. The intra-chunk matrices need the relative decays exp(G_t - G_s), s <= t, which
 are <= 1. They are computed as products of two factors referenced to the chunk's middle,
@@ -43,27 +52,45 @@ w = -0.5 - softplus(·) < -0.5 (|g| < 0.607), far inside. The kernels clamp w at
 decay used is e^-2 instead of a smaller one, and dw is 0 there); `wkv7_triton(check_domain=True)`
 (the default) raises instead of clamping silently. No division by a cumulative decay happens anywhere.
 
-Precision. State, accumulators and every intermediate are fp32. Matrix products run on tensor cores in
-TF32 for 16-bit inputs and in full fp32 ("ieee") for fp32 inputs.
+Precision. State, accumulators and the per-chunk arithmetic are fp32. Matrix products run on tensor
+cores in TF32 for 16-bit inputs and in full fp32 ("ieee") for fp32 inputs, where every buffer is fp32.
+For 16-bit inputs (LAUNCH switches, per head size):
+  half_factors  M, Q (and Mᵀ) stored in fp16: they only enter TF32 products, which round them to the
+                same 10 mantissa bits anyway (values are bounded by sums of |r|, |a|, |b| products).
+  half_sums     E, Z stored in bf16 (range-safe, 8 mantissa bits): adds about one bf16 rounding to y
+                and sT. Measured at D=64 (bf16, H100): ‖Δy‖/‖y‖ 2.0e-3 -> 2.35e-3, sT 4.6e-4 -> 1.7e-3,
+                gradients about unchanged (max 3.0e-3); it saves about 0.05 ms of the forward. On at D=64.
+  half_states   H_c, dH_c, SA, Δ in fp16: faster gradient kernel, but fp16's range (6e-5 .. 65504)
+                does not suit adjoints of small losses. Off everywhere; kept for experiments.
 
-Saved for the backward: the inputs (by reference) and the fp32 chunk-start states H_c, i.e.
-4·D²/C bytes per token and head: 512 B at D=64 (C=32) against 768 B for the six bf16 inputs; 128 B
-at D=32. At D=128 (C=32) it is 2048 B against 1536 B, i.e. more than the inputs (C=64 would halve it,
-but the gradient kernel spills badly at C=64; see below).
+Saved for the backward: the inputs (by reference), the fp32 chunk-start states H_c (4·D²/C bytes per
+token and head) and, with reuse_factors (on for D <= 64), the fp16 factors M and Q (2·D²/C + 2·D
+bytes), so that the backward skips _bwd_chunk. At D=64, C=32: 512 + 256 + 128 = 896 B per token and
+head against 768 B for the six bf16 inputs (512 B without reuse_factors). At D=128 (C=32, no reuse):
+2048 B against 1536 B, more than the inputs.
 
-Measured (NVIDIA H200, one run, bf16, s0 in, sT out, all gradients; triton.testing.do_bench medians;
-fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run), `python -m kernels.bench`:
-    B8 T4096 H12 D64   fwd 0.918 ms (fla 0.921)   fwd+bwd 3.48 ms (fla 3.67)
-    B16 T1024 H12 D64  fwd 0.474 ms (fla 0.954)   fwd+bwd 1.77 ms (fla 2.85)
-    B4 T8192 H12 D64   fwd 1.13 ms  (fla 1.12)    fwd+bwd 3.86 ms (fla 4.17)
-    B2 T4096 H32 D128  fwd 1.76 ms  (fla 1.60)    fwd+bwd 42.4 ms (gradient kernel spills; fla not reached)
-Per kernel at B8 T4096 H12 D64 (ms): _fwd_chunk 0.56, _fwd_scan 0.40, _bwd_chunk 0.45, _bwd_scan 0.24,
-_bwd_grads 1.82 (255 registers, ~380 spilled). At C=64 the scans drop to 0.23 / 0.12 ms, but the
-parallel kernels spill more. What limits it now: register pressure in _bwd_grads (many live [C, D]
-fp32 tiles), and the fp32 M/E/Q/Z/P intermediates the chunk kernels write and the scans read.
+Measured (one run each, bf16, s0 in, sT out, all gradients incl. ds0 and a gradient on sT;
+triton.testing.do_bench medians; fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run;
+torch = kernels.torch_chunked), `python -m kernels.bench`:
+  NVIDIA H100 80GB HBM3 (this version):
+    B8 T4096 H12 D64   fwd 0.786 ms (fla 1.108, torch 9.43)   fwd+bwd 2.84 ms (fla 4.26, torch 28.1)
+    B2 T4096 H32 D128  fwd 1.73 ms                            fwd+bwd 12.2 ms
+    the previous version (fp32 intermediates, one gradient kernel) on the same card, same run:
+    B8 T4096 H12 D64   fwd 0.934 ms                           fwd+bwd 3.82 ms
+  NVIDIA H200 (previous version): B8 T4096 H12 D64 fwd 0.918 ms, fwd+bwd 3.48 ms (fla 0.921 / 3.67);
+    B2 T4096 H32 D128 fwd+bwd 42.4 ms.
+Per kernel in one fwd+bwd at B8 T4096 H12 D64 (H100, torch profiler, kernel time summed, partly
+overlapped): _fwd_chunk 0.71, _fwd_scan 0.51, _bwd_scan 0.28, _bwd_delta 0.69, _bwd_grads 1.07 ms.
+Measured alone on an H200: _fwd_chunk 0.54, _bwd_chunk 0.43, _bwd_delta 0.63 (209 registers, no
+spills), _bwd_grads 1.03 (BK=64; 255 registers, ~100 spilled; BK=32: 2.1 ms). What limits it now:
+_bwd_grads (register pressure: four [C, C] dA and four [C, K] accumulators plus the reloaded operands)
+and _bwd_delta, then _fwd_chunk (about 245 registers, two programs per SM, latency of the Neumann
+product chain); the scans are latency-bound (~2.7 µs per chunk step). At D=128 _bwd_delta and
+_bwd_grads spill heavily (about 4.5 and 3.8 ms); splitting their key dimension is the next step there.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -92,13 +119,14 @@ def _token_tile(i_b, i_h, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BC: tl.co
 
 @triton.jit
 def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H,
-                   D: tl.constexpr, BT: tl.constexpr, W_MAX: tl.constexpr):
-    """Loads one chunk and returns the decay-scaled operands of the chunked form (all fp32, [BT, D]).
+                   D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, c0, W_MAX: tl.constexpr):
+    """Loads one chunk's key channels c0..c0+BC and returns the decay-scaled operands (fp32, [BT, BC]).
 
+    Every quantity here is per key channel, so a program may take a slice of the channels.
     m-suffixed operands are referenced to the chunk middle (for the intra-chunk matrices); the others
     to the chunk start/end (for the state terms). ea/er/eb and eR/eCR let callers rebuild the decays.
     """
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, D, 0)
+    offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BC, c0)
     valid = (t0 + tl.arange(0, BT)) < T
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,8 +144,8 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H,
     ea = tl.exp(Gx - R[None, :])
     er = tl.exp(G - R[None, :])
     eb = tl.exp(R[None, :] - G)
-    eR = tl.exp(R)                  # [D], <= 1
-    eCR = tl.exp(Gc - R)            # [D], <= 1
+    eR = tl.exp(R)                  # [BC], <= 1
+    eCR = tl.exp(Gc - R)            # [BC], <= 1
     return r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc
 
 
@@ -139,19 +167,19 @@ def _neumann_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.conste
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C0"])
 def _fwd_chunk_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr,
-                      T, H, NT,
+                      T, H, NT, C0,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
                       W_MAX: tl.constexpr, PREC: tl.constexpr):
-    i_c = tl.program_id(0)
+    i_c = tl.program_id(0) + C0
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     t0 = i_c * BT
 
     r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX)
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
     a_m = a * ea
     r_m = r * er
     b_m = b * eb
@@ -180,19 +208,21 @@ def _fwd_chunk_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, M_ptr, E_ptr, Q_
     N = tl.trans(k_s) + tl.dot(tl.trans(b_s), TAk, input_precision=PREC)   # [D, BT]
 
     blk = i_bh.to(tl.int64) * NT + i_c
-    tl.store(M_ptr + blk * D * D + kr * D + kc, M)
-    tl.store(Q_ptr + blk * BT * D + tr * D + kc, Q)
+    tl.store(M_ptr + blk * D * D + kr * D + kc, M.to(M_ptr.dtype.element_ty))
+    tl.store(Q_ptr + blk * BT * D + tr * D + kc, Q.to(Q_ptr.dtype.element_ty))
     for iv in tl.static_range(D // BV):
         offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
         vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         vc = iv * BV + tl.arange(0, BV)[None, :]
-        tl.store(E_ptr + blk * D * D + kr * D + vc, tl.dot(N, vt, input_precision=PREC))
-        tl.store(Z_ptr + blk * BT * D + tr * D + vc, tl.dot(QV, vt, input_precision=PREC))
+        e = tl.dot(N, vt, input_precision=PREC)
+        z = tl.dot(QV, vt, input_precision=PREC)
+        tl.store(E_ptr + blk * D * D + kr * D + vc, e.to(E_ptr.dtype.element_ty))
+        tl.store(Z_ptr + blk * BT * D + tr * D + vc, z.to(Z_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C0", "NC"])
 def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
-                     T, H, NT,
+                     T, H, NT, C0, NC,
                      D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, SAVE_H: tl.constexpr, PREC: tl.constexpr):
     i_v = tl.program_id(0)
@@ -208,17 +238,17 @@ def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
         h = tl.load(s0_ptr + state + vc * D + kr)       # H[j, i] = s0[i, j]
     else:
         h = tl.zeros([D, BV], dtype=tl.float32)
-    for c in range(NT):
+    for c in range(C0, C0 + NC):
         blk = i_bh.to(tl.int64) * NT + c
         if SAVE_H:
-            tl.store(h_ptr + blk * D * D + kr * D + vc, h)
-        q = tl.load(Q_ptr + blk * BT * D + tr * D + kc)
-        z = tl.load(Z_ptr + blk * BT * D + tr * D + vc)
+            tl.store(h_ptr + blk * D * D + kr * D + vc, h.to(h_ptr.dtype.element_ty))
+        q = tl.load(Q_ptr + blk * BT * D + tr * D + kc).to(tl.float32)
+        z = tl.load(Z_ptr + blk * BT * D + tr * D + vc).to(tl.float32)
         yt = tl.dot(q, h, input_precision=PREC) + z
         offs, mask = _token_tile(i_b, i_h, c * BT, T, H, D, BT, BV, i_v * BV)
         tl.store(y_ptr + offs, yt.to(y_ptr.dtype.element_ty), mask=mask)
-        m = tl.load(M_ptr + blk * D * D + kr * D + kc)
-        e = tl.load(E_ptr + blk * D * D + kr * D + vc)
+        m = tl.load(M_ptr + blk * D * D + kr * D + kc).to(tl.float32)
+        e = tl.load(E_ptr + blk * D * D + kr * D + vc).to(tl.float32)
         h = tl.dot(m, h, input_precision=PREC) + e
     tl.store(sT_ptr + state + vc * D + kr, h)
 
@@ -228,19 +258,19 @@ def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C0"])
 def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, Mt_ptr, P_ptr,
-                      T, H, NT,
+                      T, H, NT, C0,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
                       W_MAX: tl.constexpr, PREC: tl.constexpr):
-    i_c = tl.program_id(0)
+    i_c = tl.program_id(0) + C0
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     t0 = i_c * BT
 
     r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX)
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
     a_m = a * ea
     r_m = r * er
     b_m = b * eb
@@ -257,7 +287,7 @@ def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, Mt_ptr, P_ptr,
         + tl.where(kr == kc, tl.exp(Gc)[:, None], 0.0)           # M_cᵀ = Wᵀ B̄ + diag(γ)
 
     blk = i_bh.to(tl.int64) * NT + i_c
-    tl.store(Mt_ptr + blk * D * D + kr * D + kc, Mt)
+    tl.store(Mt_ptr + blk * D * D + kr * D + kc, Mt.to(Mt_ptr.dtype.element_ty))
     for iv in tl.static_range(D // BV):
         offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
         dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -265,129 +295,200 @@ def _bwd_chunk_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, Mt_ptr, P_ptr,
         tl.store(P_ptr + blk * D * D + kr * D + vc, tl.dot(tl.trans(Q), dyt, input_precision=PREC))
 
 
-@triton.jit
-def _bwd_scan_kernel(dsT_ptr, Mt_ptr, P_ptr, dh_ptr, ds0_ptr,
-                     NT,
-                     D: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["C0", "NC"])
+def _bwd_scan_kernel(dsT_ptr, M_ptr, P_ptr, Q_ptr, dy_ptr, dh_ptr, ds0_ptr,
+                     T, H, NT, C0, NC,
+                     D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
+                     FROM_FWD: tl.constexpr, PREC: tl.constexpr):
+    """dH_c = M_cᵀ dH_{c+1} + P_c for c = C0+NC-1 down to C0, with P_c = Q_cᵀ dY_c.
+
+    FROM_FWD: M_ptr / Q_ptr hold the forward's M_c and Q_c and P_c is formed here; otherwise M_ptr
+    holds M_cᵀ and P_ptr P_c, both from _bwd_chunk_kernel.
+    """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
     kr = tl.arange(0, D)[:, None]
     kc = tl.arange(0, D)[None, :]
+    tr = tl.arange(0, BT)[:, None]
     vc = i_v * BV + tl.arange(0, BV)[None, :]
     state = i_bh.to(tl.int64) * D * D
     if HAS_DST:
         dh = tl.load(dsT_ptr + state + vc * D + kr)
     else:
         dh = tl.zeros([D, BV], dtype=tl.float32)
-    for i in range(NT):
-        c = NT - 1 - i
+    for i in range(NC):
+        c = C0 + NC - 1 - i
         blk = i_bh.to(tl.int64) * NT + c
-        tl.store(dh_ptr + blk * D * D + kr * D + vc, dh)
-        mt = tl.load(Mt_ptr + blk * D * D + kr * D + kc)       # M_cᵀ (stored transposed)
-        p = tl.load(P_ptr + blk * D * D + kr * D + vc)
-        dh = tl.dot(mt, dh, input_precision=PREC) + p
+        tl.store(dh_ptr + blk * D * D + kr * D + vc, dh.to(dh_ptr.dtype.element_ty))
+        if FROM_FWD:
+            m = tl.load(M_ptr + blk * D * D + kr * D + kc).to(tl.float32)
+            q = tl.load(Q_ptr + blk * BT * D + tr * D + kc).to(tl.float32)
+            offs, mask = _token_tile(i_b, i_h, c * BT, T, H, D, BT, BV, i_v * BV)
+            dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.dot(tl.trans(m), dh, input_precision=PREC) \
+                + tl.dot(tl.trans(q), dyt, input_precision=PREC)
+        else:
+            mt = tl.load(M_ptr + blk * D * D + kr * D + kc).to(tl.float32)
+            p = tl.load(P_ptr + blk * D * D + kr * D + vc)
+            dh = tl.dot(mt, dh, input_precision=PREC) + p
     tl.store(ds0_ptr + state + vc * D + kr, dh)
 
 
-@triton.jit
-def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, dh_ptr,
-                      dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                      T, H, NT,
+@triton.jit(do_not_specialize=["C0"])
+def _bwd_delta_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, dh_ptr,
+                      dv_ptr, sa_ptr, dl_ptr,
+                      T, H, NT, C0,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
                       W_MAX: tl.constexpr, PREC: tl.constexpr):
-    """Recomputes one chunk from its start state H_c and end adjoint dH_{c+1}; writes all gradients.
-
-    With dÃ = Δ H0ᵀ, dR̃ = dY H0ᵀ, dB̄ = SA dH_Cᵀ, dK̄ = V dH_Cᵀ, dA_ab = Δ SAᵀ, dA_ak = Δ Vᵀ,
-    dA_rb = dY SAᵀ, dA_rk = dY Vᵀ (summed over value tiles), every input gradient is x-factor times
-    an accumulator X: da = ea·Xa, dr = er·Xr, db = eb·Xb, dk = eb·Xk, with
-      Xa = dA_ab b_m + dA_ak k_m + dÃ e^R       Xr = dA_rb b_m + dA_rk k_m + dR̃ e^R
-      Xb = dA_abᵀ a_m + dA_rbᵀ r_m + dB̄ e^{G_C-R}  Xk = dA_akᵀ a_m + dA_rkᵀ r_m + dK̄ e^{G_C-R}
-    and the log-decay gradient follows from dG_t = r_m Xr - b_m Xb - k_m Xk, dG_{t-1} = a_m Xa and
-    dG_C = Σ_t (B̄ dB̄ + K̄ dK̄) + γ Σ_v dH_C H0. Only the X accumulators live across value tiles.
+    """Recomputes one chunk from its start state H_c and end adjoint dH_{c+1}; writes dv and, for
+    _bwd_grads_kernel, the per-token state projections SA (rows sa_tᵀ = (S_{t-1} a_t)ᵀ) and their
+    adjoints Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C), both [BT, D] per chunk:
+        SA = W H0 + (T A_ak) V,   dV = A_akᵀ Δ + A_rkᵀ dY + K̄ dH_C.
     """
-    i_c = tl.program_id(0)
+    i_c = tl.program_id(0) + C0
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     t0 = i_c * BT
 
     r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX)
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
     a_m = a * ea
     r_m = r * er
     b_m = b * eb
     k_m = k * eb
     tr = tl.arange(0, BT)[:, None]
     ts = tl.arange(0, BT)[None, :]
-    strict = ts < tr
-    lower = ts <= tr
-    A_ab = tl.where(strict, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
-    A_rb = tl.where(lower, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_rk = tl.where(lower, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
+    A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
+    A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
+    A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
+    A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
     Tm = _neumann_inverse(A_ab, BT, LOG2_BT, PREC)
     W = tl.dot(Tm, a_m * eR[None, :], input_precision=PREC)
     TAk = tl.dot(Tm, A_ak, input_precision=PREC)
+    b_s = b_m * eCR[None, :]
+    k_s = k_m * eCR[None, :]
 
-    xa = tl.zeros([BT, D], dtype=tl.float32)
-    xr = tl.zeros([BT, D], dtype=tl.float32)
-    xb = tl.zeros([BT, D], dtype=tl.float32)
-    xk = tl.zeros([BT, D], dtype=tl.float32)
-    d_gc = tl.zeros([D], dtype=tl.float32)         # gradient of G_C (the whole chunk's log decay)
     kr = tl.arange(0, D)[:, None]
     blk = i_bh.to(tl.int64) * NT + i_c
     for iv in tl.static_range(D // BV):
         vc = iv * BV + tl.arange(0, BV)[None, :]
-        h0 = tl.load(h_ptr + blk * D * D + kr * D + vc)        # state at chunk start [D, BV]
-        dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc)      # adjoint of the state at chunk end
+        h0 = tl.load(h_ptr + blk * D * D + kr * D + vc).to(tl.float32)     # state at chunk start
+        dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc).to(tl.float32)   # adjoint at chunk end
         offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
         vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
         sa = tl.dot(W, h0, input_precision=PREC) + tl.dot(TAk, vt, input_precision=PREC)
-        x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) \
-            + tl.dot(b_m * eCR[None, :], dhc, input_precision=PREC)
-        dlt = tl.dot(tl.trans(Tm), x, input_precision=PREC)    # Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C)
+        x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) + tl.dot(b_s, dhc, input_precision=PREC)
+        dlt = tl.dot(tl.trans(Tm), x, input_precision=PREC)
         dvt = tl.dot(tl.trans(A_ak), dlt, input_precision=PREC) \
             + tl.dot(tl.trans(A_rk), dyt, input_precision=PREC) \
-            + tl.dot(k_m * eCR[None, :], dhc, input_precision=PREC)
+            + tl.dot(k_s, dhc, input_precision=PREC)
         tl.store(dv_ptr + offs, dvt.to(dv_ptr.dtype.element_ty), mask=mask)
-        d_gc += tl.sum(dhc * h0, axis=1) * tl.exp(Gc)       # through γ = e^{G_C}
+        tl.store(sa_ptr + blk * BT * D + tr * D + vc, sa.to(sa_ptr.dtype.element_ty))
+        tl.store(dl_ptr + blk * BT * D + tr * D + vc, dlt.to(dl_ptr.dtype.element_ty))
 
-        h0t = tl.trans(h0)
-        dhct = tl.trans(dhc)
+
+@triton.jit(do_not_specialize=["C0"])
+def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, dh_ptr, sa_ptr, dl_ptr,
+                      dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr,
+                      T, H, NT, C0,
+                      D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      W_MAX: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of r, w, k, a, b for one chunk and key channels c0..c0+BK, from SA and Δ.
+
+    With dÃ = Δ H0ᵀ, dR̃ = dY H0ᵀ, dB̄ = SA dH_Cᵀ, dK̄ = V dH_Cᵀ, dA_ab = Δ SAᵀ, dA_ak = Δ Vᵀ,
+    dA_rb = dY SAᵀ, dA_rk = dY Vᵀ (contractions over the value channels), every input gradient is
+    x-factor times an accumulator X: da = ea·Xa, dr = er·Xr, db = eb·Xb, dk = eb·Xk, with
+      Xa = dA_ab b_m + dA_ak k_m + dÃ e^R       Xr = dA_rb b_m + dA_rk k_m + dR̃ e^R
+      Xb = dA_abᵀ a_m + dA_rbᵀ r_m + dB̄ e^{G_C-R}  Xk = dA_akᵀ a_m + dA_rkᵀ r_m + dK̄ e^{G_C-R}
+    and the log-decay gradient follows from dG_t = r_m Xr - b_m Xb - k_m Xk, dG_{t-1} = a_m Xa and
+    dG_C = Σ_t (B̄ dB̄ + K̄ dK̄) + γ Σ_v dH_C H0. All of it is per key channel except the four [BT, BT]
+    dA matrices, which every key slice recomputes (they are cheap); so the key channels split across
+    programs and few [BT, BK] tiles are live at once.
+    """
+    i_c = tl.program_id(0) + C0
+    i_k = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    t0 = i_c * BT
+    c0 = i_k * BK
+
+    tr = tl.arange(0, BT)[:, None]
+    ts = tl.arange(0, BT)[None, :]
+    kr = c0 + tl.arange(0, BK)[:, None]
+    blk = i_bh.to(tl.int64) * NT + i_c
+    dAab = tl.zeros([BT, BT], dtype=tl.float32)
+    dAak = tl.zeros([BT, BT], dtype=tl.float32)
+    dArb = tl.zeros([BT, BT], dtype=tl.float32)
+    dArk = tl.zeros([BT, BT], dtype=tl.float32)
+    xa = tl.zeros([BT, BK], dtype=tl.float32)       # dÃ = Δ H0ᵀ
+    xr = tl.zeros([BT, BK], dtype=tl.float32)       # dR̃ = dY H0ᵀ
+    xbs = tl.zeros([BT, BK], dtype=tl.float32)      # dB̄ = SA dH_Cᵀ
+    xks = tl.zeros([BT, BK], dtype=tl.float32)      # dK̄ = V dH_Cᵀ
+    d_state = tl.zeros([BK], dtype=tl.float32)      # Σ_v dH_C H0
+    for iv in tl.static_range(D // BV):
+        vc = iv * BV + tl.arange(0, BV)[None, :]
+        offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
+        dlt = tl.load(dl_ptr + blk * BT * D + tr * D + vc).to(tl.float32)
+        sa = tl.load(sa_ptr + blk * BT * D + tr * D + vc).to(tl.float32)
+        vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h0 = tl.load(h_ptr + blk * D * D + kr * D + vc).to(tl.float32)     # [BK, BV]
+        dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc).to(tl.float32)
         sat = tl.trans(sa)
         vtt = tl.trans(vt)
-        dA = tl.where(strict, tl.dot(dlt, sat, input_precision=PREC), 0.0)          # dA_ab
-        xa += tl.dot(dA, b_m, input_precision=PREC)
-        xb += tl.dot(tl.trans(dA), a_m, input_precision=PREC)
-        dA = tl.where(strict, tl.dot(dlt, vtt, input_precision=PREC), 0.0)          # dA_ak
-        xa += tl.dot(dA, k_m, input_precision=PREC)
-        xk += tl.dot(tl.trans(dA), a_m, input_precision=PREC)
-        dA = tl.where(lower, tl.dot(dyt, sat, input_precision=PREC), 0.0)           # dA_rb
-        xr += tl.dot(dA, b_m, input_precision=PREC)
-        xb += tl.dot(tl.trans(dA), r_m, input_precision=PREC)
-        dA = tl.where(lower, tl.dot(dyt, vtt, input_precision=PREC), 0.0)           # dA_rk
-        xr += tl.dot(dA, k_m, input_precision=PREC)
-        xk += tl.dot(tl.trans(dA), r_m, input_precision=PREC)
-        xa += tl.dot(dlt, h0t, input_precision=PREC) * eR[None, :]                 # dÃ
-        xr += tl.dot(dyt, h0t, input_precision=PREC) * eR[None, :]                 # dR̃
-        xbs = tl.dot(sa, dhct, input_precision=PREC) * eCR[None, :]                # dB̄
-        xks = tl.dot(vt, dhct, input_precision=PREC) * eCR[None, :]                # dK̄
-        xb += xbs
-        xk += xks
-        d_gc += tl.sum(b_m * xbs + k_m * xks, axis=0)      # B̄ ⊙ dB̄ + K̄ ⊙ dK̄, summed over tokens
+        dAab += tl.dot(dlt, sat, input_precision=PREC)
+        dAak += tl.dot(dlt, vtt, input_precision=PREC)
+        dArb += tl.dot(dyt, sat, input_precision=PREC)
+        dArk += tl.dot(dyt, vtt, input_precision=PREC)
+        h0t = tl.trans(h0)
+        dhct = tl.trans(dhc)
+        xa += tl.dot(dlt, h0t, input_precision=PREC)
+        xr += tl.dot(dyt, h0t, input_precision=PREC)
+        xbs += tl.dot(sa, dhct, input_precision=PREC)
+        xks += tl.dot(vt, dhct, input_precision=PREC)
+        d_state += tl.sum(dhc * h0, axis=1)
+    dAab = tl.where(ts < tr, dAab, 0.0)
+    dAak = tl.where(ts < tr, dAak, 0.0)
+    dArb = tl.where(ts <= tr, dArb, 0.0)
+    dArk = tl.where(ts <= tr, dArk, 0.0)
 
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, D, 0)
+    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, BK, c0, W_MAX)
+    a_m = a * ea
+    r_m = r * er
+    b_m = b * eb
+    k_m = k * eb
+    offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BK, c0)
+
+    xa = xa * eR[None, :] + tl.dot(dAab, b_m, input_precision=PREC) \
+        + tl.dot(dAak, k_m, input_precision=PREC)
     tl.store(da_ptr + offs, (ea * xa).to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(dr_ptr + offs, (er * xr).to(dr_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + offs, (eb * xb).to(db_ptr.dtype.element_ty), mask=mask)
-    tl.store(dk_ptr + offs, (eb * xk).to(dk_ptr.dtype.element_ty), mask=mask)
-
-    # log-decay gradient: every factor is x·exp(±G), so dG = ±x ⊙ dx; then undo the cumulative sums:
-    # dg_t = Σ_{t'>=t} dG_t' + Σ_{t'>t} dG_{t'-1} + dG_C
     dGx = a_m * xa                                             # terms in G_{t-1}
-    dGi = r_m * xr - b_m * xb - k_m * xk + dGx                 # terms in G_t, plus G_{t-1} ones
+    xr = xr * eR[None, :] + tl.dot(dArb, b_m, input_precision=PREC) \
+        + tl.dot(dArk, k_m, input_precision=PREC)
+    tl.store(dr_ptr + offs, (er * xr).to(dr_ptr.dtype.element_ty), mask=mask)
+    dGi = r_m * xr + dGx                                       # terms in G_t, plus G_{t-1} ones
+    xbs = xbs * eCR[None, :]
+    d_gc = tl.sum(b_m * xbs, axis=0) + d_state * tl.exp(Gc)   # gradient of G_C (whole chunk)
+    xb = xbs + tl.dot(tl.trans(dAab), a_m, input_precision=PREC) \
+        + tl.dot(tl.trans(dArb), r_m, input_precision=PREC)
+    tl.store(db_ptr + offs, (eb * xb).to(db_ptr.dtype.element_ty), mask=mask)
+    dGi -= b_m * xb
+    xks = xks * eCR[None, :]
+    d_gc += tl.sum(k_m * xks, axis=0)
+    xk = xks + tl.dot(tl.trans(dAak), a_m, input_precision=PREC) \
+        + tl.dot(tl.trans(dArk), r_m, input_precision=PREC)
+    tl.store(dk_ptr + offs, (eb * xk).to(dk_ptr.dtype.element_ty), mask=mask)
+    dGi -= k_m * xk
+
+    # every factor is x·exp(±G), so dG = ±x ⊙ dx; then undo the cumulative sums:
+    # dg_t = Σ_{t'>=t} dG_t' + Σ_{t'>t} dG_{t'-1} + dG_C
     dg = tl.sum(dGi, axis=0)[None, :] - tl.cumsum(dGi, axis=0) + dGi - dGx + d_gc[None, :]
     tl.store(dw_ptr + offs, tl.where(w <= W_MAX, dg * g, 0.0).to(dw_ptr.dtype.element_ty), mask=mask)
 
@@ -397,25 +498,37 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
 # ----------------------------------------------------------------------------------------------------
 
 
-# Launch parameters per head size: D=64 and D=128 picked per kernel from timings on an H200 (module
-# docstring); D=16/32 are untuned. TUNING overrides entries (for tuning runs); keys: BT chunk, BV_chunk
-# value tile of the parallel kernels,
-# BV_fscan / BV_bscan value tiles of the scans, warps_*, stages_fscan / stages_bscan.
+# Launch parameters per head size (D=64 and D=128 picked from timings on an H200 and an H100, see the
+# module docstring; D=16/32 untuned). TUNING overrides entries (for tuning runs). Keys:
+#   BT chunk length; BV_chunk value tile of the chunk kernels; BV_fscan / BV_bscan value tiles of the
+#   scans (stages_*: their pipelining depth); BV_delta value tile of _bwd_delta_kernel; BK_grads /
+#   BV_grads key slice per program and value tile of _bwd_grads_kernel; warps_* per kernel;
+#   segments_fwd / segments_bwd time pieces whose scans overlap the chunk kernels; reuse_factors: the
+#   forward keeps M, Q for the backward (no _bwd_chunk_kernel, more saved memory); half_factors /
+#   half_sums / half_states: 16-bit buffers for 16-bit inputs (module docstring, "Precision").
 LAUNCH = {
-    16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
-             warps_scan=4, stages_fscan=2, stages_bscan=2),
-    32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
-             warps_scan=4, stages_fscan=2, stages_bscan=2),
-    64: dict(BT=32, BV_chunk=64, BV_fscan=16, BV_bscan=16, warps_fchunk=4, warps_bchunk=4, warps_grads=4,
-             warps_scan=4, stages_fscan=1, stages_bscan=1),
-    128: dict(BT=32, BV_chunk=64, BV_fscan=64, BV_bscan=64, warps_fchunk=4, warps_bchunk=4, warps_grads=8,
-              warps_scan=4, stages_fscan=1, stages_bscan=1),
+    16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, BV_delta=16, BK_grads=16, BV_grads=16,
+             warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
+             stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
+             segments_fwd=1, segments_bwd=1, reuse_factors=True),
+    32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, BV_delta=32, BK_grads=32, BV_grads=32,
+             warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
+             stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
+             segments_fwd=1, segments_bwd=1, reuse_factors=True),
+    64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=16, BV_delta=64, BK_grads=64, BV_grads=64,
+             warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
+             stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=True, half_states=False,
+             segments_fwd=4, segments_bwd=1, reuse_factors=True),
+    128: dict(BT=32, BV_chunk=64, BV_fscan=64, BV_bscan=64, BV_delta=16, BK_grads=32, BV_grads=32,
+              warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
+              stages_fscan=1, stages_bscan=1, half_factors=True, half_sums=False, half_states=False,
+              segments_fwd=4, segments_bwd=4, reuse_factors=False),
 }
 TUNING: dict[int, dict] = {}
 
 
 class _Config:
-    """Launch shape for one call: chunk length, value tiles, precision, warps and pipeline stages."""
+    """Launch shape for one call: chunk length, tiles, precision, buffer dtypes, warps and stages."""
 
     def __init__(self, D: int, dtype: torch.dtype, chunk_size: int | None):
         if D not in SUPPORTED_HEAD_SIZES:
@@ -429,16 +542,21 @@ class _Config:
         if self.BT < 16 or self.BT & (self.BT - 1):
             raise ValueError(f"chunk_size={self.BT} must be a power of two >= 16")
         self.LOG2_BT = int(math.log2(self.BT))
-        self.BV_chunk = min(D, params["BV_chunk"])
-        self.BV_fscan = min(D, params["BV_fscan"])
-        self.BV_bscan = min(D, params["BV_bscan"])
-        self.warps_fchunk = params["warps_fchunk"]
-        self.warps_bchunk = params["warps_bchunk"]
-        self.warps_grads = params["warps_grads"]
-        self.warps_scan = params["warps_scan"]
-        self.stages_fscan = params["stages_fscan"]
-        self.stages_bscan = params["stages_bscan"]
-        self.PREC = "ieee" if dtype == torch.float32 else "tf32"
+        for key in ("BV_chunk", "BV_fscan", "BV_bscan", "BV_delta", "BK_grads", "BV_grads"):
+            setattr(self, key, min(D, params[key]))
+        for key in ("warps_fchunk", "warps_bchunk", "warps_delta", "warps_grads", "warps_fscan", "warps_bscan",
+                    "stages_fscan", "stages_bscan"):
+            setattr(self, key, params[key])
+        full = dtype == torch.float32
+        self.PREC = "ieee" if full else "tf32"
+        # 16-bit inputs: the TF32 products round their operands to 10 mantissa bits, so the
+        # multiplicative factors M, Q, Mᵀ lose nothing in fp16; additive terms (E, Z, P) stay fp32
+        self.factor_dtype = torch.float16 if params["half_factors"] and not full else torch.float32
+        self.state_dtype = torch.float16 if params["half_states"] and not full else torch.float32
+        self.sum_dtype = torch.bfloat16 if params["half_sums"] and not full else torch.float32
+        self.segments_fwd = params["segments_fwd"]
+        self.segments_bwd = params["segments_bwd"]
+        self.reuse_factors = params["reuse_factors"]
 
 
 def _check_inputs(r, w, k, v, a, b, s0):
@@ -458,55 +576,136 @@ def _check_inputs(r, w, k, v, a, b, s0):
         raise ValueError(f"s0 has shape {tuple(s0.shape)}, expected {(B, H, D, D)}")
 
 
+def _segments(NT: int, n: int) -> list[tuple[int, int]]:
+    """(first chunk, number of chunks) of n contiguous, nearly equal pieces of range(NT)."""
+    n = max(1, min(n, NT))
+    bounds = [NT * i // n for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+
+
+_SIDE_STREAMS: dict = {}
+
+
+class _Overlap:
+    """A second CUDA stream for the sequential scans, so that the scan of one time segment runs while
+    the chunk-parallel kernels work on another. On CPU tensors (the interpreter) all runs in order."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled and device.type == "cuda"
+        if self.enabled:
+            self.main = torch.cuda.current_stream(device)
+            if device not in _SIDE_STREAMS:
+                _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+            self.side = _SIDE_STREAMS[device]
+
+    @contextlib.contextmanager
+    def side_after_main(self):
+        """Launches inside run on the side stream, after everything queued on the main one so far."""
+        if not self.enabled:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+
+    def mark_side(self):
+        """An event after everything queued on the side stream so far (None when not overlapping)."""
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def main_waits(self, event=None):
+        """Work queued on the main stream from now on runs after `event` (default: all side work)."""
+        if self.enabled:
+            if event is None:
+                self.main.wait_stream(self.side)
+            else:
+                self.main.wait_event(event)
+
+
 def _forward(r, w, k, v, a, b, s0, cfg: _Config, save_states: bool):
+    """y, sT and, when save_states, what the backward needs: (H_c, M, Q) or (H_c, None, None)."""
     B, T, H, D = r.shape
     BT = cfg.BT
     NT = triton.cdiv(T, BT)
     dev = r.device
     f32 = torch.float32
-    M = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
-    E = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
-    Q = torch.empty(B * H, NT, BT, D, device=dev, dtype=f32)
-    Z = torch.empty(B * H, NT, BT, D, device=dev, dtype=f32)
-    _fwd_chunk_kernel[(NT, B * H)](
-        r, w, k, v, a, b, M, E, Q, Z, T, H, NT,
-        D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_fchunk)
+    M = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.factor_dtype)
+    E = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.sum_dtype)
+    Q = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.factor_dtype)
+    Z = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.sum_dtype)
     y = torch.empty_like(r)
     sT = torch.empty(B, H, D, D, device=dev, dtype=f32)
-    hbuf = torch.empty(B * H, NT, D, D, device=dev, dtype=f32) if save_states else M  # M: dummy
-    s0_arg = s0 if s0 is not None else sT
-    _fwd_scan_kernel[(D // cfg.BV_fscan, B * H)](
-        s0_arg, M, E, Q, Z, y, hbuf, sT, T, H, NT,
-        D=D, BT=BT, BV=cfg.BV_fscan, HAS_S0=s0 is not None, SAVE_H=save_states, PREC=cfg.PREC,
-        num_warps=cfg.warps_scan, num_stages=cfg.stages_fscan)
-    return y, sT, (hbuf if save_states else None)
+    hbuf = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.state_dtype) if save_states else sT  # dummy
+    segments = _segments(NT, cfg.segments_fwd)
+    overlap = _Overlap(dev, len(segments) > 1)
+    for i, (c0, nc) in enumerate(segments):
+        _fwd_chunk_kernel[(nc, B * H)](
+            r, w, k, v, a, b, M, E, Q, Z, T, H, NT, c0,
+            D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
+            num_warps=cfg.warps_fchunk)
+        # the state passes from one segment to the next through sT (each program reads and writes
+        # only its own value tile)
+        state_in = sT if i > 0 or s0 is None else s0
+        with overlap.side_after_main():
+            _fwd_scan_kernel[(D // cfg.BV_fscan, B * H)](
+                state_in, M, E, Q, Z, y, hbuf, sT, T, H, NT, c0, nc,
+                D=D, BT=BT, BV=cfg.BV_fscan, HAS_S0=i > 0 or s0 is not None, SAVE_H=save_states,
+                PREC=cfg.PREC, num_warps=cfg.warps_fscan, num_stages=cfg.stages_fscan)
+    overlap.main_waits()
+    if not save_states:
+        return y, sT, None
+    return y, sT, ((hbuf, M, Q) if cfg.reuse_factors else (hbuf, None, None))
 
 
-def _backward(r, w, k, v, a, b, hbuf, dy, dsT, cfg: _Config):
+def _backward(r, w, k, v, a, b, saved, dy, dsT, cfg: _Config):
     B, T, H, D = r.shape
     BT = cfg.BT
     NT = triton.cdiv(T, BT)
     dev = r.device
     f32 = torch.float32
-    Mt = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
-    P = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
-    _bwd_chunk_kernel[(NT, B * H)](
-        r, w, k, a, b, dy, Mt, P, T, H, NT,
-        D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_bchunk)
-    dh = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
+    hbuf, M, Q = saved
+    from_fwd = M is not None          # the forward kept M and Q: no _bwd_chunk_kernel
+    if not from_fwd:
+        M = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.factor_dtype)       # holds M_cᵀ
+        P = torch.empty(B * H, NT, D, D, device=dev, dtype=f32)
+        Q = P                                                                      # unused
+    else:
+        P = M                                                                      # unused
+    dh = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.state_dtype)
     ds0 = torch.empty(B, H, D, D, device=dev, dtype=f32)
-    _bwd_scan_kernel[(D // cfg.BV_bscan, B * H)](
-        dsT if dsT is not None else ds0, Mt, P, dh, ds0, NT,
-        D=D, BV=cfg.BV_bscan, HAS_DST=dsT is not None, PREC=cfg.PREC,
-        num_warps=cfg.warps_scan, num_stages=cfg.stages_bscan)
-    del Mt, P
     dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
-    _bwd_grads_kernel[(NT, B * H)](
-        r, w, k, v, a, b, dy, hbuf, dh, dr, dw, dk, dv, da, db, T, H, NT,
-        D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
-        num_warps=cfg.warps_grads)
+    SA = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.state_dtype)
+    DL = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.state_dtype)
+    segments = _segments(NT, cfg.segments_bwd)[::-1]     # last segment first
+    overlap = _Overlap(dev, len(segments) > 1)
+    scanned = []
+    for i, (c0, nc) in enumerate(segments):
+        if not from_fwd:
+            _bwd_chunk_kernel[(nc, B * H)](
+                r, w, k, a, b, dy, M, P, T, H, NT, c0,
+                D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_chunk, W_MAX=W_MAX, PREC=cfg.PREC,
+                num_warps=cfg.warps_bchunk)
+        adjoint_in = ds0 if i > 0 or dsT is None else dsT    # the adjoint passes on through ds0
+        with overlap.side_after_main():
+            _bwd_scan_kernel[(D // cfg.BV_bscan, B * H)](
+                adjoint_in, M, P, Q, dy, dh, ds0, T, H, NT, c0, nc,
+                D=D, BT=BT, BV=cfg.BV_bscan, HAS_DST=i > 0 or dsT is not None, FROM_FWD=from_fwd,
+                PREC=cfg.PREC, num_warps=cfg.warps_bscan, num_stages=cfg.stages_bscan)
+            scanned.append(overlap.mark_side())
+    for i, (c0, nc) in enumerate(segments):
+        overlap.main_waits(scanned[i])
+        _bwd_delta_kernel[(nc, B * H)](
+            r, w, k, v, a, b, dy, hbuf, dh, dv, SA, DL, T, H, NT, c0,
+            D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_delta, W_MAX=W_MAX, PREC=cfg.PREC,
+            num_warps=cfg.warps_delta)
+        _bwd_grads_kernel[(nc, D // cfg.BK_grads, B * H)](
+            r, w, k, v, a, b, dy, hbuf, dh, SA, DL, dr, dw, dk, da, db, T, H, NT, c0,
+            D=D, BT=BT, BK=cfg.BK_grads, BV=cfg.BV_grads, W_MAX=W_MAX, PREC=cfg.PREC,
+            num_warps=cfg.warps_grads)
+    overlap.main_waits()
     return dr, dw, dk, dv, da, db, ds0
 
 
@@ -520,19 +719,19 @@ class WKV7Triton(torch.autograd.Function):
             s0 = s0.to(torch.float32).contiguous()
         cfg = _Config(r.shape[-1], r.dtype, chunk_size)
         needs_grad = any(ctx.needs_input_grad[:7])
-        y, sT, hbuf = _forward(r, w, k, v, a, b, s0, cfg, save_states=needs_grad)
+        y, sT, saved = _forward(r, w, k, v, a, b, s0, cfg, save_states=needs_grad)
         if needs_grad:
-            ctx.save_for_backward(r, w, k, v, a, b, hbuf)
+            ctx.save_for_backward(r, w, k, v, a, b, *saved)
             ctx.cfg = cfg
             ctx.has_s0 = s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, hbuf = ctx.saved_tensors
+        r, w, k, v, a, b, *saved = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.to(torch.float32).contiguous()
-        dr, dw, dk, dv, da, db, ds0 = _backward(r, w, k, v, a, b, hbuf, dy, dsT, ctx.cfg)
+        dr, dw, dk, dv, da, db, ds0 = _backward(r, w, k, v, a, b, saved, dy, dsT, ctx.cfg)
         return dr, dw, dk, dv, da, db, (ds0 if ctx.has_s0 else None), None
 
 

@@ -85,8 +85,10 @@ def rel(x, ref):
 
 def run_both(xs, s0, chunk_size, *, use_y=True, use_sT=True, fn_w=None):
     """(outputs, grads) of triton and of the float64 reference, same upstream gradients."""
-    leaves = [x.detach().clone().requires_grad_() for x in xs] + ([s0.detach().clone().requires_grad_()] if s0 is not None else [])
-    y, sT = tw.wkv7_triton(*leaves[:6], leaves[6] if s0 is not None else None, chunk_size=chunk_size, check_domain=False)
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    leaves += [s0.detach().clone().requires_grad_()] if s0 is not None else []
+    y, sT = tw.wkv7_triton(*leaves[:6], leaves[6] if s0 is not None else None, chunk_size=chunk_size,
+                           check_domain=False)
     g = torch.Generator().manual_seed(123)
     dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
     dsT = torch.randn(sT.shape, generator=g).to(DEVICE)
@@ -158,6 +160,41 @@ def test_bf16_inputs_run_in_tf32_and_return_bf16():
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert all(g.dtype == torch.bfloat16 for g in got[2][:6]) and got[2][6].dtype == torch.float32
     assert_close(got, ref, 1e-2)
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Overrides launch parameters of one head size (tw.TUNING) for one test."""
+    def override(D, **params):
+        monkeypatch.setitem(tw.TUNING, D, params)
+    return override
+
+
+@pytest.mark.parametrize("params", [
+    dict(segments_fwd=3, segments_bwd=2, reuse_factors=True),     # time pieces, factors kept from fwd
+    dict(segments_fwd=2, segments_bwd=3, reuse_factors=False),    # time pieces, _bwd_chunk_kernel
+    dict(BK_grads=16, BV_grads=16, BV_delta=16, BV_fscan=16, BV_bscan=16, BV_chunk=16),  # tiles < D
+], ids=["segments-reuse", "segments-bwd-chunk", "key-value-tiles"])
+def test_segments_tiles_and_kept_factors_match_reference(params, tuning):
+    tuning(32, **params)
+    xs, s0 = make_inputs(1, 75, 2, 32, seed=11)
+    assert_close(*run_both(xs, s0, 16), FP32_TOL)
+
+
+def test_time_segments_do_not_change_the_result(tuning):
+    xs, s0 = make_inputs(1, 70, 1, 16, seed=12)
+    outs = []
+    for pieces in (1, 3):
+        tuning(16, segments_fwd=pieces, segments_bwd=pieces)
+        (y, sT, grads), _ = run_both(xs, s0, 16)
+        outs.append([y, sT, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_bf16_sums_stored_in_bf16(tuning):
+    tuning(16, half_sums=True, segments_fwd=2)
+    xs, s0 = make_inputs(1, 40, 2, 16, seed=13, dtype=torch.bfloat16)
+    assert_close(*run_both(xs, s0, 16), 1e-2)      # interpreter truncates bf16 stores, see above
 
 
 def test_forward_without_grad_matches_forward_with_grad():
