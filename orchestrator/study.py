@@ -23,9 +23,9 @@ locked", and it does not work over NFS). Torch-free.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,8 +40,7 @@ from orchestrator.records import Record
 from orchestrator.spec import STAGE_ORDER
 
 SQLITE_TIMEOUT_S = 60.0
-OPEN_TRIES = 3  # a shared study opened by several workers at once: tries, and a growing pause between them
-OPEN_RETRY_S = 0.5
+PG_CREATE_LOCK = 0x66736562  # pg_advisory_lock key held while Optuna creates its tables and the study
 SPEC_ATTR = "spec_yaml"  # study user attribute: the spec text the round runs (workers on other hosts read it)
 STAGES = STAGE_ORDER  # the stage param's choices: every stage a spec can have, so they never change
 
@@ -113,6 +112,30 @@ def open_storage(url: str) -> RDBStorage:
         raise StudyError(f"storage: cannot open {_safe_url(url)}: {str(e).splitlines()[0]}") from None
 
 
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """On PostgreSQL, a session advisory lock for the duration (other workers wait); nothing on SQLite."""
+    if not is_shared_storage(url):
+        yield
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool)
+        conn = engine.connect()
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URL
+        raise StudyError(f"storage: cannot open {_safe_url(url)}: {str(e).splitlines()[0]}") from None
+    try:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": PG_CREATE_LOCK})
+        yield
+    finally:
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_CREATE_LOCK})
+        finally:
+            conn.close()
+            engine.dispose()
+
+
 def _safe_url(url: str) -> str:
     """The URL without a password."""
     if "@" in url and "://" in url:
@@ -177,18 +200,12 @@ class RoundStudy:
     # opening -----------------------------------------------------------------------------------------------------------
     @classmethod
     def create_or_load(cls, url: str, name: str) -> "RoundStudy":
-        """Open (creating if needed) the round's study. Several workers starting at once on a fresh database can race
-        on Optuna's table and study creation; the loser tries again."""
-        for attempt in range(OPEN_TRIES):
+        """Open (creating if needed) the round's study. Optuna creates its tables and the study check-then-create, so
+        several workers starting at once on a fresh PostgreSQL database take turns (an advisory lock)."""
+        with _creation_lock(url):
             storage = open_storage(url)
-            try:
-                optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-                return cls(storage, name)
-            except Exception:  # noqa: BLE001 - a concurrent create of the same tables or study
-                if attempt == OPEN_TRIES - 1 or not is_shared_storage(url):
-                    raise
-                time.sleep(OPEN_RETRY_S * (attempt + 1))
-        raise AssertionError("unreachable")
+            optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        return cls(storage, name)
 
     @classmethod
     def load(cls, url: str, name: str) -> "RoundStudy | None":

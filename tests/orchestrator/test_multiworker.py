@@ -1,0 +1,278 @@
+"""Several workers on one round (PostgreSQL on loopback, the fake worker): `fsearch worker` processes on two
+"hosts" (two results folders) complete the demo round with no unit run twice, stage barriers held and records equal
+to a serial round's; a worker SIGKILLed mid-run has its unit taken over after its heartbeat timeout and recorded once;
+a worker frozen past its timeout notices, when it wakes, that its unit was taken over and records nothing;
+`fsearch round --workers 3` runs a pool, refuses a second coordinator, lets extra workers join, survives a worker's
+death. SQLite with several workers is refused with one line."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from sqlalchemy import create_engine
+
+from orchestrator.claims import DONE, RoundClaims
+from orchestrator.records import Ledger
+from orchestrator.study import driver_url
+
+REPO = Path(__file__).resolve().parents[2]
+TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes")
+KILLED = -signal.SIGKILL
+FAST_CLAIMS = ["--heartbeat-s", "0.2", "--stale-after-s", "2", "--wait-s", "0.1"]
+STALE_AFTER_S = 2.0
+FOREIGN = "otherhost:4242:00000000"  # a worker id of another machine: only its heartbeat tells whether it lives
+STAGE_RANK = {"quick": 0, "med": 1, "long": 2, "seedcheck": 3}
+
+# 5 units: quick baseline, l1 (promoted), l2 (pruned); med baseline, l1
+SMALL = {"stages!": {"quick": {"steps": 4, "eval_every": 2, "seeds": [0]}, "med": {"steps": 6, "eval_every": 3}},
+         "tasks": {"sud": {"batch": 4, "candidates": ["scalar_l1_trainable", "scalar_l2_trainable"]}}}
+
+
+def comparable(records):
+    return sorted(({k: v for k, v in r.model_dump().items() if k not in TIMING_FIELDS} for r in records),
+                  key=lambda d: d["run_key"])
+
+
+def demo_spec_data(output: Path) -> dict:
+    data = yaml.safe_load((REPO / "studies" / "demo.yaml").read_text())
+    data.update(round="r", output=str(output))
+    return data
+
+
+def worker(cli_environ, pg_url: str, spec: Path, results: Path, *extra: str, env: dict | None = None):
+    argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--round", "r", "--storage", pg_url,
+            "--spec", str(spec), "--results", str(results), *FAST_CLAIMS, *extra]
+    return subprocess.Popen(argv, cwd=REPO, env=cli_environ(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(procs, timeout: float = 120) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, e = p.communicate()
+        out.append((p.returncode, o, e))
+    return out
+
+
+def claims_of(pg_url: str) -> RoundClaims:
+    return RoundClaims(create_engine(driver_url(pg_url)), "r")
+
+
+def trials_by_key(pg_url: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for t in optuna.load_study(study_name="r", storage=driver_url(pg_url)).trials:
+        out.setdefault(t.user_attrs["run_key"], []).append(t)
+    return out
+
+
+def started_attempts(results_dirs: list[Path], run_key: str) -> list[Path]:
+    """Attempt folders in which a worker process started (the fake worker writes config.json first thing)."""
+    return [d for root in results_dirs for d in sorted((root / "r" / "runs" / run_key).glob("attempt-*"))
+            if (d / "config.json").exists()]
+
+
+def assert_barriers(stored, claim_rows) -> None:
+    """No unit was claimed before the records it depends on: its task's earlier stages, and (candidates) its matched
+    baseline. Claim and record times are the database's clock."""
+    claimed = {c.run_key: c.claimed_at for c in claim_rows}
+    recorded = {s.record.run_key: s.recorded_at for s in stored}
+    for s in stored:
+        r = s.record
+        earlier = [x.recorded_at for x in stored
+                   if x.record.task == r.task and STAGE_RANK[x.record.stage] < STAGE_RANK[r.stage]]
+        assert all(claimed[r.run_key] >= t for t in earlier), f"{r.run_key} claimed before its previous stage ended"
+        if r.baseline_key is not None:
+            assert claimed[r.run_key] >= recorded[r.baseline_key], f"{r.run_key} claimed before its baseline"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_three_workers_on_two_hosts_complete_the_demo_round(pg_url, tmp_path, write_spec, fake_env, round_runner,
+                                                            cli_environ):
+    serial_spec = write_spec(demo_spec_data(tmp_path / "serial"), name="serial.yaml", base={})
+    _, serial = round_runner(serial_spec)  # the reference: one scheduler, SQLite
+    spec = write_spec({**demo_spec_data(tmp_path / "unused"), "storage": pg_url}, name="shared.yaml", base={})
+    host_a, host_b = tmp_path / "host_a", tmp_path / "host_b"
+    procs = [worker(cli_environ, pg_url, spec, host_a), worker(cli_environ, pg_url, spec, host_a),
+             worker(cli_environ, pg_url, spec, host_b)]
+    results = finish(procs)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        assert "has no work left" in out
+
+    claims = claims_of(pg_url)
+    stored = claims.stored_records()
+    records = [s.record for s in stored]
+    assert comparable(records) == comparable(serial)
+    assert len({r.run_key for r in records}) == len(records) == len(serial)
+    assert len({s.worker for s in stored}) >= 2, "the work was not shared"
+    # no unit run twice: one started attempt per run, over both hosts; one claim, never taken over
+    for r in records:
+        assert [d.name for d in started_attempts([host_a, host_b], r.run_key)] == ["attempt-0"], r.run_key
+    _, rows = claims.claims()
+    assert sorted(c.run_key for c in rows) == sorted(r.run_key for r in records)
+    assert all(c.state == DONE and c.steals == 0 for c in rows)
+    assert_barriers(stored, rows)
+    # one finished trial per run, told from its record
+    trials = trials_by_key(pg_url)
+    assert sorted(trials) == sorted(r.run_key for r in records)
+    assert all(len(ts) == 1 and ts[0].state != TrialState.RUNNING for ts in trials.values())
+    # each host's records.jsonl mirrors the database (every worker synced it on exit)
+    for host in (host_a, host_b):
+        mirror = Ledger(host / "r" / "records.jsonl").read()
+        assert sorted(r.run_key for r in mirror) == sorted(r.run_key for r in records)
+        assert comparable(mirror) == comparable(records)
+    # the round's spec lives in the study: a worker started with only --round and --storage finds it, and leaves
+    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "worker", "--round", "r", "--storage", pg_url,
+                        "--results", str(tmp_path / "host_c"), *FAST_CLAIMS], cwd=REPO, env=cli_environ(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and f"0 run(s) recorded by this worker, {len(records)} in the round" in p.stdout, p.stderr
+    assert len(Ledger(tmp_path / "host_c" / "r" / "records.jsonl").read()) == len(records)
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_mid_run_is_taken_over_after_its_timeout_and_recorded_once(pg_url, tmp_path, write_spec,
+                                                                                   fake_env, round_runner,
+                                                                                   cli_environ):
+    _, serial = round_runner(write_spec({**SMALL, "output": str(tmp_path / "serial")}, name="serial.yaml"))
+    spec = write_spec({**SMALL, "storage": pg_url}, name="shared.yaml")
+    host = tmp_path / "host"
+    # the doomed worker looks like one of another machine, so only the heartbeat timeout can free its unit
+    doomed = worker(cli_environ, pg_url, spec, host, "--worker-id", FOREIGN,
+                    env={"FSEARCH_KILL_AT": "run:1", "FAKE_WORKER_STEP_S": "0.3"})
+    (code, _, err), = finish([doomed])
+    assert code == KILLED, err[-2000:]
+    killed_at = time.time()
+    claims = claims_of(pg_url)
+    _, (held,) = claims.claims()
+    assert held.worker == FOREIGN and held.state == "running"
+    others = [worker(cli_environ, pg_url, spec, host), worker(cli_environ, pg_url, spec, host)]
+    for code, out, err in finish(others):
+        assert code == 0, err[-3000:]
+    stored = claims.stored_records()
+    records = [s.record for s in stored]
+    assert comparable(records) == comparable(serial)
+    _, rows = claims.claims()
+    (taken,) = [c for c in rows if c.run_key == held.run_key]
+    assert (taken.steals, taken.previous_worker, taken.state) == (1, FOREIGN, DONE)
+    assert taken.claimed_at >= held.heartbeat_at + STALE_AFTER_S  # not before the dead worker's timeout
+    assert time.time() - killed_at >= STALE_AFTER_S * 0.5
+    rec = next(r for r in records if r.run_key == held.run_key)
+    assert rec.attempt == 1 and rec.status == "ok"
+    attempts = started_attempts([host], held.run_key)
+    assert [d.name for d in attempts] == ["attempt-0", "attempt-1"]
+    assert not (attempts[0] / "result.json").exists()  # the killed worker's run died with it
+    pid = json.loads((attempts[0] / "config.json").read_text())["pid"]
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1][:3]
+    assert all(len(started_attempts([host], r.run_key)) == 1 for r in records if r.run_key != held.run_key)
+    (trial,) = trials_by_key(pg_url)[held.run_key]
+    assert trial.state == TrialState.COMPLETE
+    assert [h["outcome"] for h in trial.user_attrs["attempts"]] == ["lost", "ok"]
+    assert all(len(ts) == 1 for ts in trials_by_key(pg_url).values())
+    assert Ledger(host / "r" / "records.jsonl").read() == records
+
+
+@pytest.mark.postgres
+def test_a_frozen_worker_that_wakes_after_losing_its_unit_records_nothing(pg_url, tmp_path, write_spec, fake_env,
+                                                                          cli_environ):
+    spec = write_spec({**SMALL, "storage": pg_url}, name="shared.yaml")
+    host = tmp_path / "host"
+    frozen = worker(cli_environ, pg_url, spec, host, env={"FAKE_WORKER_STEP_S": "0.3"})
+    try:
+        deadline = time.time() + 60
+        while not list((host / "r" / "runs").glob("*/attempt-0/progress.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        frozen.send_signal(signal.SIGSTOP)  # alive but silent: its run goes on, its heartbeats stop
+        claims = claims_of(pg_url)
+        _, (held,) = claims.claims()
+        rescuer = worker(cli_environ, pg_url, spec, host)
+        (code, out, err), = finish([rescuer])
+        assert code == 0, err[-3000:]
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    (code, out, err), = finish([frozen])
+    assert code == 0, err[-3000:]
+    assert f"{held.run_key}: another worker took this unit over" in out
+    stored = claims.stored_records()
+    assert len(stored) == 5 and len({s.record.run_key for s in stored}) == 5
+    assert {s.worker for s in stored} == {next(c.worker for c in claims.claims()[1] if c.run_key == held.run_key)}
+    attempts = started_attempts([host], held.run_key)
+    assert [d.name for d in attempts] == ["attempt-0", "attempt-1"]
+    rec = next(s.record for s in stored if s.record.run_key == held.run_key)
+    assert rec.attempt == 1 and rec.run_dir == str(attempts[1])
+    assert Ledger(host / "r" / "records.jsonl").read() == [s.record for s in stored]
+    (trial,) = trials_by_key(pg_url)[held.run_key]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["attempt"] == 1
+
+
+@pytest.mark.postgres
+def test_round_with_a_pool_of_three_workers(pg_url, tmp_path, write_spec, cli_environ, fsearch_cli):
+    spec = write_spec({**SMALL, "storage": pg_url, "tasks": {"sud": {"candidates": [
+        "scalar_l1_trainable", "scalar_l2_trainable", "scalar_l3_trainable", "read_twice"]}}})
+    rd = tmp_path / "results" / "r"
+    coord = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "round", "--spec", str(spec), "--workers", "3",
+                              "--no-report", "--heartbeat-s", "0.2", "--stale-after-s", "30"], cwd=REPO,
+                             env=cli_environ({"FAKE_WORKER_STEP_S": "0.1"}), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        claims = claims_of(pg_url)
+        deadline = time.time() + 60
+        running: list = []
+        while time.time() < deadline and not running:
+            time.sleep(0.05)
+            try:
+                running = [c for c in claims.claims()[1] if c.state == "running"]
+            except Exception:  # noqa: BLE001 - the tables do not exist yet
+                pass
+        assert running, "no worker claimed anything"
+        second = fsearch_cli("round", "--spec", str(spec), "--workers", "3", "--no-report")
+        assert second.returncode == 2 and "already being run by another scheduler" in second.stderr
+        # kill a pool worker mid-run: a worker of this machine whose process is gone is taken over at once
+        victim = int(running[0].worker.split(":")[1])
+        subprocess.run(["kill", "-9", str(victim)], check=True)
+        joined = fsearch_cli("worker", "--round", "r", "--storage", pg_url, "--results", str(tmp_path / "results"),
+                             *FAST_CLAIMS, env={"FAKE_WORKER_STEP_S": "0.1"})  # the round lock does not stop it
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        out, err = coord.communicate(timeout=120)
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+            coord.communicate()
+    assert coord.returncode == 0, err[-3000:]
+    assert "note: 1 worker(s) failed, the others finished the round" in out
+    stored = claims.stored_records()
+    keys = [s.record.run_key for s in stored]
+    assert len(keys) == len(set(keys)) == 9  # quick: baseline + 4; med: baseline + l1, l3, read_twice
+    assert Ledger(rd / "records.jsonl").read() == [s.record for s in stored]
+    _, rows = claims.claims()
+    assert all(c.state == DONE for c in rows) and sum(c.steals for c in rows) >= 1
+    for k in keys:  # a second start only where a unit was taken over from the killed worker
+        steals = next(c.steals for c in rows if c.run_key == k)
+        assert 1 <= len(started_attempts([tmp_path / "results"], k)) <= 1 + steals, k
+    assert sorted(p.name for p in (rd / "workers").iterdir()) == ["worker-0.log", "worker-1.log", "worker-2.log"]
+    assert not (rd / "scheduler.pid").exists()
+
+
+def test_several_workers_on_sqlite_are_refused(write_spec, fsearch_cli, tmp_path):
+    spec = write_spec()
+    p = fsearch_cli("round", "--spec", str(spec), "--workers", "2", "--no-report")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "error: --workers 2 needs a PostgreSQL storage" in p.stderr and "SQLite serves a single" in p.stderr
+    p = fsearch_cli("worker", "--round", "r", "--storage", f"sqlite:///{tmp_path / 'study.db'}")
+    assert p.returncode == 2 and "error: fsearch worker needs a PostgreSQL storage" in p.stderr, p.stderr
+    p = fsearch_cli("round", "--spec", str(spec), "--workers", "0")
+    assert p.returncode == 2 and "--workers 0: must be at least 1" in p.stderr
+    assert not (tmp_path / "results" / "r" / "records.jsonl").exists()
