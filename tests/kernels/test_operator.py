@@ -241,10 +241,12 @@ def test_triton_on_cpu_tensors_is_an_error(small, monkeypatch):
 def test_triton_interpret_routes_cpu_tensors_to_the_triton_backend(small, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fake = types.ModuleType("kernels.triton_wkv7")
-    fake.wkv7_triton = lambda *args: ("triton", args)
+    fake.wkv7_triton = lambda *args, **kwargs: ("triton", args, kwargs)
     monkeypatch.setitem(sys.modules, "kernels.triton_wkv7", fake)
     out = kernels.wkv7(*small, backend="triton")
-    assert out[0] == "triton" and len(out[1]) == 7
+    assert out[0] == "triton" and len(out[1]) == 7 and out[2] == {"check_domain": True}
+    out = kernels.wkv7(*small, backend="triton", w_in_model_range=True)
+    assert out[2] == {"check_domain": False}
 
 
 @pytest.mark.parametrize("mutate, message", [
