@@ -965,19 +965,18 @@ class SharedScheduler(RoundScheduler):
         self.claims.mark_done(self.lease)
 
     def repair_trials(self, final: bool = False) -> None:
-        """RUNNING trials whose owner is gone: told from their record (a worker died between record and tell); at the
-        end of the round, those without a record are failed (their run left the plan). Others stay for adoption."""
+        """RUNNING trials whose run has a record are told from it (a worker died between record and tell; telling
+        twice is harmless). At the end of the round, RUNNING trials without a record and without a live owner are
+        failed (their run left the plan). Others stay RUNNING, to be adopted by the unit's next claim."""
         assert self.study is not None and self.claims is not None
         by_key = {r.run_key: r for r in self.records}
         now, rows = self.claims.claims()
         owner_alive = {c.run_key for c in rows if c.state != DONE and c.fresh(now)}
         for t in self.study.running():
             key = t.user_attrs.get("run_key")
-            if key in owner_alive:
-                continue
             if key in by_key:
                 self.study.finish(t.number, by_key[key])
-            elif final:
+            elif final and key not in owner_alive:
                 self.study.fail(t.number, f"run {key} is not part of the round's plan (the spec changed)")
 
     # batch probes ---------------------------------------------------------------------------------------------------

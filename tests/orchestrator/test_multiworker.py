@@ -135,12 +135,6 @@ def test_three_workers_on_two_hosts_complete_the_demo_round(pg_url, tmp_path, wr
         mirror = Ledger(host / "r" / "records.jsonl").read()
         assert sorted(r.run_key for r in mirror) == sorted(r.run_key for r in records)
         assert comparable(mirror) == comparable(records)
-    # the round's spec lives in the study: a worker started with only --round and --storage finds it, and leaves
-    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "worker", "--round", "r", "--storage", pg_url,
-                        "--results", str(tmp_path / "host_c"), *FAST_CLAIMS], cwd=REPO, env=cli_environ(),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and f"0 run(s) recorded by this worker, {len(records)} in the round" in p.stdout, p.stderr
-    assert len(Ledger(tmp_path / "host_c" / "r" / "records.jsonl").read()) == len(records)
 
 
 @pytest.mark.postgres
@@ -243,9 +237,11 @@ def test_round_with_a_pool_of_three_workers(pg_url, tmp_path, write_spec, cli_en
         # kill a pool worker mid-run: a worker of this machine whose process is gone is taken over at once
         victim = int(running[0].worker.split(":")[1])
         subprocess.run(["kill", "-9", str(victim)], check=True)
+        # the round lock does not stop a worker; given only --round and --storage, it reads the spec from the study
         joined = fsearch_cli("worker", "--round", "r", "--storage", pg_url, "--results", str(tmp_path / "results"),
-                             *FAST_CLAIMS, env={"FAKE_WORKER_STEP_S": "0.1"})  # the round lock does not stop it
+                             *FAST_CLAIMS, env={"FAKE_WORKER_STEP_S": "0.1"})
         assert joined.returncode == 0, joined.stderr[-2000:]
+        assert "in the round" in joined.stdout and "has no work left" in joined.stdout
         out, err = coord.communicate(timeout=120)
     finally:
         if coord.poll() is None:
@@ -276,3 +272,73 @@ def test_several_workers_on_sqlite_are_refused(write_spec, fsearch_cli, tmp_path
     p = fsearch_cli("round", "--spec", str(spec), "--workers", "0")
     assert p.returncode == 2 and "--workers 0: must be at least 1" in p.stderr
     assert not (tmp_path / "results" / "r" / "records.jsonl").exists()
+
+
+class Messages:
+    """A display that keeps the scheduler's messages."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+@pytest.mark.postgres
+def test_two_workers_run_one_batch_probe_for_the_round(pg_url, tmp_path, write_spec, fake_env):
+    import threading
+
+    from orchestrator.scheduler import SharedScheduler
+    from orchestrator.spec import load_spec
+
+    fake_env.setenv("FAKE_PROBE_MAX", "4")
+    spec = load_spec(write_spec({**SMALL, "storage": pg_url, "defaults": {"device": "auto",
+                                                                          "probe": {"micro_batches": [8, 4]}},
+                                 "tasks": {"sud": {"batch": "auto"}}}))
+    displays = [Messages(), Messages()]
+    workers = [SharedScheduler(spec, display=d, worker_id=f"w{i}:{i}:x", heartbeat_s=0.2, stale_after_s=5,
+                               wait_s=0.05, poll_s=0.02, term_grace_s=1.0) for i, d in enumerate(displays)]
+    out: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            out[i] = workers[i].run()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(isinstance(out[i], list) for i in range(2)), out
+    probes = [ln for d in displays for ln in d.lines if "batch probe over micro-batches" in ln]
+    assert len(probes) == 1, [d.lines for d in displays]
+    records = claims_of(pg_url).records()
+    assert len(records) == 5 and {(r.batch_size, r.micro_batch) for r in records} == {(4, 4)}
+    assert optuna.load_study(study_name="r", storage=driver_url(pg_url)).user_attrs["probe.sud"]["micro_batch"] == 4
+    assert json.loads((tmp_path / "results" / "r" / "probe" / "sud.json").read_text())["micro_batch"] == 4
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_between_record_and_tell_leaves_one_record_and_a_told_trial(pg_url, tmp_path, write_spec,
+                                                                                    fake_env, round_runner,
+                                                                                    cli_environ):
+    spec = write_spec({**SMALL, "storage": pg_url})
+    p = worker(cli_environ, pg_url, spec, tmp_path / "results", "--worker-id", FOREIGN,
+               env={"FSEARCH_KILL_AT": "record:1"})
+    (code, _, err), = finish([p])
+    assert code == KILLED, err[-2000:]
+    claims = claims_of(pg_url)
+    (first,) = claims.records()
+    (t,) = trials_by_key(pg_url)[first.run_key]
+    assert t.state == TrialState.RUNNING  # recorded in the database, trial not told
+    _, records = round_runner(spec)  # another worker (here a coordinator in this process) finishes the round
+    assert len(records) == 5 and records[0] == first
+    trials = trials_by_key(pg_url)
+    assert all(len(ts) == 1 and ts[0].state != TrialState.RUNNING for ts in trials.values())
+    assert trials[first.run_key][0].user_attrs["decision"] == first.decision
+    assert Ledger(tmp_path / "results" / "r" / "records.jsonl").read() == records
