@@ -1,6 +1,8 @@
 """The round's ledger: one JSON line per run (its final outcome after retries) in <round>/records.jsonl.
 
-The ledger is the source of truth of a round; the Optuna study mirrors it. Crash safety:
+The ledger is the source of truth of a round on SQLite; the Optuna study mirrors it. On a shared (PostgreSQL)
+storage the database's records table is the truth (orchestrator.claims) and this file is each host's mirror, kept by
+`append_missing` under the same lock. Crash safety:
 - `Ledger.append` writes one complete line (`json + "\\n"`) under a file lock, then flush + fsync. A record counts as
   written once its newline is on disk.
 - `Ledger.read` ignores a torn or undecodable *last* line (a write cut short by a crash); a bad line followed by more

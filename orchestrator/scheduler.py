@@ -13,6 +13,15 @@ others for adoption, and mirrors records that have no trial. The planner never r
 run is never rerun and never recorded twice. A trial left RUNNING whose run the planner no longer returns (the spec
 changed) is failed when the round ends, so a finished round has no RUNNING trial.
 
+Several workers (PostgreSQL storage; `scheduler_for` picks the class from the storage URL):
+    SharedScheduler   one worker of a round (`fsearch worker`; `fsearch round --storage postgresql://...` runs one in
+                      process): the same run steps, but each unit is first claimed in the database (orchestrator.claims:
+                      row-locked, heartbeat thread, takeover after the owner's timeout), its record committed to the
+                      database while the claim is held (the database is the truth; records.jsonl is each host's
+                      mirror), and the trial a dead worker left RUNNING adopted by the unit's next owner.
+    WorkerPool        `fsearch round --workers N`: N `fsearch worker` processes on this host, one device each.
+SQLite serves one scheduler: several workers on it are refused (orchestrator.study.require_shared_storage).
+
 Test hooks (environment):
   FSEARCH_WORKER_CMD  the worker command (shlex-split; the run file is appended), default `python -m orchestrator.worker`
   FSEARCH_FAULTS      JSON {"<fnmatch pattern on run_key>": "<fault>"} -> RunConfig.fault
