@@ -342,3 +342,58 @@ def test_a_worker_killed_between_record_and_tell_leaves_one_record_and_a_told_tr
     assert all(len(ts) == 1 and ts[0].state != TrialState.RUNNING for ts in trials.values())
     assert trials[first.run_key][0].user_attrs["decision"] == first.decision
     assert Ledger(tmp_path / "results" / "r" / "records.jsonl").read() == records
+
+
+def test_ledger_append_missing_keeps_order_skips_known_and_drops_a_torn_tail(tmp_path, make_record):
+    ledger = Ledger(tmp_path / "records.jsonl")
+    a, b, c = (make_record(i, run_key=f"k{i}") for i in range(3))
+    assert ledger.append_missing([a]) == [a]
+    ledger.write_torn(b)
+    assert ledger.append_missing([a, c, b, c]) == [c, b]
+    assert ledger.read() == [a, c, b] and ledger.append_missing([b, a]) == []
+    assert (tmp_path / "records.jsonl").read_text().count("\n") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_three_real_workers_complete_the_demo_round(pg_url, tmp_path, write_spec, cli_environ):
+    """The demo round with the real worker (CPU): three workers on PostgreSQL give a serial round's records."""
+
+    def real_env() -> dict:
+        env = cli_environ()
+        env.pop("FSEARCH_WORKER_CMD", None)
+        return env
+
+    serial_spec = write_spec(demo_spec_data(tmp_path / "serial"), name="serial.yaml", base={})
+    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "round", "--spec", str(serial_spec), "--no-report"],
+                       cwd=REPO, env=real_env(), capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    serial = Ledger(tmp_path / "serial" / "r" / "records.jsonl").read()
+    spec = write_spec({**demo_spec_data(tmp_path / "unused"), "storage": pg_url}, name="shared.yaml", base={})
+    argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--round", "r", "--storage", pg_url, "--spec",
+            str(spec), "--results", str(tmp_path / "host"), "--heartbeat-s", "2", "--stale-after-s", "60"]
+    procs = [subprocess.Popen(argv, cwd=REPO, env=real_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    for code, _, err in finish(procs, timeout=3600):
+        assert code == 0, err[-3000:]
+    stored = claims_of(pg_url).stored_records()
+    assert comparable([s.record for s in stored]) == comparable(serial)
+    assert len({s.worker for s in stored}) == 3
+    for s in stored:
+        assert [d.name for d in started_attempts([tmp_path / "host"], s.record.run_key)] == ["attempt-0"]
+
+
+def test_claims_logic_on_sqlite_in_one_process(tmp_path, make_record):
+    """The claim SQL is dialect-neutral (the database clock included); fsearch still refuses SQLite for several
+    processes, since SQLite has no row locks."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    a, b = RoundClaims(engine, "r", FOREIGN, stale_after_s=0.3), RoundClaims(engine, "r", "w:2:x")
+    a.ensure_tables()
+    lease = a.try_claim("k")
+    assert lease is not None and b.try_claim("k") is None and "k" in b.busy_keys()
+    time.sleep(0.4)
+    taken = b.try_claim("k")
+    assert taken is not None and taken.stolen_from == FOREIGN and not a.beat(lease)
+    rec = make_record(0, run_key="k")
+    assert not a.commit_record(lease, rec) and b.commit_record(taken, rec)
+    assert b.records() == [rec] and a.try_claim("k") is None
