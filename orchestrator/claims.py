@@ -317,3 +317,20 @@ class Heartbeat:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def read_claims(url: str, round_name: str) -> tuple[float, list[ClaimRow]] | None:
+    """(database time, claim rows) of a shared round, read-only (for `fsearch status`: which worker runs what, and
+    how old its heartbeat is); None when the database has no claims table yet."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    from orchestrator.study import driver_url
+
+    engine = create_engine(driver_url(url), poolclass=NullPool)
+    try:
+        if not inspect(engine).has_table(claims_table.name):
+            return None
+        return RoundClaims(engine, round_name).claims()
+    finally:
+        engine.dispose()

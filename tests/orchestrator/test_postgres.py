@@ -57,6 +57,12 @@ def claims_of(pg_url):
         e.dispose()
 
 
+def test_read_claims_without_tables_is_none(pg_url):
+    from orchestrator.claims import read_claims
+
+    assert read_claims(pg_url, "r") is None
+
+
 def test_concurrent_claims_have_one_winner_per_key(claims_of):
     workers = [claims_of(f"w{i}:{i}:x") for i in range(8)]
     keys = [f"t.quick.c{k}.s0-ab" for k in range(6)]
@@ -140,12 +146,16 @@ def test_takeover_only_after_the_heartbeat_timeout_and_the_old_owner_cannot_reco
                                                       record=record.to_line()))
 
 
-def test_heartbeat_keeps_a_claim_and_release_frees_it(claims_of):
+def test_heartbeat_keeps_a_claim_and_release_frees_it(claims_of, pg_url):
+    from orchestrator.claims import read_claims
+
     a, b = claims_of(FOREIGN, stale_after_s=0.5), claims_of("w:2:x")
     lease = a.try_claim("k1")
     with Heartbeat(a, lease, every_s=0.1):
         time.sleep(1.0)
         assert b.try_claim("k1") is None  # twice the timeout, still held
+        now, (row,) = read_claims(pg_url, "r")
+        assert row.worker == FOREIGN and row.live(now) and now - row.heartbeat_at < 0.5
     assert "k1" in b.busy_keys()
     a.release(lease)
     assert "k1" not in b.busy_keys() and b.try_claim("k1") is not None
