@@ -185,7 +185,7 @@ class RoundClaims:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_CREATE_LOCK})
             metadata.create_all(conn, checkfirst=True)
 
-    # claiming ----------------------------------------------------------------------------------------------------------
+    # claiming ---------------------------------------------------------------------------------------------------------
     def try_claim(self, run_key: str) -> Lease | None:
         """Claim `run_key` for this worker (one transaction); None when it is recorded or held by a live claim."""
         c = claims_table.c
@@ -261,7 +261,7 @@ class RoundClaims:
                 (c.round == lease.round) & (c.run_key == lease.run_key) & (c.token == lease.token)
                 & (c.state == RUNNING)))
 
-    # reading -----------------------------------------------------------------------------------------------------------
+    # reading ----------------------------------------------------------------------------------------------------------
     def _has_record(self, conn: Connection, run_key: str) -> bool:
         r = records_table.c
         return conn.execute(select(r.id).where((r.round == self.round) & (r.run_key == run_key))).first() is not None
