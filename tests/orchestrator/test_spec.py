@@ -264,8 +264,10 @@ def test_demo_study_validates_with_its_data():
     assert spec.model.preset == "tiny" and {t.task for t in spec.tasks.values()} >= {"sudoku"}
     assert len(spec.tasks) == 2 and spec.stages.seedcheck.allow_few_seeds
     for label in spec.tasks:
-        fs = [c.fs for c in spec.candidates(label) if c.fs is not None]
-        assert 3 <= len(fs) <= 4 and all(1 <= f.layer_start <= 3 for f in fs)
+        cands = spec.candidates(label)
+        fs = [c.fs for c in cands if c.fs is not None]
+        assert 3 <= len(cands) <= 4 and len(fs) >= 2 and all(1 <= f.layer_start <= 3 for f in fs)
+        assert "read_twice" in [c.name for c in cands]
 
 
 @pytest.mark.parametrize("name", PORTS)
