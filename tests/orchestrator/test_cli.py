@@ -96,10 +96,10 @@ def test_bad_flags_and_unknown_rounds(tmp_path, finished_round):
     assert_user_error(invoke("bench", "nothing"), "nothing")
 
 
-def test_workers_other_than_one_not_yet_supported(write_spec):
+def test_several_workers_need_postgresql(write_spec):
     spec = write_spec()
-    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "4"), "not yet supported")
-    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "0"), "not yet supported")
+    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "4"), "needs a PostgreSQL storage")
+    assert_user_error(invoke("round", "--spec", str(spec), "--workers", "0"), "at least 1")
 
 
 def test_bad_storage_url(write_spec):
