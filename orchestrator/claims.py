@@ -29,6 +29,7 @@ workers (see orchestrator.study.require_shared_storage).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -319,18 +320,38 @@ class Heartbeat:
         self._thread.join()
 
 
-def read_claims(url: str, round_name: str) -> tuple[float, list[ClaimRow]] | None:
-    """(database time, claim rows) of a shared round, read-only (for `fsearch status`: which worker runs what, and
-    how old its heartbeat is); None when the database has no claims table yet."""
-    from sqlalchemy import create_engine, inspect
+@contextlib.contextmanager
+def _reader(url: str):
+    """A connection-per-query engine for one read-only look at a shared round's tables."""
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     from orchestrator.study import driver_url
 
     engine = create_engine(driver_url(url), poolclass=NullPool)
     try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def read_claims(url: str, round_name: str) -> tuple[float, list[ClaimRow]] | None:
+    """(database time, claim rows) of a shared round, read-only (for `fsearch status`: which worker runs what, and
+    how old its heartbeat is); None when the database has no claims table yet."""
+    from sqlalchemy import inspect
+
+    with _reader(url) as engine:
         if not inspect(engine).has_table(claims_table.name):
             return None
         return RoundClaims(engine, round_name).claims()
-    finally:
-        engine.dispose()
+
+
+def read_records(url: str, round_name: str) -> list[Record] | None:
+    """A shared round's records as the database holds them (the round's truth), read-only; None when the database
+    has no records table yet."""
+    from sqlalchemy import inspect
+
+    with _reader(url) as engine:
+        if not inspect(engine).has_table(records_table.name):
+            return None
+        return RoundClaims(engine, round_name).records()

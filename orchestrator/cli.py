@@ -64,7 +64,7 @@ def one_line(e: BaseException) -> str:
 def resolve_round(arg: str, results: str | None = None) -> Path:
     """ROUND: a path to a round folder, or a round name under the results root ($FSEARCH_RESULTS or ./results)."""
     p = Path(arg)
-    markers = ("records.jsonl", "spec.yaml", "study.db", "round.lock")
+    markers = ("records.jsonl", "spec.yaml", "study.db", "round.lock", "storage.json")
     if p.is_dir() and any((p / m).exists() for m in markers):
         return p
     root = Path(results or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
@@ -95,6 +95,41 @@ def load_round_spec(round_dir: Path):
         return load_spec(path)
     except Exception:  # noqa: BLE001 - status works from the records alone when the spec copy cannot be read
         return None
+
+
+def read_side_storage(round_dir: Path, override: str | None) -> tuple[str, str]:
+    """(storage URL, round name) for the commands that read a round folder: --storage, else the URL the round ran
+    with (<round>/storage.json), else its spec copy's, else the folder's SQLite file."""
+    from orchestrator.study import round_storage_url
+
+    spec = load_round_spec(round_dir)
+    return round_storage_url(round_dir, spec, override), (spec.round if spec is not None else round_dir.name)
+
+
+def sync_shared_mirror(round_dir: Path, override: str | None) -> int:
+    """A PostgreSQL round: bring this host's records.jsonl up to the database (nothing for SQLite); how many records
+    were appended."""
+    from orchestrator.export import sync_mirror
+    from orchestrator.study import StudyError, saved_storage
+
+    url, name = read_side_storage(round_dir, override)
+    try:
+        return len(sync_mirror(round_dir, url, name))
+    except StudyError as e:
+        saved = saved_storage(round_dir) if override is None else None
+        hint = f" ({saved.password_hint})" if saved is not None and saved.password_removed else ""
+        raise UserError(f"{one_line(e)}{hint}") from None
+
+
+def remember_storage(round_dir: Path, url: str) -> None:
+    """Keep the storage URL in the round folder (status/export/report find it there); say so when its password was
+    left out."""
+    from orchestrator.study import STORAGE_FILE, save_storage_url
+
+    saved = save_storage_url(round_dir, url)
+    if saved is not None and saved.password_removed:
+        click.echo(f"note: {round_dir / STORAGE_FILE} keeps the storage URL without its password; status, export and "
+                   f"report read the password from PGPASSWORD or ~/.pgpass (or take --storage URL)", err=True)
 
 
 def storage_url_for(spec, round_dir: Path, override: str | None = None) -> str:
@@ -209,6 +244,7 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
                           devices=gpu if workers == 1 else None, **timing)
     sched.acquire()  # a second coordinator stops here, with one line
     try:
+        remember_storage(round_dir, url)
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         if workers > 1:
@@ -263,6 +299,7 @@ def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: st
     require_shared_storage(storage, "fsearch worker")
     spec, warnings = _worker_spec(round_name, storage, spec_arg, results)
     round_dir = Path(results) / spec.round if results else Path(spec.round_dir)
+    remember_storage(round_dir, storage)
     display = make_display(sys.stdout)
     sched = SharedScheduler(spec, round_dir=round_dir, storage_url=storage, worker_cmd=worker_cmd, display=display,
                             devices=gpu, worker_id=worker_id, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s,
@@ -309,13 +346,16 @@ def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: s
 @cli.command("status")
 @click.argument("round_arg", metavar="ROUND")
 @click.option("--results", default=None, help="results root where round names are looked up (default: results)")
-def status_cmd(round_arg: str, results: str | None) -> None:
-    """Show a round's progress (works while the round runs; read-only, takes no lock)."""
+@click.option("--storage", default=None,
+              help="the round's storage URL (default: the one the round ran with, kept in <round>/storage.json)")
+def status_cmd(round_arg: str, results: str | None, storage: str | None) -> None:
+    """Show a round's progress (works while the round runs; read-only, takes no lock). A PostgreSQL round's table is
+    read from its database, with the workers holding units and their heartbeats."""
     from orchestrator.progress import format_table, rich_table
     from orchestrator.progress import round_status
 
     round_dir = resolve_round(round_arg, results)
-    st = round_status(round_dir)
+    st = round_status(round_dir, storage)
     click.echo(st.header)
     if sys.stdout.isatty():
         from rich.console import Console
@@ -333,11 +373,15 @@ def status_cmd(round_arg: str, results: str | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="output file (default: <round>/export/records.<format>)")
 @click.option("--results", default=None, help="results root where round names are looked up (default: results)")
-def export_cmd(round_arg: str, fmt: str, output: str | None, results: str | None) -> None:
-    """Export a round's records (the Record fields, including best_val_loss / best_val_tok_acc)."""
+@click.option("--storage", default=None,
+              help="the round's storage URL (default: the one the round ran with, kept in <round>/storage.json)")
+def export_cmd(round_arg: str, fmt: str, output: str | None, results: str | None, storage: str | None) -> None:
+    """Export a round's records (the Record fields, including best_val_loss / best_val_tok_acc). A PostgreSQL round's
+    records.jsonl is first brought up to its database."""
     from orchestrator.export import export_round
 
     round_dir = resolve_round(round_arg, results)
+    sync_shared_mirror(round_dir, storage)
     path = export_round(round_dir, fmt, Path(output) if output else None)
     click.echo(str(path))
 
@@ -484,11 +528,15 @@ class _progress_bar:
 @click.argument("round_arg", metavar="ROUND")
 @click.option("--check", is_flag=True, help="check the existing report against the records instead of writing it")
 @click.option("--results", default=None, help="results root where round names are looked up (default: results)")
-def report_cmd(round_arg: str, check: bool, results: str | None) -> None:
-    """Write the round's report (or check it)."""
+@click.option("--storage", default=None,
+              help="the round's storage URL (default: the one the round ran with, kept in <round>/storage.json)")
+def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | None) -> None:
+    """Write the round's report (or check it). A PostgreSQL round's records.jsonl is first brought up to its
+    database."""
     round_dir = resolve_round(round_arg, results)
     if importlib.util.find_spec("orchestrator.report") is None:
         raise UserError("report: orchestrator.report is not available in this installation")
+    sync_shared_mirror(round_dir, storage)
     report = importlib.import_module("orchestrator.report")
     if check:
         problems = report.check_report(round_dir)

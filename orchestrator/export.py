@@ -2,7 +2,8 @@
 include the original system's `best_val_loss` and `best_val_tok_acc`).
 
 Nested fields (fs, final, best, test) stay nested in JSON lines and Parquet (structs) and are JSON strings in CSV.
-Torch-free; pandas and pyarrow are imported only for csv/parquet.
+A shared (PostgreSQL) round's truth is its database: `sync_mirror` first appends to this host's records.jsonl the
+records other hosts' workers stored. Torch-free; pandas and pyarrow are imported only for csv/parquet.
 """
 from __future__ import annotations
 
@@ -42,6 +43,24 @@ def export_records(records: list[Record], fmt: str, out: Path) -> Path:
     table = pa.Table.from_pylist(data) if data else pa.table({c: pa.array([], pa.null()) for c in cols})
     pq.write_table(table.select(cols), out)
     return out
+
+
+def sync_mirror(round_dir: Path, storage_url: str, round_name: str) -> list[Record]:
+    """Append to <round>/records.jsonl the records a PostgreSQL round's database has and the file lacks (recorded by
+    workers of other hosts, or while no worker of this host ran); returns those appended. Nothing for SQLite, where
+    the file is the truth."""
+    from orchestrator.study import StudyError, _safe_url, is_shared_storage
+
+    if not is_shared_storage(storage_url):
+        return []
+    from orchestrator.claims import read_records
+
+    try:
+        stored = read_records(storage_url, round_name)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials
+        raise StudyError(f"storage: cannot read round {round_name}'s records from {_safe_url(storage_url)}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return Ledger(Path(round_dir) / "records.jsonl").append_missing(stored or [])
 
 
 def export_round(round_dir: Path, fmt: str, out: Path | None = None) -> Path:

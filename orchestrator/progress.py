@@ -6,6 +6,8 @@
 - `RichDisplay` (a terminal: a live table) and `PlainDisplay` (no tty, e.g. CI: one line per event, a progress line
   every PLAIN_PROGRESS_EVERY_S) implement the scheduler's display hooks.
 - `format_summary(records, ...)`: per task, the baseline value and each candidate's delta and decision per stage.
+- `round_status(round_dir)` (`fsearch status`): the table from another shell; for a PostgreSQL round, from the
+  database's records, with the workers' claims (unit, heartbeat age, live or stale).
 
 Torch-free.
 """
@@ -86,19 +88,24 @@ def _current_text(active: Active) -> str:
 
 
 def _eta(records: list[Record], task: str, left_runs: int, stage_steps: int | None,
-         active: Active | None) -> float | None:
+         actives: list[Active]) -> float | None:
     """Seconds left for a stage: runs not started x steps x seconds per step (this task's records, else the round's,
-    else the current run's pace) + what the current run says is left."""
+    else the current run's pace) + what the current runs say is left (the longest, when workers run several)."""
     rate = seconds_per_step(records, task) or seconds_per_step(records)
-    active_left = None
-    if active is not None:
-        p = active.progress or {}
+    for a in actives:
+        p = a.progress or {}
+        if rate is None and p.get("step") and a.started:
+            rate = max(0.0, time.time() - a.started) / p["step"]
+    lefts = []
+    for a in actives:
+        p = a.progress or {}
         step, steps = p.get("step"), p.get("steps")
-        if rate is None and step and active.started:
-            rate = max(0.0, time.time() - active.started) / step
-        active_left = p.get("eta_s")
-        if active_left is None and step is not None and steps and rate is not None:
-            active_left = (steps - step) * rate
+        left = p.get("eta_s")
+        if left is None and step is not None and steps and rate is not None:
+            left = (steps - step) * rate
+        if left is not None:
+            lefts.append(left)
+    active_left = max(lefts) if lefts else None
     if left_runs <= 0:
         return active_left
     if rate is None or stage_steps is None:
@@ -106,10 +113,14 @@ def _eta(records: list[Record], task: str, left_runs: int, stage_steps: int | No
     return left_runs * stage_steps * rate + (active_left or 0.0)
 
 
-def status_rows(records: list[Record], plan: Any = None, active: Active | None = None,
+def status_rows(records: list[Record], plan: Any = None, active: Active | list[Active] | None = None,
                 stage_steps: dict[str, int] | None = None) -> list[StatusRow]:
-    """One row per task and stage: from the planner's stage table when there is a plan, else from the records."""
+    """One row per task and stage: from the planner's stage table when there is a plan, else from the records.
+    `active`: the run in progress, or the runs of several workers."""
     stage_steps = stage_steps or {}
+    actives_by: dict[tuple[str, str], list[Active]] = {}
+    for a in [active] if isinstance(active, Active) else list(active or []):
+        actives_by.setdefault((a.task, a.stage), []).append(a)
     recs_by: dict[tuple[str, str], list[Record]] = {}
     for r in records:
         recs_by.setdefault((r.task, r.stage), []).append(r)
@@ -121,17 +132,18 @@ def status_rows(records: list[Record], plan: Any = None, active: Active | None =
         order = list(dict.fromkeys(r.task for r in records))
         for (task, stage), rs in sorted(recs_by.items(), key=lambda kv: (order.index(kv[0][0]), _stage_rank(kv[0][1]))):
             entries.append((task, stage, "", None, len(rs), sum(r.status != "ok" for r in rs), 0))
-        if active is not None and (active.task, active.stage) not in recs_by:
-            entries.append((active.task, active.stage, "running", None, 0, 0, 0))
+        for task, stage in actives_by:
+            if (task, stage) not in recs_by:
+                entries.append((task, stage, "running", None, 0, 0, 0))
     for task, stage, state, total, done, failed, pruned in entries:
         rs = recs_by.get((task, stage), [])
-        is_active = active is not None and (active.task, active.stage) == (task, stage)
+        acts = actives_by.get((task, stage), [])
         pruned = max(pruned, sum(r.decision in ("prune", "diverged") for r in rs))
-        left = (total - done - (1 if is_active else 0)) if total is not None else 0
+        left = (total - done - len(acts)) if total is not None else 0
         steps = stage_steps.get(stage) or (rs[0].budget_steps if rs else None)
-        eta = _eta(records, task, left, steps, active if is_active else None) if (left > 0 or is_active) else None
-        rows.append(StatusRow(task, stage, state, done, total, 1 if is_active else 0, pruned, failed,
-                              _current_text(active) if is_active else "", eta))
+        eta = _eta(records, task, left, steps, acts) if (left > 0 or acts) else None
+        rows.append(StatusRow(task, stage, state, done, total, len(acts), pruned, failed,
+                              "; ".join(_current_text(a) for a in acts), eta))
     return rows
 
 
@@ -427,8 +439,56 @@ def probed_batch_sizes(round_dir: Any) -> dict[str, int]:
     return out
 
 
-def round_status(round_dir: Any) -> RoundStatus:
+def _active_of(run_key: str, trial: Any) -> Active | None:
+    """The status table's view of a run in progress: its key's parts, and from its RUNNING trial (if any) the attempt,
+    start time and the run's progress.json (readable when the run's folder is on this host)."""
     import json
+    from pathlib import Path
+
+    from orchestrator.runkey import parse_run_key
+
+    try:
+        parts = parse_run_key(str(run_key))
+    except ValueError:
+        return None
+    attrs = trial.user_attrs if trial is not None else {}
+    prog = {}
+    if attrs.get("run_dir"):
+        try:
+            prog = json.loads((Path(attrs["run_dir"]) / "progress.json").read_text())
+        except (OSError, ValueError):
+            prog = {}
+    started = trial.started.timestamp() if trial is not None and trial.started else None
+    return Active(parts["task"], parts["stage"], parts["candidate"], parts["seed"], int(attrs.get("attempt") or 0),
+                  prog, started)
+
+
+def worker_lines(now: float, claims: list[Any]) -> tuple[list[str], list[Any]]:
+    """What each worker of a shared round holds, from its claim rows: (one line per running claim, the live claims).
+    A stale claim (no heartbeat within its timeout, or its process on this host is gone) is taken
+    over by the next worker that looks for work."""
+    from orchestrator.claims import PROBE_PREFIX, RUNNING
+
+    lines, live = [], []
+    for c in claims:
+        if c.state != RUNNING:
+            continue
+        what = (f"batch probe of {c.run_key[len(PROBE_PREFIX):]}" if c.run_key.startswith(PROBE_PREFIX)
+                else c.run_key)
+        age = f"heartbeat {fmt_duration(now - c.heartbeat_at)} ago"
+        if c.live(now):
+            live.append(c)
+            lines.append(f"  {c.worker}: {what}, {age}, live")
+        else:
+            lines.append(f"  {c.worker}: {what}, {age}, stale (timeout {c.stale_after_s:g} s): the next "
+                         f"worker takes it over")
+    return lines, live
+
+
+def round_status(round_dir: Any, storage_url: str | None = None) -> RoundStatus:
+    """The status of a round folder, read-only. SQLite: records.jsonl, the study's RUNNING trials and scheduler.pid.
+    PostgreSQL (the URL from `storage_url`, <round>/storage.json or the spec copy): the database's records and the
+    workers' claims; a RUNNING trial is in progress while a live claim holds its unit."""
     from pathlib import Path
 
     from orchestrator.records import Ledger
@@ -447,38 +507,55 @@ def round_status(round_dir: Any) -> RoundStatus:
     name = spec.round if spec is not None else round_dir.name
     pid = scheduler_pid(round_dir)
 
-    active, counts = None, {}
+    snap, shared, claims = None, False, None
     try:
-        from orchestrator.runkey import parse_run_key
-        from orchestrator.study import default_storage_url, read_snapshot
+        from orchestrator.study import is_shared_storage, read_snapshot, round_storage_url, saved_storage
 
-        url = (spec.storage if spec is not None and spec.storage else None) or default_storage_url(round_dir)
+        url = round_storage_url(round_dir, spec, storage_url)
+        shared = is_shared_storage(url)
         snap = read_snapshot(url, name)
+        if shared:
+            from orchestrator.claims import read_claims, read_records
+
+            claims = read_claims(url, name)
+            stored = read_records(url, name)
+            if stored is not None:
+                records = stored  # the round's truth; this host's records.jsonl may lag behind other hosts' workers
     except Exception as e:  # noqa: BLE001
-        snap = None
         notes.append(f"note: the study cannot be read ({' '.join(str(e).split())[:200]})")
-    if snap is not None:
-        counts = snap.counts
-        for t in snap.running:
-            key = t.user_attrs.get("run_key")
+        try:
+            saved = saved_storage(round_dir) if storage_url is None else None
+        except Exception:  # noqa: BLE001 - already said: the study cannot be read
+            saved = None
+        if saved is not None and saved.password_removed:
+            notes.append(f"note: {saved.password_hint}")
+    running = {t.user_attrs.get("run_key"): t for t in snap.running} if snap is not None else {}
+    counts = snap.counts if snap is not None else {}
+
+    actives: list[Active] = []
+    if shared:
+        now, rows = claims if claims is not None else (0.0, [])
+        lines, live = worker_lines(now, rows)
+        notes.append("workers (claims in the database):" if lines else "workers: none holds a unit now")
+        notes.extend(lines)
+        for c in live:  # in claim order; a batch probe's key is not a run's (parse fails: no table row)
+            a = _active_of(c.run_key, running.get(c.run_key))
+            if a is not None:
+                actives.append(a)
+        live_keys = {c.run_key for c in live}
+        for key, t in running.items():
+            if key not in live_keys:
+                notes.append(f"note: trial {t.number} ({key}) is RUNNING without a live claim: its worker stopped; "
+                             f"the next worker of the round resumes it")
+    else:
+        for key, t in running.items():
             if pid is None:
                 notes.append(f"note: trial {t.number} ({key}) is RUNNING but no scheduler is: "
                              f"interrupted; run the round's command again to resume it")
                 continue
-            try:
-                parts = parse_run_key(str(key))
-            except ValueError:
-                continue
-            run_dir = t.user_attrs.get("run_dir")
-            prog = {}
-            if run_dir:
-                try:
-                    prog = json.loads((Path(run_dir) / "progress.json").read_text())
-                except (OSError, ValueError):
-                    prog = {}
-            active = Active(parts["task"], parts["stage"], parts["candidate"], parts["seed"],
-                            int(t.user_attrs.get("attempt") or 0), prog,
-                            t.started.timestamp() if t.started else None)
+            a = _active_of(key, t)
+            if a is not None:
+                actives.append(a)
 
     pl = None
     if spec is not None:
@@ -490,8 +567,11 @@ def round_status(round_dir: Any) -> RoundStatus:
                 notes.append(f"{task}: {st}")
         except Exception as e:  # noqa: BLE001
             notes.append(f"note: cannot plan from the spec copy ({' '.join(str(e).split())[:200]})")
-    rows = status_rows(records, pl, active, stage_steps_of(spec) if spec is not None else None)
-    state = f"scheduler running (pid {pid})" if pid else "no scheduler running"
+    rows = status_rows(records, pl, actives, stage_steps_of(spec) if spec is not None else None)
+    if shared:
+        state = f"{len({c.worker for c in live})} worker(s) running units" + (f", coordinator pid {pid}" if pid else "")
+    else:
+        state = f"scheduler running (pid {pid})" if pid else "no scheduler running"
     trials = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())) or "no trials"
     header = f"round {name} ({round_dir}): {state}; {len(records)} runs recorded; study: {trials}"
     return RoundStatus(header, rows, notes)

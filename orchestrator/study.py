@@ -19,17 +19,20 @@ Storage: SQLite (default, `sqlite:///<round>/study.db`) in WAL mode with a conne
 storage: any number of `fsearch worker` processes on any number of hosts run one round, claiming units through
 orchestrator.claims. SQLite serves one scheduler only (`require_shared_storage` refuses it for several workers:
 no SELECT ... FOR UPDATE, so neither Optuna's nor our claims are atomic across processes, writers get "database is
-locked", and it does not work over NFS). Torch-free.
+locked", and it does not work over NFS). A storage URL given on the command line is kept in <round>/storage.json
+(password removed) for the read-side commands (`round_storage_url`). Torch-free.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
@@ -41,6 +44,7 @@ from orchestrator.spec import STAGE_ORDER
 
 SQLITE_TIMEOUT_S = 60.0
 PG_CREATE_LOCK = 0x66736562  # pg_advisory_lock key held while Optuna creates its tables and the study
+STORAGE_FILE = "storage.json"  # <round>/storage.json: the storage URL the round last ran with (no password)
 SPEC_ATTR = "spec_yaml"  # study user attribute: the spec text the round runs (workers on other hosts read it)
 STAGES = STAGE_ORDER  # the stage param's choices: every stage a spec can have, so they never change
 
@@ -142,6 +146,78 @@ def _safe_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def url_without_password(url: str) -> tuple[str, bool]:
+    """A PostgreSQL URL without its password (user:PASSWORD@host, or ?password=...), and whether it had one. Other
+    URLs are returned unchanged."""
+    if not is_shared_storage(url):
+        return url, False
+    parts = urlsplit(url)
+    netloc, removed = parts.netloc, False
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        if ":" in creds:
+            netloc, removed = f"{creds.split(':', 1)[0]}@{host}", True
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in query if k != "password"]
+    removed = removed or len(kept) != len(query)
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(kept))), removed
+
+
+@dataclass(frozen=True)
+class SavedStorage:
+    """The storage URL a round folder keeps (<round>/storage.json), written by `fsearch round` and `fsearch worker`
+    so that `status`, `export` and `report` find the database when the spec does not name it."""
+
+    url: str
+    password_removed: bool  # the URL had a password, not saved: libpq reads it from PGPASSWORD or ~/.pgpass
+
+    @property
+    def password_hint(self) -> str:
+        return ("the round's storage URL was saved without its password: set PGPASSWORD or ~/.pgpass, or give "
+                "--storage URL" if self.password_removed else "")
+
+
+def save_storage_url(round_dir: str | Path, url: str) -> SavedStorage | None:
+    """Keep `url` in the round folder (password removed); the default SQLite file needs none (an older file is
+    removed). Returns what was saved."""
+    path = Path(round_dir) / STORAGE_FILE
+    if url == default_storage_url(round_dir):
+        path.unlink(missing_ok=True)
+        return None
+    public, removed = url_without_password(url)
+    saved = SavedStorage(public, removed)
+    text = json.dumps({"url": saved.url, "password_removed": saved.password_removed}, indent=1) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers of a host may write it
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return saved
+
+
+def saved_storage(round_dir: str | Path) -> SavedStorage | None:
+    """The URL <round>/storage.json keeps, or None without the file."""
+    path = Path(round_dir) / STORAGE_FILE
+    try:
+        data = json.loads(path.read_text())
+        return SavedStorage(str(data["url"]), bool(data.get("password_removed", False)))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudyError(f"{path}: not a storage file ({' '.join(str(e).split())[:200]}); delete it or give "
+                         f"--storage URL") from None
+
+
+def round_storage_url(round_dir: str | Path, spec: Any = None, override: str | None = None) -> str:
+    """The storage of a round folder, for the commands that read it: `override` (--storage), else the URL the round
+    last ran with (storage.json), else the spec's, else the default SQLite file."""
+    saved = saved_storage(round_dir) if override is None else None
+    url = (override or (saved.url if saved else None) or getattr(spec, "storage", None)
+           or default_storage_url(round_dir))
+    check_storage_url(url)
     return url
 
 

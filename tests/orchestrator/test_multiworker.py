@@ -130,8 +130,10 @@ def test_three_workers_on_two_hosts_complete_the_demo_round(pg_url, tmp_path, wr
     trials = trials_by_key(pg_url)
     assert sorted(trials) == sorted(r.run_key for r in records)
     assert all(len(ts) == 1 and ts[0].state != TrialState.RUNNING for ts in trials.values())
-    # each host's records.jsonl mirrors the database (every worker synced it on exit)
+    # each host's records.jsonl mirrors the database (every worker synced it on exit); its round folder keeps the
+    # storage URL the workers were given (for status/export/report)
     for host in (host_a, host_b):
+        assert json.loads((host / "r" / "storage.json").read_text()) == {"url": pg_url, "password_removed": False}
         mirror = Ledger(host / "r" / "records.jsonl").read()
         assert sorted(r.run_key for r in mirror) == sorted(r.run_key for r in records)
         assert comparable(mirror) == comparable(records)
