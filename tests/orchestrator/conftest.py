@@ -203,6 +203,25 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def _alive_after_grace(pid: int) -> bool:
+    """True when `pid` is still running (not a zombie) after about a second of polling (50 x 20 ms)."""
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="session")
+def alive_after_grace():
+    """alive_after_grace(pid) -> whether a process that was just killed is still there after about a second."""
+    return _alive_after_grace
+
+
 class PostgresServer:
     """A throwaway cluster: initdb (trust auth) and pg_ctl in a temporary folder, listening on 127.0.0.1:<free port>,
     run as the postgres account when we are root (initdb refuses root). `stop` is idempotent and leaves no server

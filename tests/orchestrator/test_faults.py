@@ -91,7 +91,8 @@ def test_exit_code_fallback_when_the_worker_writes_no_result(write_spec, fake_en
     assert "RuntimeError: injected crash (test hook)" in cr.error_message  # the worker log's last lines
 
 
-def test_hang_past_the_time_limit_is_killed_retried_then_failed(write_spec, fake_env, round_runner, tmp_path):
+def test_hang_past_the_time_limit_is_killed_retried_then_failed(write_spec, fake_env, round_runner, tmp_path,
+                                                                 alive_after_grace):
     spec = write_spec({"stages!": {"quick": {"steps": 4, "eval_every": 2, "seeds": [0], "time_limit_s": 1.5}},
                        "defaults": {"retries": 1},
                        "tasks": {"sud": {"candidates": [{"name": "f_hang", "fs": {"layer_start": 1}}]}}})
@@ -107,17 +108,5 @@ def test_hang_past_the_time_limit_is_killed_retried_then_failed(write_spec, fake
     assert 3.0 <= elapsed < 30
     for d in (rd / "runs" / hang.run_key).iterdir():  # every attempt's whole process group is gone
         pid = int((d / "grandchild.pid").read_text())
-        assert not _alive(pid), f"grandchild {pid} of {d.name} survived the time limit"
+        assert not alive_after_grace(pid), f"grandchild {pid} of {d.name} survived the time limit"
     assert trials_by_candidate(rd)["f_hang"].state == TrialState.FAIL
-
-
-def _alive(pid: int) -> bool:
-    for _ in range(50):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return False
-        except FileNotFoundError:
-            return False
-        time.sleep(0.02)
-    return True

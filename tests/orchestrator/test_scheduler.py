@@ -187,7 +187,7 @@ def test_classify_prefers_result_json_then_exit_code(tmp_path):
     assert classify(d, -15, True, log, 2.5).kind == "timeout"  # the time limit wins over a late result
 
 
-def test_worker_process_time_limit_kills_the_group(tmp_path):
+def test_worker_process_time_limit_kills_the_group(tmp_path, alive_after_grace):
     script = tmp_path / "w.py"
     script.write_text("import subprocess, sys, time\n"
                       "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
@@ -200,19 +200,7 @@ def test_worker_process_time_limit_kills_the_group(tmp_path):
     code = p.wait(0.3, poll_s=0.05, term_grace_s=0.5)
     assert p.timed_out and code < 0 and time.time() - t0 < 10
     child = int((tmp_path / "child").read_text())
-    assert not _alive(child)
-
-
-def _alive(pid: int) -> bool:
-    for _ in range(50):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return False
-        except FileNotFoundError:
-            return False
-        time.sleep(0.02)
-    return True
+    assert not alive_after_grace(child)
 
 
 def test_hooks_parse_and_reject_bad_settings(monkeypatch):

@@ -17,38 +17,30 @@ OPTIONS = ("1. clouds cover parts of it\n2. its orbit changes how much of its li
            "3. it shrinks and grows\n4. Earth's shadow always covers it")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def arc(**kw):
     return get_task("arc", {**BASE, **kw}, TOK, 0)
 
 
-def by_id(examples, ex_id):
-    return next(e for e in examples if e.meta["id"] == ex_id)
-
-
 @pytest.mark.parametrize("layout, expected", [
     ("options_first", f"Options:\n{OPTIONS}\n\nQuestion:\n{QUESTION}\n\nAnswer: "),
     ("question_first", f"Question:\n{QUESTION}\n\nOptions:\n{OPTIONS}\n\nAnswer: "),
 ])
-def test_exact_prompt_per_layout(layout, expected):
-    ex = by_id(arc(layout=layout).eval_set("val", 4), "Mercury_SC_400108")
+def test_exact_prompt_per_layout(layout, expected, example_with):
+    ex = example_with(arc(layout=layout).eval_set("val", 4), id="Mercury_SC_400108")
     assert ex.prompt == expected and ex.trigger == "\n\nAnswer: "
     assert ex.answer == "2" and len(ex.answer_ids) == 1
 
 
-def test_choices_sorted_by_label_in_both_schemas():
+def test_choices_sorted_by_label_in_both_schemas(example_with):
     row = {"question": "Q?", "choices": {"label": ["D", "C", "B", "A"], "text": ["d", "c", "b", "a"]}}
     assert question_and_choices(row) == ("Q?", [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")])
     nested = {"question": {"stem": "Q?", "choices": [{"label": "B", "text": "b"}, {"label": "A", "text": "a"}]}}
     assert question_and_choices(nested) == ("Q?", [("A", "a"), ("B", "b")])
-    ex = by_id(arc().eval_set("test", 4) + arc()._pool("train", 8), "Mercury_SC_400100")  # stored as D, C, B, A
+    pool = arc().eval_set("test", 4) + arc()._pool("train", 8)
+    ex = example_with(pool, id="Mercury_SC_400100")  # stored as D, C, B, A
     assert "Options:\nA. heat energy\nB. elastic potential energy\nC. sound energy\nD. light energy\n" in ex.prompt
 
 
@@ -63,9 +55,9 @@ def test_over_long_prompts_are_dropped_not_cut():
         arc(max_prompt_tokens=30).eval_set("val", 4)
 
 
-def test_label_accuracy():
+def test_label_accuracy(example_with):
     task = arc()
-    ex = by_id(task.eval_set("val", 4), "Mercury_SC_400108")
+    ex = example_with(task.eval_set("val", 4), id="Mercury_SC_400108")
     assert task.score(ex, "2") == {"label_acc": 1.0}
     assert task.score(ex, " 2. its orbit") == {"label_acc": 1.0}
     assert task.score(ex, "B") == {"label_acc": 0.0}

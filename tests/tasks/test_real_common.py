@@ -21,13 +21,7 @@ TOK = get_tokenizer("world")
 REAL = ("punc_restore", "protein_ss_spot", "protein_contact_pair", "mbpp", "hotpot", "arc")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def arc(dataset, **kw):

@@ -22,28 +22,19 @@ CONTEXT = ("Quillmere:\n\nQuillmere is known for its wool trade. Its old bridge 
            "The largest town on its banks is Marrowick.")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def hotpot(**kw):
     return get_task("hotpot", {**BASE, **kw}, TOK, 0)
 
 
-def by_id(examples, ex_id):
-    return next(e for e in examples if e.meta["id"] == ex_id)
-
-
 @pytest.mark.parametrize("layout, expected", [
     ("question_last", f"Context:\n{CONTEXT}\n\nQuestion:\n{QUESTION}\n\nAnswer:"),
     ("question_first", f"Question:\n{QUESTION}\n\nContext:\n{CONTEXT}\n\nAnswer:"),
 ])
-def test_exact_prompt_per_layout(layout, expected):
-    ex = by_id(hotpot(layout=layout).eval_set("val", 4), ID)
+def test_exact_prompt_per_layout(layout, expected, example_with):
+    ex = example_with(hotpot(layout=layout).eval_set("val", 4), id=ID)
     assert ex.prompt == expected and ex.trigger == "\n\nAnswer:"
     assert ex.answer == " 1613" and not ex.meta["context_cut"] and ex.meta["support_kept"]
 
@@ -55,15 +46,15 @@ def test_context_formatting_of_both_schemas():
 
 
 @pytest.mark.parametrize("layout", ["question_last", "question_first"])
-def test_truncation_cuts_the_context_start_and_keeps_the_question(layout):
-    full = by_id(hotpot(layout=layout).eval_set("val", 4), ID)
+def test_truncation_cuts_the_context_start_and_keeps_the_question(layout, example_with):
+    full = example_with(hotpot(layout=layout).eval_set("val", 4), id=ID)
     task = hotpot(layout=layout, max_prompt_tokens=60)
     examples = task._pool("train", 8) + task.eval_set("val", 4) + task.eval_set("test", 4)
     for ex in examples:
         assert len(ex.prompt_ids()) <= 60 and ex.meta["context_cut"]
         assert ex.prompt.endswith("\n\nAnswer:")
         assert ex.context.count("Question:\n") == 1
-    ex = by_id(examples, ID)
+    ex = example_with(examples, id=ID)
     q = f"Question:\n{QUESTION}"
     if layout == "question_last":
         assert ex.context.startswith("Context:\n") and ex.context.endswith("\n\n" + q)
@@ -92,8 +83,8 @@ def test_question_that_cannot_fit_is_dropped_not_cut():
         hotpot(max_prompt_tokens=16).eval_set("val", 1)
 
 
-def test_em_and_f1():
-    ex = by_id(hotpot().eval_set("val", 4), ID)
+def test_em_and_f1(example_with):
+    ex = example_with(hotpot().eval_set("val", 4), id=ID)
     task = hotpot()
     assert task.score(ex, " 1613\nQuestion: more text") == {"em": 1.0, "f1": 1.0}
     assert task.score(ex, " in 1613") == {"em": 0.0, "f1": pytest.approx(2 / 3)}

@@ -17,28 +17,19 @@ PROBLEM_612 = ("Problem:\nWrite a function to count the words of a sentence that
                "assert count_long_words('aaaa bb', 1) == 2")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def mbpp(**kw):
     return get_task("mbpp", {**BASE, **kw}, TOK, 0)
 
 
-def by_id(examples, task_id):
-    return next(e for e in examples if e.meta["task_id"] == task_id)
-
-
 @pytest.mark.parametrize("layout, expected", [
     ("question_first", PROBLEM_612 + "\n\nNotes:\n" + "\n\nPython solution:\n"),
     ("question_last", "Notes:\n" + "\n\n" + PROBLEM_612 + "\n\nPython solution:\n"),
 ])
-def test_exact_prompt_per_layout(layout, expected):
-    ex = by_id(mbpp(layout=layout, fill_notes=False).eval_set("val", 5), 612)
+def test_exact_prompt_per_layout(layout, expected, example_with):
+    ex = example_with(mbpp(layout=layout, fill_notes=False).eval_set("val", 5), task_id=612)
     assert ex.prompt == expected
     assert ex.trigger == "\n\nPython solution:\n" and ex.context + ex.trigger == expected
     assert ex.answer == "\ndef count_long_words(s, n):\n    return sum(1 for w in s.split() if len(w) > n)"
@@ -70,9 +61,9 @@ def test_val_and_test_come_from_their_own_splits():
     assert {e.meta["task_id"] for e in task.eval_set("test", 5)} == set(range(616, 621))
 
 
-def test_truncation_keeps_the_problem_and_drops_what_cannot_fit():
+def test_truncation_keeps_the_problem_and_drops_what_cannot_fit(example_with):
     for layout in ("question_first", "question_last"):
-        ex = by_id(mbpp(layout=layout, max_prompt_tokens=110).eval_set("val", 5), 612)
+        ex = example_with(mbpp(layout=layout, max_prompt_tokens=110).eval_set("val", 5), task_id=612)
         assert PROBLEM_612 in ex.prompt and len(ex.prompt_ids()) <= 110
     task = mbpp(max_prompt_tokens=40)  # no problem of the fixture fits in 40 tokens with its tests
     with pytest.raises(TaskError, match=r"gives 0 usable examples from 5 rows \(5 dropped: problem and tests over "
@@ -80,17 +71,17 @@ def test_truncation_keeps_the_problem_and_drops_what_cannot_fit():
         task.eval_set("val", 5)
 
 
-def test_answer_is_cut_to_max_answer_tokens():
-    ex = by_id(mbpp(fill_notes=False, max_answer_tokens=5).eval_set("val", 5), 612)
+def test_answer_is_cut_to_max_answer_tokens(example_with):
+    ex = example_with(mbpp(fill_notes=False, max_answer_tokens=5).eval_set("val", 5), task_id=612)
     assert len(ex.answer_ids) == 5 and ex.meta["answer_truncated"] and ex.meta["code"].startswith(ex.answer[1:])
 
 
-def test_executed_metrics():
+def test_executed_metrics(example_with):
     task = mbpp(fill_notes=False, exec_timeout_s=1.0, exec_cpu_s=1)
     val, test = task.eval_set("val", 5), task.eval_set("test", 5)
     for ex in val + test:  # every reference solution passes its tests (task 620 needs its setup code)
         assert task.score(ex, ex.answer) == {"pass_at_1": 1.0, "test_pass_frac": 1.0}, ex.meta["task_id"]
-    ex = by_id(val, 612)
+    ex = example_with(val, task_id=612)
     assert task.score(ex, "\ndef count_long_words(s, n):\n    return 2\n") == {"pass_at_1": 0.0,
                                                                              "test_pass_frac": pytest.approx(2 / 3)}
     assert task.score(ex, "\nthis is not python at all (") == {"pass_at_1": 0.0, "test_pass_frac": 0.0}
@@ -100,6 +91,6 @@ def test_executed_metrics():
     assert time.monotonic() - t0 < 5
     # generation that ran on past the solution still counts
     assert task.score(ex, ex.answer + "\n\nProblem: Write a")["pass_at_1"] == 1.0
-    box = by_id(test, 620)
+    box = example_with(test, task_id=620)
     assert box.meta["setup"].startswith("class Box")
     assert task.score(box, "\ndef box_area(box):\n    return box.width * 4\n")["test_pass_frac"] == pytest.approx(2 / 3)

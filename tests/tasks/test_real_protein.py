@@ -21,12 +21,7 @@ CONTACT_INST = ("Task: Protein contact QA.\nFor each queried residue pair, outpu
                 "Output bits in the same order, no spaces.\n")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def rows(path: Path, key: str) -> dict[str, dict]:

@@ -18,12 +18,7 @@ L2 = "Why did Ada Lorne (the mayor) close the old tram line in May?"
 N2 = "why did ada lorne the mayor close the old tram line in may"
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("FSEARCH_TASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def text_dataset(folder: Path, lines: list[str]) -> Path:
