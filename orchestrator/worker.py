@@ -49,7 +49,7 @@ class RunError(Exception):
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
+        json.dump(_finite_json(obj), f, indent=1, default=_json_default, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -57,10 +57,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def _json_default(o: Any) -> Any:
     if hasattr(o, "model_dump"):
-        return o.model_dump(mode="json")
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
+        return _finite_json(o.model_dump(mode="json"))
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _finite_json(o: Any) -> Any:
+    """Non-finite floats become null, so every file the worker writes is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_json(v) for v in o]
+    return o
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -300,19 +309,13 @@ class Run:
         return loss_total
 
     # evaluation -----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _no_grad():
-        import torch
-
-        return torch.no_grad()
-
     def evaluate(self, examples: list, prefix: str) -> dict[str, float]:
         """Teacher-forced loss / token accuracy / exact match, plus the task's unit metrics on greedy decodes."""
         import torch
 
         self.model.eval()
         loss_sum, tok_correct, n_tok, exact, units = 0.0, 0, 0, 0, {}
-        with self._no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast():
             for i in range(0, len(examples), self.cfg.eval_batch):
                 chunk = examples[i:i + self.cfg.eval_batch]
                 b = Batch(chunk, self.cfg.mode == "read_twice", self.tok.eot_id, self.device)
@@ -357,7 +360,7 @@ class Run:
         if self.gates is not None:
             row.update(self.gates.stats())
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.write(json.dumps(_finite_json(row), default=_json_default, allow_nan=False) + "\n")
         self.evals.append(row)
         return row
 

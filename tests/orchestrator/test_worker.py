@@ -78,6 +78,14 @@ def test_divergence_is_a_result(tmp_path):
     assert res["status"] == "diverged" and res["error_kind"] == "diverged"
     assert res["steps"] < 20
 
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    for name in ("result.json", "metrics.jsonl", "progress.json"):  # strict JSON even after a non-finite loss
+        for line in (tmp_path / "run" / name).read_text().splitlines() if name.endswith("l") else \
+                [(tmp_path / "run" / name).read_text()]:
+            json.loads(line, parse_constant=no_nan)
+
 
 def test_injected_faults(tmp_path):
     assert worker.run(make_config(tmp_path, "d", fault="diverge")) == EXIT_OK
