@@ -162,6 +162,21 @@ def _neumann_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.conste
     return Tm
 
 
+@triton.jit
+def _start_state(hs_ptr, hx_ptr, i_bh, c, NTS, NX, tile, D: tl.constexpr, STRIDE: tl.constexpr):
+    """Tile `tile` (element offsets inside a D×D block) of the chunk-start state H_c, in fp32. The forward
+    saved every STRIDE-th state (hs: NTS blocks per head); _bwd_delta_kernel rebuilt the others (hx: NX
+    blocks per head, STRIDE - 1 per group of STRIDE chunks)."""
+    sub = c % STRIDE
+    if sub == 0:
+        blk = i_bh.to(tl.int64) * NTS + c // STRIDE
+        h = tl.load(hs_ptr + blk * D * D + tile).to(tl.float32)
+    else:
+        blk = i_bh.to(tl.int64) * NX + (c // STRIDE) * (STRIDE - 1) + sub - 1
+        h = tl.load(hx_ptr + blk * D * D + tile).to(tl.float32)
+    return h
+
+
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
@@ -222,9 +237,11 @@ def _fwd_chunk_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, M_ptr, E_ptr, Q_
 
 @triton.jit(do_not_specialize=["C0", "NC"])
 def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
-                     T, H, NT, C0, NC,
-                     D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                     T, H, NT, NTS, C0, NC,
+                     D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, STRIDE: tl.constexpr,
                      HAS_S0: tl.constexpr, SAVE_H: tl.constexpr, PREC: tl.constexpr):
+    """H_{c+1} = M_c H_c + E_c and y = Q_c H_c + Z_c over the segment's chunks; with SAVE_H, the states
+    H_c of every STRIDE-th chunk (c % STRIDE == 0) go to h_ptr[c // STRIDE] for the backward."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -241,7 +258,9 @@ def _fwd_scan_kernel(s0_ptr, M_ptr, E_ptr, Q_ptr, Z_ptr, y_ptr, h_ptr, sT_ptr,
     for c in range(C0, C0 + NC):
         blk = i_bh.to(tl.int64) * NT + c
         if SAVE_H:
-            tl.store(h_ptr + blk * D * D + kr * D + vc, h.to(h_ptr.dtype.element_ty))
+            if c % STRIDE == 0:
+                sblk = i_bh.to(tl.int64) * NTS + c // STRIDE
+                tl.store(h_ptr + sblk * D * D + kr * D + vc, h.to(h_ptr.dtype.element_ty))
         q = tl.load(Q_ptr + blk * BT * D + tr * D + kc).to(tl.float32)
         z = tl.load(Z_ptr + blk * BT * D + tr * D + vc).to(tl.float32)
         yt = tl.dot(q, h, input_precision=PREC) + z
@@ -336,68 +355,80 @@ def _bwd_scan_kernel(dsT_ptr, M_ptr, P_ptr, Q_ptr, dy_ptr, dh_ptr, ds0_ptr,
     tl.store(ds0_ptr + state + vc * D + kr, dh)
 
 
-@triton.jit(do_not_specialize=["C0"])
-def _bwd_delta_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, dh_ptr,
+@triton.jit(do_not_specialize=["C0", "NC"])
+def _bwd_delta_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, hs_ptr, hx_ptr, dh_ptr,
                       dv_ptr, sa_ptr, dl_ptr,
-                      T, H, NT, C0,
+                      T, H, NT, NTS, NX, C0, NC,
                       D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
-                      W_MAX: tl.constexpr, PREC: tl.constexpr):
-    """Recomputes one chunk from its start state H_c and end adjoint dH_{c+1}; writes dv and, for
-    _bwd_grads_kernel, the per-token state projections SA (rows sa_tᵀ = (S_{t-1} a_t)ᵀ) and their
-    adjoints Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C), both [BT, D] per chunk:
-        SA = W H0 + (T A_ak) V,   dV = A_akᵀ Δ + A_rkᵀ dY + K̄ dH_C.
+                      STRIDE: tl.constexpr, W_MAX: tl.constexpr, PREC: tl.constexpr):
+    """Recomputes a group of STRIDE chunks, one after the other, from the group's saved start state and
+    each chunk's end adjoint dH_{c+1}; writes dv and, for _bwd_grads_kernel, the per-token state
+    projections SA (rows sa_tᵀ = (S_{t-1} a_t)ᵀ) and their adjoints Δ = Tᵀ (A_rbᵀ dY + B̄ dH_C), both
+    [BT, D] per chunk:
+        SA = W H0 + (T A_ak) V,   dV = A_akᵀ Δ + A_rkᵀ dY + K̄ dH_C,
+    and the start states the forward did not save, H_{c+1} = γ H_c + B̄ᵀ SA + K̄ᵀ V (= M_c H_c + E_c),
+    into hx (the next chunk of the group reads them back after a barrier).
     """
-    i_c = tl.program_id(0) + C0
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
-    t0 = i_c * BT
-
-    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
-    a_m = a * ea
-    r_m = r * er
-    b_m = b * eb
-    k_m = k * eb
+    c_first = C0 + tl.program_id(0) * STRIDE
+    c_last = tl.minimum(c_first + STRIDE, C0 + NC)
+    kr = tl.arange(0, D)[:, None]
     tr = tl.arange(0, BT)[:, None]
     ts = tl.arange(0, BT)[None, :]
-    A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
-    A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
-    Tm = _neumann_inverse(A_ab, BT, LOG2_BT, PREC)
-    W = tl.dot(Tm, a_m * eR[None, :], input_precision=PREC)
-    TAk = tl.dot(Tm, A_ak, input_precision=PREC)
-    b_s = b_m * eCR[None, :]
-    k_s = k_m * eCR[None, :]
+    for i_c in range(c_first, c_last):
+        t0 = i_c * BT
+        r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
+            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
+        a_m = a * ea
+        r_m = r * er
+        b_m = b * eb
+        k_m = k * eb
+        A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
+        A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
+        A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
+        A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
+        Tm = _neumann_inverse(A_ab, BT, LOG2_BT, PREC)
+        W = tl.dot(Tm, a_m * eR[None, :], input_precision=PREC)
+        TAk = tl.dot(Tm, A_ak, input_precision=PREC)
+        b_s = b_m * eCR[None, :]
+        k_s = k_m * eCR[None, :]
+        gamma = tl.exp(Gc)[:, None]
+        sub_next = (i_c + 1) % STRIDE          # the next chunk's place in the group (0: not rebuilt here)
+        xblk = i_bh.to(tl.int64) * NX + (i_c // STRIDE) * (STRIDE - 1) + sub_next - 1
 
-    kr = tl.arange(0, D)[:, None]
-    blk = i_bh.to(tl.int64) * NT + i_c
-    for iv in tl.static_range(D // BV):
-        vc = iv * BV + tl.arange(0, BV)[None, :]
-        h0 = tl.load(h_ptr + blk * D * D + kr * D + vc).to(tl.float32)     # state at chunk start
-        dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc).to(tl.float32)   # adjoint at chunk end
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
-        vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        blk = i_bh.to(tl.int64) * NT + i_c
+        for iv in tl.static_range(D // BV):
+            vc = iv * BV + tl.arange(0, BV)[None, :]
+            h0 = _start_state(hs_ptr, hx_ptr, i_bh, i_c, NTS, NX, kr * D + vc, D, STRIDE)   # chunk start
+            dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc).to(tl.float32)   # adjoint at chunk end
+            offs, mask = _token_tile(i_b, i_h, t0, T, H, D, BT, BV, iv * BV)
+            vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
-        sa = tl.dot(W, h0, input_precision=PREC) + tl.dot(TAk, vt, input_precision=PREC)
-        x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) + tl.dot(b_s, dhc, input_precision=PREC)
-        dlt = tl.dot(tl.trans(Tm), x, input_precision=PREC)
-        dvt = tl.dot(tl.trans(A_ak), dlt, input_precision=PREC) \
-            + tl.dot(tl.trans(A_rk), dyt, input_precision=PREC) \
-            + tl.dot(k_s, dhc, input_precision=PREC)
-        tl.store(dv_ptr + offs, dvt.to(dv_ptr.dtype.element_ty), mask=mask)
-        tl.store(sa_ptr + blk * BT * D + tr * D + vc, sa.to(sa_ptr.dtype.element_ty))
-        tl.store(dl_ptr + blk * BT * D + tr * D + vc, dlt.to(dl_ptr.dtype.element_ty))
+            sa = tl.dot(W, h0, input_precision=PREC) + tl.dot(TAk, vt, input_precision=PREC)
+            x = tl.dot(tl.trans(A_rb), dyt, input_precision=PREC) + tl.dot(b_s, dhc, input_precision=PREC)
+            dlt = tl.dot(tl.trans(Tm), x, input_precision=PREC)
+            dvt = tl.dot(tl.trans(A_ak), dlt, input_precision=PREC) \
+                + tl.dot(tl.trans(A_rk), dyt, input_precision=PREC) \
+                + tl.dot(k_s, dhc, input_precision=PREC)
+            tl.store(dv_ptr + offs, dvt.to(dv_ptr.dtype.element_ty), mask=mask)
+            tl.store(sa_ptr + blk * BT * D + tr * D + vc, sa.to(sa_ptr.dtype.element_ty))
+            tl.store(dl_ptr + blk * BT * D + tr * D + vc, dlt.to(dl_ptr.dtype.element_ty))
+            if i_c + 1 < c_last:
+                h1 = gamma * h0 + tl.dot(tl.trans(b_s), sa, input_precision=PREC) \
+                    + tl.dot(tl.trans(k_s), vt, input_precision=PREC)
+                tl.store(hx_ptr + xblk * D * D + kr * D + vc, h1)
+        tl.debug_barrier()      # the group's next chunk reads the state just written by other threads
 
 
 @triton.jit(do_not_specialize=["C0"])
-def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, dh_ptr, sa_ptr, dl_ptr,
+def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, hs_ptr, hx_ptr, dh_ptr, sa_ptr, dl_ptr,
                       dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr,
-                      T, H, NT, C0,
+                      T, H, NT, NTS, NX, C0,
                       D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      W_MAX: tl.constexpr, PREC: tl.constexpr):
+                      STRIDE: tl.constexpr, W_MAX: tl.constexpr, PREC: tl.constexpr):
     """Gradients of r, w, k, a, b for one chunk and key channels c0..c0+BK, from SA and Δ.
 
     With dÃ = Δ H0ᵀ, dR̃ = dY H0ᵀ, dB̄ = SA dH_Cᵀ, dK̄ = V dH_Cᵀ, dA_ab = Δ SAᵀ, dA_ak = Δ Vᵀ,
@@ -438,7 +469,7 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, h_ptr, d
         sa = tl.load(sa_ptr + blk * BT * D + tr * D + vc).to(tl.float32)
         vt = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dyt = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        h0 = tl.load(h_ptr + blk * D * D + kr * D + vc).to(tl.float32)     # [BK, BV]
+        h0 = _start_state(hs_ptr, hx_ptr, i_bh, i_c, NTS, NX, kr * D + vc, D, STRIDE)     # [BK, BV]
         dhc = tl.load(dh_ptr + blk * D * D + kr * D + vc).to(tl.float32)
         sat = tl.trans(sa)
         vtt = tl.trans(vt)
@@ -510,19 +541,19 @@ LAUNCH = {
     16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, BV_delta=16, BK_grads=16, BV_grads=16,
              warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
              stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
-             segments_fwd=1, segments_bwd=1, reuse_factors=True),
+             segments_fwd=1, segments_bwd=1, reuse_factors=True, state_stride=2),
     32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, BV_delta=32, BK_grads=32, BV_grads=32,
              warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
              stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
-             segments_fwd=1, segments_bwd=1, reuse_factors=True),
+             segments_fwd=1, segments_bwd=1, reuse_factors=True, state_stride=2),
     64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=16, BV_delta=64, BK_grads=64, BV_grads=64,
              warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
              stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=True, half_states=False,
-             segments_fwd=4, segments_bwd=1, reuse_factors=True),
+             segments_fwd=4, segments_bwd=1, reuse_factors=True, state_stride=2),
     128: dict(BT=32, BV_chunk=64, BV_fscan=64, BV_bscan=64, BV_delta=16, BK_grads=32, BV_grads=32,
               warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
               stages_fscan=1, stages_bscan=1, half_factors=True, half_sums=False, half_states=False,
-              segments_fwd=4, segments_bwd=4, reuse_factors=False),
+              segments_fwd=4, segments_bwd=4, reuse_factors=False, state_stride=2),
 }
 TUNING: dict[int, dict] = {}
 
@@ -557,6 +588,9 @@ class _Config:
         self.segments_fwd = params["segments_fwd"]
         self.segments_bwd = params["segments_bwd"]
         self.reuse_factors = params["reuse_factors"]
+        self.state_stride = params["state_stride"]
+        if self.state_stride < 1:
+            raise ValueError(f"state_stride={self.state_stride} must be >= 1")
 
 
 def _check_inputs(r, w, k, v, a, b, s0):
@@ -576,11 +610,12 @@ def _check_inputs(r, w, k, v, a, b, s0):
         raise ValueError(f"s0 has shape {tuple(s0.shape)}, expected {(B, H, D, D)}")
 
 
-def _segments(NT: int, n: int) -> list[tuple[int, int]]:
-    """(first chunk, number of chunks) of n contiguous, nearly equal pieces of range(NT)."""
+def _segments(NT: int, n: int, align: int = 1) -> list[tuple[int, int]]:
+    """(first chunk, number of chunks) of at most n contiguous, nearly equal pieces of range(NT), each
+    starting at a multiple of `align` (the backward's groups of STRIDE chunks never straddle two pieces)."""
     n = max(1, min(n, NT))
-    bounds = [NT * i // n for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+    bounds = sorted({min(NT, -(-(NT * i // n) // align) * align) for i in range(n + 1)})
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)]
 
 
 _SIDE_STREAMS: dict = {}
@@ -638,7 +673,9 @@ def _forward(r, w, k, v, a, b, s0, cfg: _Config, save_states: bool):
     Z = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.sum_dtype)
     y = torch.empty_like(r)
     sT = torch.empty(B, H, D, D, device=dev, dtype=f32)
-    hbuf = torch.empty(B * H, NT, D, D, device=dev, dtype=cfg.state_dtype) if save_states else sT  # dummy
+    S = cfg.state_stride
+    NTS = triton.cdiv(NT, S)
+    hbuf = torch.empty(B * H, NTS, D, D, device=dev, dtype=cfg.state_dtype) if save_states else sT  # dummy
     segments = _segments(NT, cfg.segments_fwd)
     overlap = _Overlap(dev, len(segments) > 1)
     for i, (c0, nc) in enumerate(segments):
@@ -651,8 +688,8 @@ def _forward(r, w, k, v, a, b, s0, cfg: _Config, save_states: bool):
         state_in = sT if i > 0 or s0 is None else s0
         with overlap.side_after_main():
             _fwd_scan_kernel[(D // cfg.BV_fscan, B * H)](
-                state_in, M, E, Q, Z, y, hbuf, sT, T, H, NT, c0, nc,
-                D=D, BT=BT, BV=cfg.BV_fscan, HAS_S0=i > 0 or s0 is not None, SAVE_H=save_states,
+                state_in, M, E, Q, Z, y, hbuf, sT, T, H, NT, NTS, c0, nc,
+                D=D, BT=BT, BV=cfg.BV_fscan, STRIDE=S, HAS_S0=i > 0 or s0 is not None, SAVE_H=save_states,
                 PREC=cfg.PREC, num_warps=cfg.warps_fscan, num_stages=cfg.stages_fscan)
     overlap.main_waits()
     if not save_states:
@@ -679,7 +716,11 @@ def _backward(r, w, k, v, a, b, saved, dy, dsT, cfg: _Config):
     dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
     SA = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.state_dtype)
     DL = torch.empty(B * H, NT, BT, D, device=dev, dtype=cfg.state_dtype)
-    segments = _segments(NT, cfg.segments_bwd)[::-1]     # last segment first
+    S = cfg.state_stride
+    NTS = triton.cdiv(NT, S)
+    NX = NTS * (S - 1)                                   # start states rebuilt by _bwd_delta_kernel
+    hx = torch.empty(B * H, max(NX, 1), D, D, device=dev, dtype=f32)
+    segments = _segments(NT, cfg.segments_bwd, S)[::-1]  # last segment first
     overlap = _Overlap(dev, len(segments) > 1)
     scanned = []
     for i, (c0, nc) in enumerate(segments):
@@ -697,13 +738,13 @@ def _backward(r, w, k, v, a, b, saved, dy, dsT, cfg: _Config):
             scanned.append(overlap.mark_side())
     for i, (c0, nc) in enumerate(segments):
         overlap.main_waits(scanned[i])
-        _bwd_delta_kernel[(nc, B * H)](
-            r, w, k, v, a, b, dy, hbuf, dh, dv, SA, DL, T, H, NT, c0,
-            D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_delta, W_MAX=W_MAX, PREC=cfg.PREC,
+        _bwd_delta_kernel[(triton.cdiv(nc, S), B * H)](
+            r, w, k, v, a, b, dy, hbuf, hx, dh, dv, SA, DL, T, H, NT, NTS, NX, c0, nc,
+            D=D, BT=BT, LOG2_BT=cfg.LOG2_BT, BV=cfg.BV_delta, STRIDE=S, W_MAX=W_MAX, PREC=cfg.PREC,
             num_warps=cfg.warps_delta)
         _bwd_grads_kernel[(nc, D // cfg.BK_grads, B * H)](
-            r, w, k, v, a, b, dy, hbuf, dh, SA, DL, dr, dw, dk, da, db, T, H, NT, c0,
-            D=D, BT=BT, BK=cfg.BK_grads, BV=cfg.BV_grads, W_MAX=W_MAX, PREC=cfg.PREC,
+            r, w, k, v, a, b, dy, hbuf, hx, dh, SA, DL, dr, dw, dk, da, db, T, H, NT, NTS, NX, c0,
+            D=D, BT=BT, BK=cfg.BK_grads, BV=cfg.BV_grads, STRIDE=S, W_MAX=W_MAX, PREC=cfg.PREC,
             num_warps=cfg.warps_grads)
     overlap.main_waits()
     return dr, dw, dk, dv, da, db, ds0

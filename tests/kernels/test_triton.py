@@ -191,6 +191,43 @@ def test_time_segments_do_not_change_the_result(tuning):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("stride,segments_bwd,T", [
+    (1, 1, 75),      # every chunk start saved
+    (2, 3, 75),      # pairs, a lone last chunk, aligned time pieces
+    (3, 2, 90),      # groups of three, the last one short
+    (8, 1, 40),      # one group longer than the sequence
+])
+def test_state_stride_rebuilds_unsaved_states(stride, segments_bwd, T, tuning):
+    tuning(16, state_stride=stride, segments_bwd=segments_bwd, segments_fwd=2)
+    xs, s0 = make_inputs(1, T, 2, 16, seed=14)
+    assert_close(*run_both(xs, s0, 16), FP32_TOL)
+
+
+def _saved_bytes_per_token_head(D, T, dtype):
+    """Bytes the autograd graph keeps for the backward beyond the inputs themselves, per token and head."""
+    xs, s0 = make_inputs(1, T, 1, D, seed=15, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    inputs = {x.data_ptr() for x in leaves}
+    extra = []
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            extra.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tw.wkv7_triton(*leaves, s0.requires_grad_(), check_domain=False)
+    return sum(extra) / T
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_backward_saves_less_than_the_inputs(D):
+    """The issue's rule: what the backward keeps (beyond the inputs, held by reference) is at most the
+    size of the six 16-bit inputs, 12·D bytes per token and head."""
+    saved = _saved_bytes_per_token_head(D, 128, torch.bfloat16)
+    assert 0 < saved <= 12 * D, saved
+
+
 def test_bf16_sums_stored_in_bf16(tuning):
     tuning(16, half_sums=True, segments_fwd=2)
     xs, s0 = make_inputs(1, 40, 2, 16, seed=13, dtype=torch.bfloat16)
