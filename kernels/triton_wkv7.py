@@ -63,16 +63,21 @@ For 16-bit inputs (LAUNCH switches, per head size):
   half_states   H_c, dH_c, SA, Δ in fp16: faster gradient kernel, but fp16's range (6e-5 .. 65504)
                 does not suit adjoints of small losses. Off everywhere; kept for experiments.
 
-Saved for the backward: the inputs (by reference), the fp32 chunk-start states H_c (4·D²/C bytes per
-token and head) and, with reuse_factors (on for D <= 64), the fp16 factors M and Q (2·D²/C + 2·D
-bytes), so that the backward skips _bwd_chunk. At D=64, C=32: 512 + 256 + 128 = 896 B per token and
-head against 768 B for the six bf16 inputs (512 B without reuse_factors). At D=128 (C=32, no reuse):
-2048 B against 1536 B, more than the inputs.
+Saved for the backward: the inputs (by reference), the fp32 chunk-start states H_c of every
+`state_stride`-th chunk (default 2: 4·D²/(2C) bytes per token and head) and, with reuse_factors (on
+for D <= 64), the fp16 factors M and Q (2·D²/C + 2·D bytes), so that the backward skips _bwd_chunk.
+_bwd_delta_kernel takes the chunks in groups of state_stride and rebuilds the unsaved start states on
+the way, H_{c+1} = γ H_c + B̄ᵀ SA + K̄ᵀ V (two more small products; the states go to a transient
+buffer that _bwd_grads_kernel reads). At D=64, C=32: 256 + 256 + 128 = 640 B per token and head
+against 768 B for the six bf16 inputs (896 B with state_stride 1). At D=128 (no reuse): 1024 B
+against 1536 B. tests/kernels/test_triton.py measures this with saved-tensor hooks.
 
 Measured (one run each, bf16, s0 in, sT out, all gradients incl. ds0 and a gradient on sT;
 triton.testing.do_bench medians; fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run;
 torch = kernels.torch_chunked), `python -m kernels.bench`:
-  NVIDIA H100 80GB HBM3 (this version):
+  NVIDIA H200 (this version, state_stride 2):
+    B8 T4096 H12 D64   fwd 0.775 ms (fla 0.922, torch 8.39)   fwd+bwd 3.02 ms
+  NVIDIA H100 80GB HBM3 (state_stride 1, the previous version):
     B8 T4096 H12 D64   fwd 0.786 ms (fla 1.108, torch 9.43)   fwd+bwd 2.84 ms (fla 4.26, torch 28.1)
     B2 T4096 H32 D128  fwd 1.73 ms                            fwd+bwd 12.2 ms
     the previous version (fp32 intermediates, one gradient kernel) on the same card, same run:
