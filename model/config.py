@@ -1,7 +1,7 @@
 """Model configuration and from-scratch presets. Torch-free: the control plane validates specs with it."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -75,5 +75,36 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+# The ModelConfig fields a spec may override on top of a preset (orchestrator.runconfig.ModelShape): the model's
+# shape. Not vocab_size or tokenizer (they belong to the tokenizer the preset names) and not norm_eps.
+SHAPE_FIELDS = ("n_layer", "n_embd", "head_size", "ffn_dim", "d_decay", "d_aaa", "d_mv", "d_gate")
+
+
+def with_shape(base: ModelConfig, shape: Mapping[str, int] | None) -> ModelConfig:
+    """`base` with some of its SHAPE_FIELDS replaced. Fields the base was built with explicitly stay unless
+    overridden; fields it derived (ffn_dim = 4 * n_embd, the LoRA ranks from RWKV-7's formulas) are derived again
+    from the new shape. ValueError, one line naming the field, on an unknown field or a shape that does not fit."""
+    shape = {k: v for k, v in (shape or {}).items() if v is not None}
+    for k, v in shape.items():
+        if k not in SHAPE_FIELDS:
+            raise ValueError(f"{k}: not a shape field; known: {', '.join(SHAPE_FIELDS)}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k}: must be a positive integer, got {v!r}")
+    if not shape:
+        return base
+    data = {k: getattr(base, k) for k in base.model_fields_set}
+    data.update(shape)
+    n_embd, head_size = data["n_embd"], data.get("head_size", ModelConfig.model_fields["head_size"].default)
+    if n_embd % head_size:
+        field = "head_size" if "head_size" in shape else "n_embd"
+        raise ValueError(f"{field}: head_size ({head_size}) must divide n_embd ({n_embd})")
+    try:
+        return ModelConfig(**data)
+    except ValueError as e:  # pydantic's ValidationError: keep its first message, on one line
+        errors = getattr(e, "errors", None)
+        msg = errors()[0].get("msg", str(e)) if callable(errors) and errors() else str(e)
+        raise ValueError(" ".join(str(msg).removeprefix("Value error, ").split())) from None
 
 

@@ -21,6 +21,8 @@ Rules (orchestrator contract):
 - quick: baseline + all candidates. med: baseline + quick survivors. long: baseline + the med survivor with the
   highest med delta. seedcheck: baseline + finalists (the survivors of the last gate stage, best delta first, at
   most max_finalists), paired per seed. A task with no survivors after a gate stage is done.
+- A comparison round (seedcheck is the spec's only stage): no gate stage, so the finalists are all candidates in
+  spec order (the spec guarantees max_finalists >= their number) and nothing is pruned.
 - A baseline that failed or diverged (after its retries) fails its task with the reason; the other tasks go on.
   A failed or diverged candidate is pruned with the error as its reason.
 """
@@ -151,7 +153,7 @@ class RunUnit:
 class CandidateState:
     name: str
     status: CandidateStatus = "active"
-    reached: str = "quick"  # the last stage it has runs in
+    reached: str = ""  # the last stage it has runs in ("" until its first stage is planned)
     reason: str = ""
     deltas: dict[str, float | None] = field(default_factory=dict)  # stage -> mean paired delta
 
@@ -315,13 +317,16 @@ class _TaskPlanner:
                  used: set[str]):
         self.spec, self.label, self.index, self.out, self.used = spec, label, index, out, used
         self.task = spec.tasks[label]
+        self.model = spec.task_model(label)
         self.batch = self.task.batch if self.task.batch != "auto" else batch_sizes.get(label)
         self.candidates = spec.candidates(label)
-        self.state = TaskState(label, candidates={c.name: CandidateState(c.name) for c in self.candidates})
+        first = spec.stage_list()[0][0]
+        self.state = TaskState(label, candidates={c.name: CandidateState(c.name, reached=first)
+                                                  for c in self.candidates})
         out.tasks[label] = self.state
         d = spec.defaults
         self.setup = short_hash({
-            "task_kind": self.task.task, "task_params": self.task.params, "model": spec.model.model_dump(mode="json"),
+            "task_kind": self.task.task, "task_params": self.task.params, "model": self.model.model_dump(mode="json"),
             "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test, "eval_batch": d.eval_batch,
             "kernel": d.kernel, "precision": d.precision, "cpu_threads": d.cpu_threads,
         })
@@ -334,7 +339,7 @@ class _TaskPlanner:
                      steps=st.steps, eval_every=st.eval_every, n_val=spec.stage_n_val(stage), data_seed=d.data_seed,
                      setup=self.setup, config=self.digests[cand.name])
         return RunUnit(key=key, candidate=cand, task_kind=self.task.task, task_params=self.task.params,
-                       model=spec.model, lr=d.lr, loss=d.loss, n_test=d.n_test, eval_batch=d.eval_batch,
+                       model=self.model, lr=d.lr, loss=d.loss, n_test=d.n_test, eval_batch=d.eval_batch,
                        kernel=d.kernel, precision=d.precision, cpu_threads=d.cpu_threads, device=d.device, round=spec.round,
                        time_limit_s=spec.stage_time_limit_s(stage),
                        retries=d.baseline_retries if cand.is_baseline else d.retries,
@@ -361,6 +366,9 @@ class _TaskPlanner:
                 ranked = _ranked(members, gate_delta)
                 stage_members = ranked[:1]
                 self.state.long_pick = ranked[0].name
+            elif name == "seedcheck" and not any(n in GATE_STAGES for n, _ in stages[:i]):
+                stage_members = members  # a comparison round: every candidate, spec order, none pruned
+                self.state.finalists = [c.name for c in stage_members]
             elif name == "seedcheck":
                 stage_members = _ranked(members, gate_delta)[: self.spec.stages.seedcheck.max_finalists]
                 self.state.finalists = [c.name for c in stage_members]

@@ -3,7 +3,9 @@
 `write_report(round_dir)` writes <round>/report/:
   summary.json   every number of the report with the run keys it comes from (machine-readable)
   report.md      per task: matched baselines, each stage's candidates with deltas and decisions, the seed-check
-                 table (intervals, p-values, decision), compute per stage and what pruning saved; the decision rule
+                 table (intervals, p-values, decision), compute per stage and what pruning saved; the decision rule.
+                 A comparison round (seedcheck its only stage: every candidate on every seed, nothing pruned) says so
+                 instead of describing screening and pruning (summary.json "kind": "comparison" | "screening").
   summary.txt    the same results in the original system's text formats (seed_system.md §4.6)
   deltas_<task>.png, curves_<task>.png
 `check_report(round_dir)` recomputes the summary from records.jsonl (+ spec.yaml, + each run's metrics.jsonl for the
@@ -203,6 +205,7 @@ class _Builder:
         summary = {
             "schema": SUMMARY_SCHEMA,
             "round": rounds[0] if len(rounds) == 1 else self.data.round_dir.name,
+            "kind": self.round_kind(),
             "records_file": {"count": len(self.recs), "sha256": self.data.records_sha256},
             "spec_file": {"sha256": self.data.spec_sha256} if self.data.spec_sha256 else None,
             "rule": {"alpha": self.rule.alpha, "confidence": self.rule.confidence, "min_pairs": self.rule.min_pairs,
@@ -218,6 +221,14 @@ class _Builder:
         }
         summary["plots"] = plot_list(summary, self.data)
         return summary
+
+    def round_kind(self) -> str:
+        """"comparison" (seedcheck is the only stage: no screening, nothing pruned) or "screening". From the spec;
+        without one, from the records (a screening round records quick runs before any seed-check run)."""
+        if self.data.spec is not None:
+            return "comparison" if self.data.spec.is_comparison else "screening"
+        stages = {r["stage"] for r in self.recs}
+        return "comparison" if stages == {SEEDCHECK} else "screening"
 
     def check_against_planner(self, tasks: dict[str, Any]) -> None:
         """The planner (orchestrator.planner) decides promotions and task states from the same records: it must agree
@@ -630,9 +641,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "trusted until these are resolved:", ""]
         lines += [f"- {p['message']}" for p in s["problems"]] + [""]
     lines += ["## Decision rule (seed check)", "", s["rule"]["text"], ""]
-    lines += ["Screening stages (quick, med, long): a candidate is promoted when its mean delta over the stage's "
-              "seeds (candidate − matched baseline of the same stage and seed) reaches the task's threshold; a "
-              "failed or diverged candidate run is pruned. These are screens, not significance tests.", ""]
+    comparison = s.get("kind") == "comparison"
+    if comparison:
+        lines += ["A comparison round: the seed check is its only stage. Every candidate of every task runs on every "
+                  "seed against the matched baseline of that seed (same stage, seed, batch and budget); nothing is "
+                  "screened or pruned; the task's threshold enters only the decision rule above.", ""]
+    else:
+        lines += ["Screening stages (quick, med, long): a candidate is promoted when its mean delta over the stage's "
+                  "seeds (candidate − matched baseline of the same stage and seed) reaches the task's threshold; a "
+                  "failed or diverged candidate run is pruned. These are screens, not significance tests.", ""]
     lines += ["## Summary", ""]
     rows = []
     for label, t in s["tasks"].items():
@@ -645,10 +662,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += _table(["task", "kind", "metric", "threshold", "status", "stages run", "candidates", "finalists",
                      "confirmed", "inconclusive", "rejected"], rows)
     c = s["compute"]
-    lines += ["", f"Compute (sum of run wall times): spent {_wall(c['spent_wall_s'])} s; running every candidate "
-              f"through every stage would have cost about {_wall(c['full_wall_s'])} s; pruning saved about "
-              f"{_wall(c['saved_wall_s'])} s"
-              + (f" ({c['saved_fraction']:.0%})." if c["saved_fraction"] is not None else ".")
+    if comparison:
+        cost = (f"Compute (sum of run wall times): spent {_wall(c['spent_wall_s'])} s; the whole round (every "
+                f"candidate and the baseline on every seed, nothing pruned) costs about {_wall(c['full_wall_s'])} s.")
+    else:
+        cost = (f"Compute (sum of run wall times): spent {_wall(c['spent_wall_s'])} s; running every candidate "
+                f"through every stage would have cost about {_wall(c['full_wall_s'])} s; pruning saved about "
+                f"{_wall(c['saved_wall_s'])} s"
+                + (f" ({c['saved_fraction']:.0%})." if c["saved_fraction"] is not None else "."))
+    lines += ["", cost
               + (f" No estimate for {', '.join(c['tasks_without_estimate'])} (a stage that never ran and no finished "
                  f"run to take a time per step from); those tasks are left out of the estimate and the saving."
                  if c["tasks_without_estimate"] else ""), ""]
@@ -739,10 +761,15 @@ def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str
              c["estimate_basis"]] for stage, c in comp["stages"].items()]
     lines += _table(["stage", "runs", "wall s", "mean s/run", "runs if nothing pruned", "wall s if nothing pruned",
                      "estimate from"], rows)
-    lines += ["", f"Spent {_wall(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
-              f"baseline through every stage: about {_wall(comp['full_wall_s'])} s; pruning saved about "
-              f"{_wall(comp['saved_wall_s'])} s"
-              + (f" ({comp['saved_fraction']:.0%})." if comp["saved_fraction"] is not None else "."), ""]
+    if s.get("kind") == "comparison":
+        lines += ["", f"Spent {_wall(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
+                  f"baseline on every seed (a comparison round: nothing pruned): about {_wall(comp['full_wall_s'])} s.",
+                  ""]
+    else:
+        lines += ["", f"Spent {_wall(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
+                  f"baseline through every stage: about {_wall(comp['full_wall_s'])} s; pruning saved about "
+                  f"{_wall(comp['saved_wall_s'])} s"
+                  + (f" ({comp['saved_fraction']:.0%})." if comp["saved_fraction"] is not None else "."), ""]
     plots = [p for p in s["plots"] if p["task"] == label]
     if plots:
         lines += ["### Plots", ""]

@@ -15,11 +15,14 @@ Any other code or a signal (killed, time limit) is classified by the scheduler a
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from model.fs_config import FSConfig
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 ErrorKind = Literal["oom", "diverged", "data", "config", "crash", "timeout"]
 Status = Literal["ok", "diverged", "failed"]
@@ -36,20 +39,75 @@ EXIT_CONFIG = 12
 EXIT_KIND = {EXIT_OOM: "oom", EXIT_DATA: "data", EXIT_CONFIG: "config", EXIT_CRASH: "crash"}
 
 
+class ModelShape(BaseModel):
+    """Shape overrides applied on top of a from-scratch preset (model.config.with_shape): only the fields given
+    change; what the preset derives from its shape (ffn_dim, LoRA ranks) is derived again unless given here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_layer: int | None = Field(None, ge=1)
+    n_embd: int | None = Field(None, ge=1)
+    head_size: int | None = Field(None, ge=1)  # must divide n_embd (the preset's, when n_embd is not given)
+    ffn_dim: int | None = Field(None, ge=1)
+    d_decay: int | None = Field(None, ge=1)  # LoRA ranks
+    d_aaa: int | None = Field(None, ge=1)
+    d_mv: int | None = Field(None, ge=1)
+    d_gate: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: Any) -> dict[str, Any]:
+        # the fields given, nothing else: {n_layer: 2} and {n_layer: 2, n_embd: null} are one shape (one run key)
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def overrides(self) -> dict[str, int]:
+        return {k: v for k, v in self if v is not None}
+
+
 class ModelSource(BaseModel):
-    """Where the weights come from: a from-scratch preset or a checkpoint (BlinkDL .pth, HF folder, fsearch .pt)."""
+    """Where the weights come from: a from-scratch preset (optionally reshaped) or a checkpoint (BlinkDL .pth, HF
+    folder, fsearch .pt)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str | None = None
     checkpoint: str | None = None
     init_seed: int = 0  # from-scratch initialisation seed: identical for a candidate and its baseline
+    shape: ModelShape | None = None  # from-scratch only: overrides of the preset's shape (part of the run key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_shape_is_none(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("shape"), dict) and \
+                not any(v is not None for v in data["shape"].values()):
+            data = {**data, "shape": None}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError("model: give exactly one of `preset` or `checkpoint`")
+        if self.shape is not None and self.checkpoint is not None:
+            raise ValueError("model.shape: only a from-scratch `preset` takes shape overrides; a checkpoint's shape is "
+                             "its own")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_shape(self, handler: Any) -> dict[str, Any]:
+        # no `shape` key unless one is given: run keys (which hash this dump) of specs without overrides stay what
+        # they were before shapes existed
+        data = handler(self)
+        if self.shape is None:
+            data.pop("shape", None)
+        return data
+
+    def build_config(self) -> "ModelConfig":
+        """The ModelConfig a from-scratch run builds: the preset with the shape overrides applied. ValueError (one
+        line) for an unknown preset or a shape that does not fit; for a checkpoint source, which has no config here."""
+        from model.config import preset, with_shape
+
+        if self.preset is None:
+            raise ValueError("model: a checkpoint's configuration is read from the checkpoint")
+        return with_shape(preset(self.preset), self.shape.overrides() if self.shape is not None else None)
 
 
 class LearningRates(BaseModel):

@@ -8,12 +8,18 @@ Every user error is a SpecError whose message is ONE line naming the field, e.g.
 (120), got 100`. Rules (orchestrator contract, "Validation"):
 - unknown keys anywhere (except top-level `x-...` keys, ignored: a place for YAML anchors); YAML syntax errors and
   duplicate mapping keys (with the line number);
-- stages: quick < med < long in steps, eval_every <= steps, seeds non-empty, unique, in [0, 2**32), long needs med,
-  seedcheck with fewer than 5 seeds unless `allow_few_seeds: true`;
+- stages: quick < med < long in steps, eval_every <= steps, seeds non-empty, unique, in [0, 2**32), med needs quick,
+  long needs med, seedcheck with fewer than 5 seeds unless `allow_few_seeds: true`; at least quick or seedcheck;
+- a comparison round has `seedcheck` as its only stage: every candidate of every task runs the seed check against
+  the matched baselines, nothing is pruned, so seedcheck.max_finalists must be >= each task's number of candidates;
 - tasks: labels and candidate names match [A-Za-z0-9_-]+; `baseline` is never listed (it is implicit); candidate
   names unique within a task and no two candidates of a task resolve to the same configuration; threshold >= 0;
-- validate_spec adds: model preset known or checkpoint present (layer count read without torch, model/ckpt_meta.py);
-  every FS candidate acts on the model's layers (FSConfig.check_for_model: errors are fatal, warnings returned);
+- model: exactly one of preset and checkpoint; `shape` (ModelShape: n_layer, n_embd, head_size, ffn_dim, LoRA
+  ranks) only with a preset; unknown shape fields are errors. A task may give its own `model` (same rules), which
+  replaces the round's for that task (its runs, baselines included, and its candidates' layer checks);
+- validate_spec adds: model preset known and its shape overrides fit (head_size divides n_embd), or checkpoint
+  present (layer count read without torch, model/ckpt_meta.py), for the round's model and every task's own;
+  every FS candidate acts on its task's model's layers (FSConfig.check_for_model: errors are fatal, warnings returned);
   task kinds registered, task params valid, the decision metric reported by the task; data available
   (task.check_available()) when check_data is true.
 
@@ -32,7 +38,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
-    model_validator
+    model_serializer, model_validator
 
 from model.candidates import BASELINE, Candidate, resolve
 from model.fs_config import FSConfig
@@ -41,6 +47,7 @@ from orchestrator.runkey import NAME_PATTERN, canonical_json, short_hash
 
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
+COMPARISON_STAGES = ("seedcheck",)  # the stages of a comparison round (no screening, nothing pruned)
 MAX_SEED = 2**32 - 1  # numpy's and most RNGs' limit
 MIN_SEEDCHECK_SEEDS = 5  # 2**-5 = 0.031: the fewest paired seeds for which an exact sign test can reach p < 0.05
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -146,7 +153,7 @@ class SeedcheckStage(Stage):
 
 
 class Stages(_Strict):
-    quick: Stage
+    quick: Stage | None = None  # the screen; without it (and without med/long) the round is a comparison round
     med: Stage | None = None
     long: LongStage | None = None
     seedcheck: SeedcheckStage | None = None
@@ -166,6 +173,7 @@ class TaskSpec(_Strict):
     batch: int | Literal["auto"]  # effective batch, or the GPU probe's largest micro-batch
     threshold: float = Field(ge=0.0)  # promote if delta >= threshold (delta = candidate - matched baseline)
     metric: str | None = None  # default: the task's primary metric
+    model: ModelSource | None = None  # default: the round's `model` (a task may train another shape or checkpoint)
     candidates: list[CandidateSpec] = Field(min_length=1)
 
     @field_validator("batch", mode="before")
@@ -183,6 +191,13 @@ class TaskSpec(_Strict):
         if isinstance(v, list):
             return [{"name": c} if isinstance(c, str) else c for c in v]
         return v
+
+    @model_serializer(mode="wrap")
+    def _without_absent_model(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)  # no `model: null` in a dump: a task without its own model dumps as it always did
+        if self.model is None:
+            data.pop("model", None)
+        return data
 
 
 class Spec(_Strict):
@@ -211,9 +226,18 @@ class Spec(_Strict):
         """The file this spec was loaded from (None when built from data)."""
         return self._source
 
+    def task_model(self, label: str) -> ModelSource:
+        """The model a task trains: its own `model`, else the round's."""
+        return self.tasks[label].model or self.model
+
     def candidates(self, label: str) -> tuple[Candidate, ...]:
         """The task's candidates, resolved, in spec order (the implicit baseline not included)."""
         return self._candidates[label]
+
+    @property
+    def is_comparison(self) -> bool:
+        """A comparison round: seedcheck is the only stage, every candidate runs it, nothing is pruned."""
+        return is_comparison(self.stages)
 
     def stage_list(self) -> list[tuple[str, Stage]]:
         """The spec's stages in execution order."""
@@ -274,9 +298,20 @@ def _fs_defaults_errors(fs: dict[str, Any]) -> list[str]:
     return errors
 
 
+def is_comparison(stages: Stages) -> bool:
+    present = tuple(n for n in STAGE_ORDER if getattr(stages, n) is not None)
+    return present == COMPARISON_STAGES
+
+
 def _stage_errors(stages: Stages) -> list[str]:
     errors = []
     present = [(n, getattr(stages, n)) for n in STAGE_ORDER if getattr(stages, n) is not None]
+    if stages.quick is None and stages.seedcheck is None:
+        errors.append("stages: give `quick` (a screening round: quick -> med -> long -> seedcheck, pruning below "
+                      "the threshold) or `seedcheck` alone (a comparison round: every candidate, no pruning)")
+    if stages.med is not None and stages.quick is None:
+        errors.append("stages.med: needs stages.quick (med confirms the quick survivors); for a comparison round "
+                      "without pruning give seedcheck alone")
     for name, st in present:
         if st.eval_every > st.steps:
             errors.append(f"stages.{name}.eval_every: must be <= steps ({st.steps}), got {st.eval_every}")
@@ -299,6 +334,11 @@ def _stage_errors(stages: Stages) -> list[str]:
 def _task_errors(spec: Spec, label: str, task: TaskSpec) -> list[str]:
     where = f"tasks.{label}"
     errors = []
+    sc = spec.stages.seedcheck
+    if is_comparison(spec.stages) and sc is not None and sc.max_finalists < len(task.candidates):
+        errors.append(f"stages.seedcheck.max_finalists: {sc.max_finalists} is less than the {len(task.candidates)} "
+                      f"candidates of {where}; a comparison round (seedcheck only) runs every candidate, so raise "
+                      f"max_finalists to at least {len(task.candidates)}")
     if not _NAME_RX.match(label):
         errors.append(f"{where}: task label must match {NAME_PATTERN} (no dots or spaces), got {label!r}")
     if task.metric is not None:
@@ -483,6 +523,8 @@ def _format_error(err: dict) -> str:
     msg = _pydantic_msg(err)
     if msg.startswith(where + ":") or msg.startswith(where + "."):
         return msg  # the validator already named the field (ModelSource does)
+    if where.endswith(".model") and (msg.startswith("model:") or msg.startswith("model.")):
+        return where + msg[len("model"):]  # a task's own model: ModelSource names the field from `model`
     return f"{where}: {msg}"
 
 
@@ -523,29 +565,38 @@ def _unwrap(t: Any) -> Any:
 class SpecCheck:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    n_layer: int | None = None
+    n_layer: int | None = None  # of the round's model (spec.model)
     tokenizer: str | None = None
+    task_models: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)  # label -> (n_layer, tokenizer)
+
+
+def source_path(source: ModelSource) -> Path | None:
+    """A model source's checkpoint as a path (env vars and ~ expanded; relative to the working directory)."""
+    if source.checkpoint is None:
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(source.checkpoint)))
 
 
 def checkpoint_path(spec: Spec) -> Path | None:
     """The spec's checkpoint as a path (env vars and ~ expanded; relative to the working directory)."""
-    if spec.model.checkpoint is None:
-        return None
-    return Path(os.path.expandvars(os.path.expanduser(spec.model.checkpoint)))
+    return source_path(spec.model)
 
 
 def check_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> SpecCheck:
-    """Every problem (errors) and caution (warnings) of a loaded spec. `model_layers` stands in for the checkpoint's
+    """Every problem (errors) and caution (warnings) of a loaded spec. `model_layers` stands in for a checkpoint's
     layer count when the file is absent (tests, dry validation); with check_data the checkpoint must exist anyway."""
     check = SpecCheck()
-    _check_model(spec, check, check_data, model_layers)
+    check.n_layer, check.tokenizer = _check_model(spec.model, "model", check, check_data, model_layers)
     sc = spec.stages.seedcheck
     if sc is not None and len(sc.seeds) < MIN_SEEDCHECK_SEEDS:
         check.warnings.append(f"stages.seedcheck.seeds: only {len(sc.seeds)} seeds (allow_few_seeds): seed-check "
                               f"results are a demonstration, not a significance test")
     for label, task in spec.tasks.items():
-        _check_candidates(spec, label, check)
-        _check_task(spec, label, task, check, check_data)
+        facts = (check.n_layer, check.tokenizer) if task.model is None else \
+            _check_model(task.model, f"tasks.{label}.model", check, check_data, model_layers)
+        check.task_models[label] = facts
+        _check_candidates(spec, label, facts[0], check)
+        _check_task(spec, label, task, check, check_data, facts[1])
     return check
 
 
@@ -557,52 +608,59 @@ def validate_spec(spec: Spec, *, check_data: bool = True, model_layers: int | No
     return check.warnings
 
 
-def _check_model(spec: Spec, check: SpecCheck, check_data: bool, model_layers: int | None) -> None:
+def _check_model(source: ModelSource, where: str, check: SpecCheck, check_data: bool, model_layers: int | None) \
+        -> tuple[int | None, str | None]:
+    """(layer count, tokenizer) of a model source, None where unknown; its problems go to check.errors."""
     from model.ckpt_meta import CheckpointError, read_checkpoint_meta
     from model.config import PRESETS
 
-    if spec.model.preset is not None:
-        cfg = PRESETS.get(spec.model.preset)
-        if cfg is None:
-            check.errors.append(f"model.preset: unknown model preset {spec.model.preset!r}; known presets: "
+    if source.preset is not None:
+        if source.preset not in PRESETS:
+            check.errors.append(f"{where}.preset: unknown model preset {source.preset!r}; known presets: "
                                 f"{', '.join(sorted(PRESETS))}")
-            return
-        check.n_layer, check.tokenizer = cfg.n_layer, cfg.tokenizer
-        return
-    path = checkpoint_path(spec)
+            return None, None
+        try:
+            cfg = source.build_config()
+        except ValueError as e:
+            check.errors.append(f"{where}.shape.{e} (preset {source.preset!r})")
+            return None, None
+        return cfg.n_layer, cfg.tokenizer
+    n_layer = tokenizer = None
+    path = source_path(source)
     assert path is not None
     if path.exists():
         try:
             meta = read_checkpoint_meta(path)
-            check.n_layer, check.tokenizer = meta["n_layer"], meta.get("tokenizer") or "world"
+            n_layer, tokenizer = meta["n_layer"], meta.get("tokenizer") or "world"
         except CheckpointError as e:
-            check.errors.append(f"model.checkpoint: {e}")
+            check.errors.append(f"{where}.checkpoint: {e}")
     elif check_data:
-        check.errors.append(f"model.checkpoint: {path} not found (relative paths are relative to the working "
+        check.errors.append(f"{where}.checkpoint: {path} not found (relative paths are relative to the working "
                             f"directory {Path.cwd()})")
     elif model_layers is None:
-        check.errors.append(f"model.checkpoint: {path} not found; its layer count is needed to validate the "
+        check.errors.append(f"{where}.checkpoint: {path} not found; its layer count is needed to validate the "
                             f"candidates")
     if model_layers is not None:
-        check.n_layer = model_layers
-        check.tokenizer = check.tokenizer or "world"
+        n_layer, tokenizer = model_layers, tokenizer or "world"
+    return n_layer, tokenizer
 
 
-def _check_candidates(spec: Spec, label: str, check: SpecCheck) -> None:
-    if check.n_layer is None:
+def _check_candidates(spec: Spec, label: str, n_layer: int | None, check: SpecCheck) -> None:
+    if n_layer is None:
         return
     for i, cand in enumerate(spec.candidates(label)):
         at = f"tasks.{label}.candidates[{i}] ({cand.name})"
         if cand.fs is None:
             continue
         try:
-            for w in cand.fs.check_for_model(check.n_layer):
+            for w in cand.fs.check_for_model(n_layer):
                 check.warnings.append(f"{at}: {w}")
         except ValueError as e:
             check.errors.append(f"{at}: {e}")
 
 
-def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_data: bool) -> None:
+def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_data: bool,
+                tokenizer: str | None) -> None:
     from tasks import TaskError, get_task, task_class
 
     where = f"tasks.{label}"
@@ -625,12 +683,12 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
     if task.metric is not None and task.metric not in metrics and task.metric not in LOWER_IS_BETTER:
         check.errors.append(f"{where}.metric: task {task.task!r} reports no metric {task.metric!r}; it reports "
                             f"{', '.join(sorted(metrics))}")
-    if not check_data or check.tokenizer is None:
+    if not check_data or tokenizer is None:
         return
     from model.tokenizers import get_tokenizer
 
     try:
-        get_task(task.task, task.params, get_tokenizer(check.tokenizer), spec.defaults.data_seed).check_available()
+        get_task(task.task, task.params, get_tokenizer(tokenizer), spec.defaults.data_seed).check_available()
     except TaskError as e:  # DataUnavailable is a TaskError
         check.errors.append(f"{where}: {e}")
 

@@ -190,11 +190,10 @@ class Run:
         src = self.cfg.model
         try:
             if src.preset is not None:
-                from model.config import preset
                 from model.init import init_weights
                 from model.rwkv7 import RWKV7
 
-                model = RWKV7(preset(src.preset), kernel=self.cfg.kernel)
+                model = RWKV7(src.build_config(), kernel=self.cfg.kernel)  # the preset with the spec's shape
                 init_weights(model, seed=src.init_seed)
             else:
                 from model.checkpoint import load_any

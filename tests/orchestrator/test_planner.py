@@ -11,7 +11,7 @@ import pytest
 from orchestrator.planner import RunUnit, judge, meets_threshold, plan, stage_table
 from orchestrator.records import Record, utc_now
 from orchestrator.runconfig import RunConfig
-from orchestrator.runkey import RunKey, parse_run_key
+from orchestrator.runkey import RunKey, parse_run_key, short_hash
 from orchestrator.spec import parse_spec
 
 BASE = {
@@ -438,3 +438,95 @@ def test_a_gate_stage_whose_candidates_all_failed_runs_no_more_baselines():
     p = plan(spec, recs)
     assert p.runnable == [] and p.finished
     assert p.tasks["su"].status == "done" and "no candidate passed quick" in p.tasks["su"].reason
+
+
+# --- comparison rounds (seedcheck only) and model identity -------------------------------------------------------
+def comparison_spec(mutate: Callable[[dict], None] | None = None):
+    def only_seedcheck(d):
+        d["stages"] = {"seedcheck": {"steps": 20, "eval_every": 10, "seeds": [0, 1, 2, 3, 4], "max_finalists": 4}}
+        if mutate:
+            mutate(d)
+
+    return make_spec(only_seedcheck)
+
+
+def test_a_comparison_round_runs_every_candidate_on_every_seed_and_prunes_nothing():
+    spec = comparison_spec()
+    # values that a quick gate with threshold 0.125 would prune (A, RT) or keep (B, C): here all of them run
+    table = {"baseline": 0.5, A: 0.25, B: 0.75, C: 0.625, RT: 0.5}
+    recs, order, p = simulate(spec, values(table))
+    assert p.finished and len(recs) == 5 * 5
+    assert [(u.candidate.name, u.seed) for u in order] == [(c, s) for c in ("baseline", A, B, C, RT) for s in range(5)]
+    su = p.tasks["su"]
+    assert su.finalists == [A, B, C, RT]  # spec order, not ranked: there is no gate delta to rank by
+    assert su.status == "done" and su.reason == f"finalists: {A}, {B}, {C}, {RT}"
+    assert {c.status for c in su.candidates.values()} == {"finalist"}
+    assert {c.reached for c in su.candidates.values()} == {"seedcheck"}
+    assert [(d.candidate, d.decision, d.mean_delta) for d in p.decisions] == [
+        (A, "recorded", -0.25), (B, "recorded", 0.25), (C, "recorded", 0.125), (RT, "recorded", 0.0)]
+    assert {r.decision for r in recs if r.candidate != "baseline"} == {"recorded"}
+    assert [(s.stage, s.state, s.total, s.done, s.pruned) for s in p.stages] == [("seedcheck", "complete", 25, 25, 0)]
+    by_key = {r.run_key: r for r in recs}
+    for r in recs:
+        if r.candidate != "baseline":
+            assert (by_key[r.baseline_key].seed, by_key[r.baseline_key].stage) == (r.seed, "seedcheck")
+
+
+def test_a_comparison_round_keeps_going_after_a_failed_candidate_run():
+    spec = comparison_spec()
+
+    def outcome(u):
+        if u.candidate.name == A and u.seed == 1:
+            return ("failed", None, "crash", "boom")
+        return ("ok", 0.5)
+
+    recs, _, p = simulate(spec, outcome)
+    assert p.finished and len(recs) == 25  # A's other seeds still run: a seed check is never cut short
+    d = next(d for d in p.decisions if d.candidate == A)
+    assert d.decision == "recorded" and d.deltas[1] is None and "seed 1: failed (crash): boom" in d.reason
+    # a failed baseline fails the task, as in any stage
+    recs, _, p = simulate(spec, lambda u: ("failed", None, "oom", "x") if u.is_baseline and u.seed == 2 else ("ok", .5))
+    assert p.tasks["su"].status == "failed" and "baseline failed at seedcheck seed 2" in p.tasks["su"].reason
+
+
+def test_the_model_shape_and_a_task_model_are_part_of_the_run_identity():
+    plain = plan(make_spec(), []).runnable[0]
+    # without a shape the setup digest is what it was before shapes existed (recorded rounds resume)
+    d = make_spec().defaults
+    setup = short_hash({"task_kind": "sudoku", "task_params": {"base": 2},
+                        "model": {"preset": "tiny", "checkpoint": None, "init_seed": 0},
+                        "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test,
+                        "eval_batch": d.eval_batch, "kernel": d.kernel, "precision": d.precision,
+                        "cpu_threads": d.cpu_threads})
+    assert plain.key.setup == setup
+    shaped = plan(make_spec(lambda d: d.update(model={"preset": "tiny", "shape": {"n_layer": 5}})), []).runnable[0]
+    wider = plan(make_spec(lambda d: d.update(model={"preset": "tiny", "shape": {"n_embd": 128}})), []).runnable[0]
+    assert len({plain.run_key, shaped.run_key, wider.run_key}) == 3
+    assert shaped.model.shape.n_layer == 5 and shaped.run_config("/x").model.build_config().n_layer == 5
+    # an explicitly empty shape is no shape: the same run
+    assert plan(make_spec(lambda d: d.update(model={"preset": "tiny", "shape": {}})), []).runnable[0].run_key == \
+        plain.run_key
+    # a task's own model: its runs (baselines too) use it; the other tasks keep the round's
+    spec = make_spec(lambda d: d["tasks"].update(deep={**d["tasks"]["su"], "model": {"preset": "tiny",
+                                                                                       "shape": {"n_layer": 5}}}))
+    units = {u.task: u for u in plan(spec, []).runnable}
+    assert units["su"].run_key == plain.run_key and units["su"].model == spec.model
+    assert units["deep"].model.shape.n_layer == 5 and units["deep"].key.setup == shaped.key.setup
+
+
+def test_the_synthetic_table_study_plans_45_runs():
+    from pathlib import Path
+
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "studies" / "synthetic_table.yaml")
+    recs, order, p = simulate(spec, lambda u: ("ok", 0.5 if u.is_baseline else 0.625))
+    assert p.finished and len(recs) == 3 * (1 + 2) * 5 == 45
+    for label in spec.tasks:
+        runs = [(u.candidate.name, u.seed) for u in order if u.task == label]
+        assert sorted(runs) == sorted((c, s) for c in ("baseline", "scalar_l1_nodetach", "read_twice")
+                                      for s in range(5))
+        assert p.tasks[label].finalists == ["scalar_l1_nodetach", "read_twice"]
+    shapes = {(c.n_layer, c.n_embd, c.head_size) for c in (u.model.build_config() for u in order)}
+    assert shapes == {(2, 128, 32)}  # the original's L2/e128/h32, FS off and on alike
+    assert len({u.steps for u in order}) == 1 and {u.device for u in order} == {"cuda"}

@@ -72,11 +72,11 @@ class RoundBuilder:
     """A round folder written the way the scheduler writes one: the planner picks the runs, `judge` fills each
     record's comparison fields; the 'training' is a table of final values with linear validation curves."""
 
-    def __init__(self, root: Path):
-        self.dir = root / "synth"
+    def __init__(self, root: Path, spec_text: str = SPEC):
+        self.spec = parse_spec_text(spec_text)
+        self.dir = root / self.spec.round
         self.dir.mkdir(parents=True)
-        (self.dir / "spec.yaml").write_text(SPEC)
-        self.spec = parse_spec_text(SPEC)
+        (self.dir / "spec.yaml").write_text(spec_text)
         self.ledger = Ledger(self.dir / "records.jsonl")
         self.records: list[Record] = []
 
@@ -399,3 +399,87 @@ def test_in_progress_round(tmp_path):
     s = summary_of(rb.dir)
     assert s["tasks"]["sudoku4"]["status"] == "running (stage med)"
     assert check_report(rb.dir) == []
+
+
+# --- a comparison round: seedcheck only, every candidate, nothing pruned -------------------------------------------
+COMPARISON_SPEC = """\
+round: compare
+model: {preset: tiny}
+output: results
+defaults: {device: cpu}
+stages:
+  seedcheck: {steps: 80, eval_every: 40, seeds: [0, 1, 2, 3, 4], max_finalists: 2}
+tasks:
+  sudoku4:
+    task: sudoku
+    params: {base: 2, mask_count: 6, mask_region: random}
+    batch: 16
+    threshold: 0.01
+    candidates: [scalar_l2_trainable, scalar_l1_sched_cos]
+  kv_last:
+    task: kv_retrieval
+    params: {layout: question_last, k: 8, vlen: 4}
+    batch: 8
+    threshold: 0.0
+    candidates: [scalar_l2_trainable, scalar_l1_sched_cos]
+"""
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    rb = RoundBuilder(tmp_path_factory.mktemp("compare"), COMPARISON_SPEC)
+    rb.run_all()
+    return rb, write_report(rb.dir)
+
+
+def test_comparison_round_report(compared):
+    rb, path = compared
+    assert len(rb.records) == 2 * 3 * 5 and {r.stage for r in rb.records} == {"seedcheck"}
+    s = summary_of(rb.dir)
+    assert s["kind"] == "comparison" and s["problems"] == [] and s["rule"]["family_size"] == 4
+    for label in ("sudoku4", "kv_last"):
+        t = s["tasks"][label]
+        assert list(t["stages"]) == ["seedcheck"] and t["status"].startswith("done (finalists: ")
+        assert list(t["seedcheck"]["finalists"]) == ["scalar_l2_trainable", "scalar_l1_sched_cos"]
+        c = t["compute"]["stages"]["seedcheck"]
+        assert c["runs"] == c["full_runs"] == 15
+        assert t["compute"]["saved_wall_s"] == pytest.approx(0.0, abs=1e-9)
+    # the seed check's decision rule is the screening round's: the same deltas give the same decisions
+    dec = {k: s["tasks"][k[0]]["seedcheck"]["finalists"][k[1]]["decision"] for k in SEEDCHECK_DELTAS}
+    assert dec == {("sudoku4", "scalar_l2_trainable"): "confirmed", ("sudoku4", "scalar_l1_sched_cos"): "inconclusive",
+                   ("kv_last", "scalar_l2_trainable"): "rejected", ("kv_last", "scalar_l1_sched_cos"): "inconclusive"}
+    md = path.read_text()
+    assert "A comparison round: the seed check is its only stage." in md and "pruning saved" not in md
+    assert "Screening stages" not in md and "### Seed check" in md
+    for task in ("sudoku4", "kv_last"):
+        for kind in ("deltas", "curves"):
+            assert (rb.dir / "report" / f"{kind}_{task}.png").stat().st_size > 10_000
+    assert "seedcheck scalar_l2_trainable:" in (rb.dir / "report" / "summary.txt").read_text()
+    assert check_report(rb.dir) == []
+
+
+def test_comparison_round_status_and_export(compared, tmp_path):
+    from orchestrator.export import export_round
+    from orchestrator.progress import format_table, round_status
+
+    rb, _ = compared
+    st = round_status(rb.dir)
+    assert [(r.task, r.stage, r.state, r.done, r.total, r.pruned) for r in st.rows] == [
+        ("sudoku4", "seedcheck", "complete", 15, 15, 0), ("kv_last", "seedcheck", "complete", 15, 15, 0)]
+    assert "sudoku4: done (finalists: scalar_l2_trainable, scalar_l1_sched_cos)" in st.notes
+    assert "seedcheck" in format_table(st.rows)
+    out = export_round(rb.dir, "jsonl", tmp_path / "records.jsonl")
+    assert len(out.read_text().splitlines()) == 30
+
+
+def test_comparison_round_in_progress(tmp_path):
+    rb = RoundBuilder(tmp_path, COMPARISON_SPEC)
+    for unit in plan(rb.spec, rb.records).runnable:  # the baselines of the first task
+        rb.add(unit, value_of(unit.task, unit.stage, unit.candidate.name, unit.seed))
+    write_report(rb.dir)
+    s = summary_of(rb.dir)
+    assert s["kind"] == "comparison" and s["problems"] == []
+    assert s["tasks"]["sudoku4"]["status"] == "running (stage seedcheck)"
+    assert check_report(rb.dir) == []
+    (rb.dir / "spec.yaml").unlink()  # without the spec the records alone say it: no quick runs, seed-check runs
+    assert build_summary(load_round(rb.dir))["kind"] == "comparison"

@@ -134,6 +134,26 @@ def test_defaults_fs_fill_only_what_a_name_leaves_open():
     (lambda d: d["tasks"]["sudoku4"].update(metric="accuracy"),
      "tasks.sudoku4.metric: task 'sudoku' reports no metric 'accuracy'"),
     (lambda d: d.update(model={"checkpoint": "/nonexistent/w.pth"}), "model.checkpoint: /nonexistent/w.pth not found"),
+    # comparison rounds (seedcheck only) and stage presence
+    (lambda d: (d["stages"].pop("quick"), d["stages"].pop("med")),
+     "stages.seedcheck.max_finalists: 3 is less than the 4 candidates of tasks.sudoku4; a comparison round"),
+    (lambda d: d["stages"].pop("quick"), "stages.med: needs stages.quick"),
+    (lambda d: d.update(stages={}), "stages: give `quick` (a screening round"),
+    (lambda d: d.update(stages={"long": {"steps": 10, "eval_every": 5}}), "stages: give `quick`"),
+    # model shape overrides
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"n_heads": 2}}),
+     "model.shape.n_heads: unknown key; allowed: n_layer, n_embd, head_size, ffn_dim, d_decay, d_aaa, d_mv, d_gate"),
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"head_size": 48}}),
+     "model.shape.head_size: head_size (48) must divide n_embd (64) (preset 'tiny')"),
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"n_embd": 72}}),
+     "model.shape.n_embd: head_size (16) must divide n_embd (72) (preset 'tiny')"),
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"n_embd": 0}}),
+     "model.shape.n_embd: Input should be greater than or equal to 1"),
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"n_layer": "two"}}), "model.shape.n_layer: Input should be"),
+    (lambda d: d.update(model={"checkpoint": "w.pth", "shape": {"n_layer": 2}}),
+     "model.shape: only a from-scratch `preset` takes shape overrides"),
+    (lambda d: d.update(model={"preset": "tiny", "shape": {"n_layer": 2}}),
+     "tasks.sudoku4.candidates[0] (scalar_l2_trainable): fs.layer_start=2 >= the model's 2 layers"),
 ])
 def test_each_rule_is_one_line_naming_the_field(mutate, expected):
     assert first_error(mutate).startswith(expected)
@@ -155,6 +175,84 @@ def test_warnings_are_returned_not_raised():
     warnings = validate_spec(parse_spec(data))
     assert any("head_l1" in w and "close to a no-op" in w for w in warnings)
     assert any(w.startswith("stages.seedcheck.seeds: only 3 seeds") for w in warnings)
+
+
+def test_comparison_round_is_seedcheck_only_with_every_candidate():
+    data = copy.deepcopy(BASE)
+    data["stages"] = {"seedcheck": {"steps": 300, "eval_every": 50, "max_finalists": 4}}
+    spec = parse_spec(data)
+    assert spec.is_comparison and [n for n, _ in spec.stage_list()] == ["seedcheck"]
+    assert len(validate_spec(spec)) == 1  # head_fast's near-no-op warning, as in BASE
+    assert not parse_spec(copy.deepcopy(BASE)).is_comparison
+    # the rule names both numbers, for every task that has more candidates than max_finalists
+    data["tasks"]["two"] = {"task": "sudoku", "batch": 4, "threshold": 0, "candidates": ["read_twice"]}
+    data["stages"]["seedcheck"]["max_finalists"] = 1
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert e.value.errors == ["stages.seedcheck.max_finalists: 1 is less than the 4 candidates of tasks.sudoku4; a "
+                              "comparison round (seedcheck only) runs every candidate, so raise max_finalists to at "
+                              "least 4"]
+    # a screening round keeps its max_finalists meaning (the best few survivors)
+    assert parse_spec({**copy.deepcopy(BASE), "stages": {**BASE["stages"], "seedcheck": {
+        "steps": 300, "eval_every": 50, "max_finalists": 1}}}).stages.seedcheck.max_finalists == 1
+
+
+def test_model_shape_overrides_apply_on_top_of_the_preset():
+    from model.config import PRESETS, SHAPE_FIELDS, with_shape
+    from orchestrator.runconfig import ModelShape, ModelSource
+
+    assert tuple(ModelShape.model_fields) == SHAPE_FIELDS
+    data = copy.deepcopy(BASE)
+    data["model"] = {"preset": "small", "shape": {"n_layer": 3, "n_embd": 128, "head_size": 32}}
+    spec = parse_spec(data)
+    check = check_spec(spec, check_data=False)
+    assert check.errors == [] and check.n_layer == 3 and check.tokenizer == "byte"
+    cfg = spec.model.build_config()
+    small = PRESETS["small"]
+    assert (cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.n_head) == (3, 128, 32, 4)
+    assert cfg.ffn_dim == 4 * 128 and cfg.vocab_size == small.vocab_size  # derived fields follow the new shape
+    assert cfg.d_decay == 32 and cfg == with_shape(small, {"n_layer": 3, "n_embd": 128, "head_size": 32})
+    # a field the preset sets explicitly stays unless overridden (tiny's LoRA ranks)
+    tiny = with_shape(PRESETS["tiny"], {"n_embd": 128})
+    assert tiny.d_gate == PRESETS["tiny"].d_gate == 32 and tiny.ffn_dim == 512
+    assert with_shape(PRESETS["tiny"], {"d_gate": 8}).d_gate == 8
+    assert ModelSource(preset="tiny").build_config() == PRESETS["tiny"]
+    # absent and empty shapes are the same source, and neither appears in a dump (run keys hash the dump)
+    assert ModelSource(preset="tiny", shape={}) == ModelSource(preset="tiny", shape=None) == ModelSource(preset="tiny")
+    assert ModelSource(preset="tiny").model_dump(mode="json") == {"preset": "tiny", "checkpoint": None, "init_seed": 0}
+    src = ModelSource(preset="tiny", shape={"n_layer": 2, "n_embd": None})
+    assert src.model_dump(mode="json")["shape"] == {"n_layer": 2}
+    assert ModelSource.model_validate_json(src.model_dump_json()) == src
+    assert resolved_spec(spec)["model"]["shape"] == {"n_layer": 3, "n_embd": 128, "head_size": 32}
+    assert "model" not in resolved_spec(spec)["tasks"]["sudoku4"]  # no task model given: none in the dump
+    with pytest.raises(ValueError, match="a checkpoint's configuration is read from the checkpoint"):
+        ModelSource(checkpoint="w.pth").build_config()
+
+
+def test_a_task_may_train_its_own_model():
+    data = copy.deepcopy(BASE)
+    data["model"] = {"preset": "small", "shape": {"n_layer": 2}}
+    data["tasks"]["deep"] = {**copy.deepcopy(data["tasks"]["sudoku4"]), "model": {"preset": "small",
+                                                                               "shape": {"n_layer": 8}}}
+    data["tasks"]["sudoku4"]["candidates"] = ["scalar_l1_trainable", "read_twice"]
+    spec = parse_spec(data)
+    check = check_spec(spec, check_data=False)
+    assert check.errors == [] and check.task_models == {"sudoku4": (2, "byte"), "deep": (8, "byte")}
+    assert spec.task_model("sudoku4") is spec.model and spec.task_model("deep").shape.n_layer == 8
+    # the candidates of a task are checked against that task's model
+    data["tasks"]["deep"]["model"]["shape"]["n_layer"] = 2
+    assert first_error(lambda d: d.update(data)).startswith(
+        "tasks.deep.candidates[0] (scalar_l2_trainable): fs.layer_start=2 >= the model's 2 layers")
+    # a task model's problems name the task's field
+    data["tasks"]["deep"]["model"] = {"preset": "small", "shape": {"head_size": 48}}
+    assert first_error(lambda d: d.update(data)) == \
+        "tasks.deep.model.shape.head_size: head_size (48) must divide n_embd (256) (preset 'small')"
+    data["tasks"]["deep"]["model"] = {"checkpoint": "w.pth", "shape": {"n_layer": 2}}
+    assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.shape: only a from-scratch `preset`")
+    data["tasks"]["deep"]["model"] = {"preset": "small", "shape": {"layers": 2}}
+    assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.shape.layers: unknown key; allowed: ")
+    data["tasks"]["deep"]["model"] = {"preset": "huge"}
+    assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.preset: unknown model preset 'huge'")
 
 
 def test_top_level_extension_keys_hold_yaml_anchors():
@@ -257,6 +355,22 @@ def test_control_plane_modules_do_not_import_torch():
 
 
 # studies/ --------------------------------------------------------------------------------------------------------
+def test_synthetic_table_study_validates_with_its_data():
+    spec = load_spec(STUDIES / "synthetic_table.yaml")
+    assert validate_spec(spec, check_data=True) == []
+    assert spec.is_comparison and spec.defaults.device == "cuda" and spec.stages.seedcheck.seeds == [0, 1, 2, 3, 4]
+    assert {t.task for t in spec.tasks.values()} == {"rightcopy", "constr", "kvsort_order"}
+    for label, task in spec.tasks.items():
+        names = [c.name for c in spec.candidates(label)]
+        assert len(names) == 2 and "read_twice" in names
+        assert spec.stages.seedcheck.max_finalists >= len(names)
+        if task.task != "kvsort_order":
+            assert task.params["length"] == 16
+    # the original's L2/e128/h32 for rightcopy/constr (§7): the spec's model, the preset reshaped
+    cfg = spec.model.build_config()
+    assert (cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.tokenizer) == (2, 128, 32, "byte")
+
+
 def test_demo_study_validates_with_its_data():
     spec = load_spec(STUDIES / "demo.yaml")
     warnings = validate_spec(spec, check_data=True)
