@@ -7,6 +7,19 @@ the repeats (wall clock, or with --clock cpu this process's CPU time) and the to
 line per pass with the ratio torch / reference.
 Inputs are RWKV-7-like (kernels.reference.rwkv7_like_inputs), fp32. The median hides other processes on a
 shared machine only partly: the load average at the start is printed so that such a run can be recognised.
+"forward" runs under torch.no_grad(), so the torch backend takes its forward-only path (torch_chunked.wkv7_forward);
+"forward_backward" takes the autograd route (WKV7Chunked).
+
+Measured at the defaults (B1 T512 H4 D64 fp32) on the project's 2-core AMD EPYC VM (KVM, Zen 5), which other jobs
+share: its speed drifts by ~25% from minute to minute, so ratios from one run are the thing to compare.
+
+    pass               clock, threads   reference     torch         speedup   (torch before the forward-only path)
+    forward            wall, 2          22-27 ms      1.4-2.0 ms    12-16x    (2.6-3.7 ms: 6.5-9.7x)
+    forward            cpu, 1           20-23 ms      2.3-3.3 ms    6.5-9x    (4.4-7 ms: 3-5x)
+    forward_backward   wall, 2          170-205 ms    10.3-12.5 ms  15-18x    (unchanged)
+    forward_backward   cpu, 1           180-212 ms    17-19 ms      9-11x     (unchanged)
+
+The goal of 20x on the forward is not reached: see kernels/torch_chunked.py for where the 1.4 ms go.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Chunked WKV-7 in plain torch: the CPU path, one autograd.Function with an explicit backward.
+"""Chunked WKV-7 in plain torch: the CPU path. wkv7_torch takes one of two routes:
+
+    WKV7Chunked    an autograd.Function with an explicit backward, whenever an autograd graph is built;
+    wkv7_forward   a forward-only path otherwise (torch.no_grad(), inference_mode, no input requiring grad).
 
 Per head, with S in RWKV's [value, key] layout (see kernels/reference.py for the per-step form):
 
@@ -36,10 +39,39 @@ Computation runs in float32 (float64 for float64 inputs); y is returned in r's d
 Precision: the decay factors are 2^(difference of chunk-local cumulative sums of μ = exp(w)/ln 2), so their relative
 error is about the float32 spacing of C·max μ: ~2e-6 in the RWKV-7 range (w < -0.5), ~1e-5 at w = 1.5 (measured
 errors of y and of all gradients against the float64 reference stay below ~3e-6 for w in [-3, 1.5]).
+
+Forward only (wkv7_forward): no backward to feed, so neither the binary split nor the matrices M, N are needed.
+ * The decay span of a chunk is bounded instead: C is halved until C·max μ ≤ SPAN_MAX = 40 (log2 units), so every
+   e^{±L_i} lies in [2^-40, 2^40] and e^{L_i - L_j} = e^{L_i}·e^{-L_j} splits into a row and a column factor: the
+   four A matrices are one matmul [ag; rg]·[k e^{-L}; b e^{-L}]ᵀ, then masked. The error is that of the exponents,
+   as with the split (measured ≤ 4e-7 relative for y and sT in fp32, w from [-9, -8] to [2.5, 3.3]). The RWKV-7
+   range (w < -0.5, μ < 0.875) keeps C = 32, w = 1.5 gives C = 4; past w ≈ 3.3 (one step spans more than 40) the
+   forward of WKV7Chunked runs instead.
+ * [W | TA] = (I - A_ab)⁻¹ [ag | A_ak]: Neumann inverses of 16-token diagonal blocks, block forward substitution.
+ * The state passes through SA, three small ops per chunk on the B·H heads (with Y' = rg S0ᵀ + A_rk V):
+
+       [Y'; SA] = [A_rk V; TA V] + [rg; W] S0ᵀ,     S_endᵀ = g∘S0ᵀ + ktᵀ V + btᵀ SA,     Y = Y' + A_rb SA
+
+   which skips forming M and N (2·C·D² flops each per chunk); the M-form loop (one op per chunk, measured too) is
+   slower here once M and N are paid for.
+ * Scratch is cut from one flat buffer kept per thread on CPU (WORKSPACE_BYTES; longer inputs run in groups of
+   chunks that fit it, the state passed along): fresh multi-MB allocations each call cost page faults that, on the
+   VM below, at times exceeded the arithmetic (~1000 faults, 1.3 ms of system time per call).
+
+Measured on the project's 2-core AMD EPYC VM (KVM, Zen 5, AVX-512; shared with other jobs), B1 T512 H4 D64 fp32,
+`python -m kernels.bench_cpu` (forward = no_grad): forward 1.4-2.0 ms with 2 threads, wall clock (WKV7Chunked's
+forward before: 2.6-3.7 ms; per-step reference 22-27 ms): 12-16x the reference. One thread, CPU time: 2.3-3.3 ms
+(before 4.4-7 ms; reference 20-23 ms): 6.5-9x. A quiet-machine profile (2 threads, ~1.45 ms): decay and scaling
+passes 0.31 ms, A 0.19, the solve 0.22, the batched products with V 0.21, the 16-step loop 0.41 (48 small ops),
+Y and the output copy 0.08. The arithmetic is ~141 Mflop (A 33.5, solve ~16, [A_rk; TA]·V 16.8, ktᵀV 16.8, loop
+50.3, A_rb·SA 8.4); these batched matmuls run at ~95 Gflop/s per core (90-100 measured, 1024² sgemm 107), so one
+thread needs ≥ 1.5 ms for the matmuls alone, and 20x the reference (≤ 1.1-1.35 ms) would need ~130 Gflop/s
+sustained on two threads including the elementwise passes and the sequential loop.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -201,7 +233,12 @@ def _build_A_backward(dA, levels, RA, KB, dRAd, dKB) -> torch.Tensor:
     return (gd * KB).sum(2)
 
 
-NEUMANN_BLOCK = 16  # diagonal blocks up to this size are inverted by the Neumann product, larger ones by doubling
+# Diagonal blocks up to this size are inverted by the Neumann product, larger ones by doubling (or, in the forward-only
+# path, block substitution). The product forms powers of L whose entries grow like binomial coefficients when keys
+# repeat and the in-context rate is near 1 (L ~ -1 below the diagonal): with 16-blocks (L⁸, entries up to 6435) the
+# error on such inputs was 1.5e-6 to 3.1e-6 in fp32, with 8-blocks (L⁴, up to 35) 2e-7 to 3e-7, as on generic inputs,
+# at no measurable cost (CPU, B1 T512 H4 D64).
+NEUMANN_BLOCK = 8
 
 
 def _unit_lower_inverse(L: torch.Tensor) -> torch.Tensor:
@@ -384,8 +421,235 @@ class WKV7Chunked(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, ds0, None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# forward only (no autograd graph): direct factorisation of the decay, state passing through SA
+# ----------------------------------------------------------------------------------------------------------------
+
+SPAN_MAX = 40.0  # largest decay span Λ_{C-1} (log2 units) of a forward-only chunk: factors 2^±Λ within 2^±40
+WORKSPACE_BYTES = 64 << 20  # scratch of the forward-only path: one group of chunks fits it; kept per thread on CPU
+
+_TLS = threading.local()
+_CONSTANTS: dict = {}
+
+
+def forward_chunk(T: int, chunk: int, w_max: float) -> int:
+    """The chunk C of the forward-only path: `chunk` (a power of two), shrunk to the next power of two ≥ T and
+    until C·μ_max ≤ SPAN_MAX (μ_max = e^w_max / ln 2); 0 when even one step spans more (the stable path runs)."""
+    C = effective_chunk(T, chunk)
+    if not w_max < 700.0:  # NaN, or a decay that no chunk can hold
+        return 0
+    mu_max = math.exp(w_max) * LOG2E
+    while C >= 1 and C * mu_max > SPAN_MAX:
+        C //= 2
+    return C
+
+
+def _constants(C: int, c0: int, dtype: torch.dtype, device: torch.device) -> dict:
+    key = (C, c0, dtype, device)
+    if key not in _CONSTANTS:
+        incl = torch.ones(C, C, dtype=dtype, device=device).tril_()
+        _CONSTANTS[key] = {"incl": incl, "strict": incl.tril(-1), "eye": torch.eye(c0, dtype=dtype, device=device),
+                           "strict_block": incl[:c0, :c0].tril(-1),
+                           "log2_log2e": torch.tensor(math.log2(LOG2E), dtype=dtype, device=device)}
+    return _CONSTANTS[key]
+
+
+class _Arena:
+    """Scratch tensors cut in order from one flat buffer; on CPU the buffer is kept per thread between calls
+    (fresh large allocations cost page faults that can exceed the arithmetic)."""
+
+    ALIGN = 16  # elements
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        if device.type == "cpu" and numel * torch.finfo(dtype).bits // 8 <= WORKSPACE_BYTES:
+            cache = getattr(_TLS, "buffers", None)
+            if cache is None:
+                cache = _TLS.buffers = {}
+            buf = cache.get(dtype)
+            if buf is None or buf.numel() < numel:
+                buf = cache[dtype] = torch.empty(numel, dtype=dtype, device=device)
+        else:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        self.buf, self.offset = buf, 0
+
+    def __call__(self, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        t = self.buf[self.offset:self.offset + n].view(shape)
+        self.offset += -(-n // self.ALIGN) * self.ALIGN
+        return t
+
+    @classmethod
+    def numel(cls, N: int, C: int, D: int) -> int:
+        """Elements a group of N = chunks·BH chunk-heads takes in _forward_group (mirrors its allocations)."""
+        c0 = min(C, NEUMANN_BLOCK)
+        E = D + C
+        shapes = [(N, C, D), (N, C + 1, D), (N, C + 1, D), (N, 3 * C, E), (N, 2, C, D), (N, 2, C, D),
+                  (N, C, D), (N, 2 * C, 2 * C), (N, C // c0, c0, c0)]
+        shapes += [(N * (C // c0), c0, c0)] * 4 + [(N, c0, E)] * 2
+        shapes += [(N, 2 * C, D), (N, D, D), (N, C, D)]
+        return sum(-(-math.prod(s) // cls.ALIGN) * cls.ALIGN for s in shapes)
+
+
+def _neumann_inverse(L: torch.Tensor, arena: _Arena, eye: torch.Tensor) -> torch.Tensor:
+    """(I - L)⁻¹ = (I + L)(I + L²)(I + L⁴)··· for strictly lower triangular L [M, c, c] (L^c = 0)."""
+    M, c = L.shape[0], L.shape[-1]
+    X, X_next = arena(M, c, c), arena(M, c, c)
+    powers = arena(M, c, c), arena(M, c, c)
+    torch.add(L, eye, out=X)
+    P, s = L, 1
+    while 2 * s < c:  # X = (I + L)···(I + L^s); P = L^s
+        P = torch.bmm(P, P, out=powers[s.bit_length() % 2])
+        X, X_next = torch.baddbmm(X, X, P, out=X_next), X
+        s *= 2
+    return X
+
+
+def _forward_group(xs, S, y_out, C: int, arena: _Arena) -> None:
+    """One group of whole chunks. xs: (r, w, k, v, a, b) as chunk-major views [n, B, H, C, D]; S: the start state
+    in key-major layout Sᵀ [BH, K, V], overwritten with the end state; y_out: [n, B, H, C, D] view of y.
+
+    With Λ_i = Σ_{τ≤i} μ_τ (chunk-local, Λ_{-1} = 0), every decay factor 2^{Λ_j - Λ_i} is taken as the product
+    2^{Λ_j}·2^{-Λ_i} of two numbers in [2^-SPAN_MAX, 2^SPAN_MAX]: the four decay-weighted matrices are then plain
+    matmuls of the scaled inputs (masked afterwards). The relative error is that of the exponents, as in the split.
+    """
+    r, w, k, v, a, b = xs
+    n, B, H, _, D = r.shape
+    BH = B * H
+    N, E = n * BH, D + C
+    c0 = min(C, NEUMANN_BLOCK)
+    nb = C // c0
+    dtype, device = S.dtype, S.device
+    K = _constants(C, c0, dtype, device)
+
+    def cm(t):  # [N, ...] -> [n, B, H, ...], the layout of the input views
+        return t.view(n, B, H, *t.shape[1:])
+
+    # μ = e^w / ln 2 (log2 units), Q = 2^[0, Λ_0, ..., Λ_{C-1}] and Qi = 1/Q
+    mu = arena(N, C, D)
+    if w.dtype == dtype:
+        torch.add(K["log2_log2e"], w, alpha=LOG2E, out=cm(mu))
+    else:  # convert first: the arithmetic stays in the compute dtype
+        cm(mu).copy_(w)
+        mu.mul_(LOG2E).add_(K["log2_log2e"])
+    mu.exp2_()
+    Q = arena(N, C + 1, D)
+    Q[:, 0].zero_()
+    torch.cumsum(mu, 1, out=Q[:, 1:])
+    Q.exp2_()
+    Qi = torch.reciprocal(Q, out=arena(N, C + 1, D))
+    g = Qi[:, C]                                                          # e^{L_{C-1}} [N, D]
+
+    # R = [ag | A_ak] and G2 = [[rg | A_rk], [W | TA]] (rows: tokens; columns: key channels, then tokens)
+    RG, KB = arena(N, 3 * C, E), arena(N, 2, C, D)
+    R, G2 = RG[:, :C], RG[:, C:]
+    ag, rg = R[:, :, :D], G2[:, :C, :D]
+    torch.mul(a, cm(Qi[:, :C]), out=cm(ag))                               # a_i e^{L_{i-1}}
+    torch.mul(r, cm(Qi[:, 1:]), out=cm(rg))                               # r_i e^{L_i}
+    torch.mul(k, cm(Q[:, 1:]), out=cm(KB[:, 0]))                          # k_j e^{-L_j}
+    torch.mul(b, cm(Q[:, 1:]), out=cm(KB[:, 1]))
+    KBt = torch.mul(KB, g[:, None, None], out=arena(N, 2, C, D))          # (kt, bt) = e^{L_{C-1} - L_j} (k, b)
+    V = arena(N, C, D)
+    cm(V).copy_(v)
+    KB2 = KB.view(N, 2 * C, D)
+    A = torch.bmm(RG[:, :2 * C, :D], KB2.mT, out=arena(N, 2 * C, 2 * C))  # [[A_ak, A_ab], [A_rk, A_rb]] unmasked
+    Aa, Ar = A[:, :C], A[:, C:]
+    torch.mul(Aa[:, :, :C], K["strict"], out=R[:, :, D:])
+    torch.mul(Ar[:, :, :C], K["incl"], out=G2[:, :C, D:])
+    A_rb = Ar[:, :, C:].mul_(K["incl"])
+    A_ab = Aa[:, :, C:]  # only its strictly lower part is read below
+
+    # [W | TA] = (I - A_ab)⁻¹ [ag | A_ak]: Neumann inverses of the diagonal blocks, then block forward substitution
+    Lb = arena(N, nb, c0, c0)
+    diag = A_ab.view(N, nb, c0, nb, c0).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    torch.mul(diag, K["strict_block"], out=Lb)
+    Xb = _neumann_inverse(Lb.view(N * nb, c0, c0), arena, K["eye"]).view(N, nb, c0, c0)
+    F = G2[:, C:]
+    rhs, blk = arena(N, c0, E), arena(N, c0, E)
+    for i in range(nb):
+        rows = slice(i * c0, (i + 1) * c0)
+        src = R[:, rows]
+        if i:
+            src = torch.baddbmm(src, A_ab[:, rows, :i * c0], F[:, :i * c0], out=rhs)
+        F[:, rows].copy_(torch.bmm(Xb[:, i], src, out=blk))
+
+    # chunk-parallel parts of the outputs and of the state update
+    ADD = torch.bmm(G2[:, :, D:], V, out=arena(N, 2 * C, D))              # [A_rk V; TA V]
+    KV = torch.bmm(KBt[:, 0].mT, V, out=arena(N, D, D))                   # ktᵀ V
+
+    # the sequential part, per chunk: [Y'; SA] += [rg; W] Sᵀ,  Sᵀ <- g∘Sᵀ + ktᵀ V + btᵀ SA
+    ADDs, SAs = ADD.view(n, BH, 2 * C, D).unbind(0), ADD.view(n, BH, 2 * C, D)[:, :, C:].unbind(0)
+    LEFTs = G2.view(n, BH, 2 * C, E)[:, :, :, :D].unbind(0)
+    KVs, gs = KV.view(n, BH, D, D).unbind(0), g.view(n, BH, D, 1).unbind(0)
+    bts = KBt[:, 1].view(n, BH, C, D).mT.unbind(0)
+    St = S
+    for c in range(n):
+        ADDs[c].baddbmm_(LEFTs[c], St)
+        St = KVs[c].addcmul_(St, gs[c]).baddbmm_(bts[c], SAs[c])
+    S.copy_(St)
+    Y = torch.baddbmm(ADD[:, :C], A_rb, ADD[:, C:], out=arena(N, C, D))  # Y = rg Sᵀ + A_rk V + A_rb SA
+    y_out.copy_(cm(Y))
+
+
+def _chunk_major(x: torch.Tensor, start: int, n: int, C: int) -> torch.Tensor:
+    """Tokens [start, start + n·C) of x [B, T, H, D] as a chunk-major view [n, B, H, C, D]."""
+    B, T, H, D = x.shape
+    if x.is_contiguous():  # one view op instead of three
+        return x.as_strided((n, B, H, C, D), (C * H * D, T * H * D, D, H * D, 1), x.storage_offset() + start * H * D)
+    return x[:, start:start + n * C].reshape(B, n, C, H, D).permute(1, 0, 3, 2, 4)
+
+
+def wkv7_forward(r, w, k, v, a, b, s0=None, chunk: int = DEFAULT_CHUNK):
+    """WKV-7 without an autograd graph (the path under torch.no_grad()): (y, sT) as in wkv7_reference, or None
+    when a single step decays more than SPAN_MAX allows (w > ln(SPAN_MAX·ln 2) ≈ 3.3; the stable path runs).
+
+    The sequence runs in groups of whole chunks that fit WORKSPACE_BYTES, then a last partial chunk (zero-padded
+    to a power of two); the state passes from group to group.
+    """
+    B, T, H, D = r.shape
+    C = forward_chunk(T, chunk, float(w.max()))
+    if C == 0:
+        return None
+    cdt = compute_dtype(r, w, k, v, a, b, s0)
+    device = r.device
+    BH = B * H
+    S = torch.empty(BH, D, D, dtype=cdt, device=device)                  # Sᵀ: key-major
+    if s0 is None:
+        S.zero_()
+    else:
+        S.copy_(s0.reshape(BH, D, D).mT)
+    y = torch.empty(B, T, H, D, dtype=r.dtype, device=device)
+    xs = (r, w, k, v, a, b)
+    full = T // C
+    per_chunk = _Arena.numel(BH, C, D)
+    step = max(1, (WORKSPACE_BYTES * 8 // torch.finfo(cdt).bits) // per_chunk)
+    with torch.autocast(device.type, enabled=False):
+        for first in range(0, full, step):
+            n = min(step, full - first)
+            arena = _Arena(_Arena.numel(n * BH, C, D), cdt, device)
+            start = first * C
+            _forward_group([_chunk_major(x, start, n, C) for x in xs], S, _chunk_major(y, start, n, C), C, arena)
+        tail = T - full * C
+        if tail:
+            Ct = effective_chunk(tail, C)
+            pads = [torch.nn.functional.pad(x[:, full * C:], (0, 0, 0, 0, 0, Ct - tail),
+                                            value=-math.inf if x is w else 0.0) for x in xs]
+            y_tail = torch.empty(B, Ct, H, D, dtype=r.dtype, device=device)
+            arena = _Arena(_Arena.numel(BH, Ct, D), cdt, device)
+            _forward_group([_chunk_major(x, 0, 1, Ct) for x in pads], S, _chunk_major(y_tail, 0, 1, Ct), Ct, arena)
+            y[:, full * C:] = y_tail[:, :tail]
+    return y, S.view(B, H, D, D).mT.contiguous()
+
+
 def wkv7_torch(r, w, k, v, a, b, s0=None, chunk: int = DEFAULT_CHUNK):
-    """Chunked WKV-7 (CPU-friendly torch). Same contract as kernels.reference.wkv7_reference."""
+    """Chunked WKV-7 (CPU-friendly torch). Same contract as kernels.reference.wkv7_reference.
+
+    Without an autograd graph to build (torch.no_grad(), or no input requiring grad) the forward-only path runs;
+    otherwise WKV7Chunked, whose forward saves what its backward needs."""
+    inputs = (r, w, k, v, a, b, s0)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        out = wkv7_forward(r, w, k, v, a, b, s0, chunk)
+        if out is not None:
+            return out
     B, T, H, D = r.shape
     if s0 is None:
         s0 = torch.zeros(B, H, D, D, dtype=compute_dtype(r, w, k, v, a, b), device=r.device)

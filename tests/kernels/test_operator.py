@@ -174,6 +174,153 @@ def test_dtypes(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the forward-only path of the torch backend (no autograd graph: torch.no_grad(), inference)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}D{c[3]}w{c[4][1]}")
+def test_forward_only_path_matches_fp64_reference(case):
+    inputs, _, _, (y_ref, s_ref, _) = oracle(case)
+    y, sT = torch_chunked.wkv7_forward(*[x.float() for x in inputs])
+    assert y.dtype == sT.dtype == torch.float32
+    assert err(y, y_ref) < TOL_FP32_OUT and err(sT, s_ref) < TOL_FP32_OUT, (err(y, y_ref), err(sT, s_ref))
+    y, sT = torch_chunked.wkv7_forward(*inputs)
+    assert y.dtype == sT.dtype == torch.float64
+    assert err(y, y_ref) < TOL_FP64 and err(sT, s_ref) < TOL_FP64
+
+
+@pytest.mark.parametrize("chunk, shape", [(1, (2, 7, 3, 16)), (2, (1, 30, 2, 8)), (8, (1, 33, 2, 32)),
+                                          (64, (1, 100, 1, 64))])
+def test_forward_only_path_any_chunk(chunk, shape):
+    """Chunk 1 and 2 (trivial blocks), 8 with a padded tail, 64: four 16-token blocks of the forward substitution,
+    then 36 tokens padded to 64."""
+    inputs = rwkv7_like_inputs(*shape, dtype=torch.float64, w_range=(-4.0, -1.0), seed=chunk)
+    assert torch_chunked.forward_chunk(shape[1], chunk, inputs[1].max().item()) == chunk
+    y, sT = torch_chunked.wkv7_forward(*inputs, chunk=chunk)
+    y_ref, s_ref = wkv7_reference(*inputs)
+    assert err(y, y_ref) < TOL_FP64 and err(sT, s_ref) < TOL_FP64
+
+
+def test_forward_chunk_shrinks_with_the_decay_rate():
+    fc = torch_chunked.forward_chunk
+    assert fc(512, 32, -0.5) == 32  # model range: μ_max = e^-0.5 / ln 2 = 0.875, a chunk spans at most 28
+    assert fc(512, 64, -0.5) == 32 and fc(512, 16, -0.5) == 16
+    assert fc(7, 32, -1.0) == 8 and fc(1, 32, -1.0) == 1 and fc(512, 32, float("-inf")) == 32
+    assert fc(512, 32, 1.5) == 4  # μ = 6.47
+    assert fc(512, 32, 4.0) == 0 and fc(512, 32, float("nan")) == 0 and fc(512, 32, 1e6) == 0
+
+
+def test_forward_only_path_hands_extreme_decay_to_the_stable_path():
+    r, w, k, v, a, b, s0 = rwkv7_like_inputs(1, 40, 2, 16, dtype=torch.float64, w_range=(-3.0, 5.0), seed=11)
+    assert torch_chunked.wkv7_forward(r, w, k, v, a, b, s0) is None
+    with torch.no_grad():
+        y, sT = kernels.wkv7(r, w, k, v, a, b, s0, backend="torch")
+    y_ref, s_ref = wkv7_reference(r, w, k, v, a, b, s0)
+    assert err(y, y_ref) < TOL_FP64 and err(sT, s_ref) < TOL_FP64
+
+
+def test_no_grad_takes_the_forward_only_path(monkeypatch):
+    calls = []
+    real = torch_chunked.wkv7_forward
+    monkeypatch.setattr(torch_chunked, "wkv7_forward", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    inputs = [x.requires_grad_(True) for x in rwkv7_like_inputs(1, 12, 2, 8, seed=3)]
+    with torch.no_grad():
+        y, _ = kernels.wkv7(*inputs, backend="torch")
+    assert len(calls) == 1 and not y.requires_grad
+    with torch.inference_mode():
+        kernels.wkv7(*inputs, backend="torch")
+    assert len(calls) == 2
+    y, _ = kernels.wkv7(*inputs, backend="torch")  # gradients wanted: the autograd path
+    assert len(calls) == 2 and y.requires_grad
+    kernels.wkv7(*[x.detach() for x in inputs], backend="torch")  # nothing requires grad
+    assert len(calls) == 3
+
+
+def test_forward_only_groups_pass_the_state(monkeypatch):
+    """A workspace of two chunks splits the sequence into groups (and a padded tail); the state goes through."""
+    inputs = rwkv7_like_inputs(2, 150, 3, 16, dtype=torch.float64, seed=12)
+    y1, s1 = torch_chunked.wkv7_forward(*inputs, chunk=16)
+    groups = []
+    real = torch_chunked._forward_group
+    monkeypatch.setattr(torch_chunked, "_forward_group", lambda *x: groups.append(x[0][0].shape[0]) or real(*x))
+    monkeypatch.setattr(torch_chunked, "WORKSPACE_BYTES", 2 * torch_chunked._Arena.numel(6, 16, 16) * 8)
+    y2, s2 = torch_chunked.wkv7_forward(*inputs, chunk=16)
+    assert groups == [2, 2, 2, 2, 1, 1]  # 9 whole chunks of 16, then 6 tokens padded to 8
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s2, s1, rtol=1e-12, atol=1e-12)
+    y_ref, s_ref = wkv7_reference(*inputs)
+    assert err(y2, y_ref) < TOL_FP64 and err(s2, s_ref) < TOL_FP64
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 32), (6, 32), (100, 32), (100, 64), (40, 2)])
+def test_forward_only_scratch_size_is_exact(T, chunk, monkeypatch):
+    """_Arena.numel mirrors the allocations of _forward_group: every group uses exactly what was reserved."""
+    used = []
+    real = torch_chunked._forward_group
+
+    def spy(xs, S, y_out, C, arena):
+        real(xs, S, y_out, C, arena)
+        used.append((arena.offset, torch_chunked._Arena.numel(xs[0].shape[0] * xs[0].shape[1] * xs[0].shape[2], C,
+                                                              xs[0].shape[-1])))
+
+    monkeypatch.setattr(torch_chunked, "_forward_group", spy)
+    torch_chunked.wkv7_forward(*rwkv7_like_inputs(2, T, 3, 24, seed=16), chunk=chunk)
+    assert used and all(offset == reserved for offset, reserved in used)
+
+
+def test_forward_only_path_takes_non_contiguous_inputs():
+    inputs = rwkv7_like_inputs(2, 70, 3, 8, dtype=torch.float64, seed=15)
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs[:6]] + [inputs[6]]
+    assert not strided[0].is_contiguous()
+    y, sT = torch_chunked.wkv7_forward(*strided, chunk=16)
+    y_ref, s_ref = wkv7_reference(*inputs)
+    assert err(y, y_ref) < TOL_FP64 and err(sT, s_ref) < TOL_FP64
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 2, 16), (1, 16, 1, 8)])
+def test_forward_only_outputs_outlive_the_workspace(shape):
+    """The scratch buffer is reused by the next call: the outputs of a call must not live in it."""
+    first = torch_chunked.wkv7_forward(*rwkv7_like_inputs(*shape, seed=13))
+    kept = [t.clone() for t in first]
+    torch_chunked.wkv7_forward(*rwkv7_like_inputs(*shape, seed=14))
+    assert all(torch.equal(t, c) for t, c in zip(first, kept))
+
+
+def test_forward_only_path_ignores_autocast():
+    inputs = rwkv7_like_inputs(1, 40, 2, 16, seed=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, sT = wkv7_torch(*inputs)
+    y_ref, s_ref = wkv7_reference(*[x.double() for x in inputs])
+    assert y.dtype == sT.dtype == torch.float32
+    assert err(y, y_ref) < TOL_FP32_OUT and err(sT, s_ref) < TOL_FP32_OUT
+
+
+def test_model_under_no_grad_takes_the_forward_only_path(monkeypatch):
+    """RWKV7 with the default kernel (auto: the torch path on CPU) under torch.no_grad(), left padding included,
+    goes through the forward-only path in every layer and matches the per-step reference kernel."""
+    from model.config import ModelConfig
+    from model.init import init_weights
+    from model.rwkv7 import RWKV7
+
+    cfg = ModelConfig(vocab_size=257, n_layer=2, n_embd=64, head_size=16, tokenizer="byte",
+                      d_decay=16, d_aaa=16, d_mv=8, d_gate=24)
+    idx = torch.randint(0, 257, (2, 37), generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([0, 6])
+    calls = []
+    real = torch_chunked.wkv7_forward
+    monkeypatch.setattr(torch_chunked, "wkv7_forward", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    logits = {}
+    for kernel in ("reference", "auto"):
+        model = init_weights(RWKV7(cfg, kernel=kernel), seed=0)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(5)
+            for p in model.parameters():  # the init zeroes some tensors: noise makes every path count
+                p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() < 2 else 0.5 / p.shape[-1] ** 0.5))
+            logits[kernel], _ = model(idx, pad_left=pad)
+    assert len(calls) == cfg.n_layer
+    assert (logits["auto"] - logits["reference"]).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # fla conventions (fla itself is not installed here): our conversions + fla's recurrence == our reference
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -281,3 +428,36 @@ def test_bench_cpu_prints_json_lines(capsys):
                                                           for p in ("forward", "forward_backward")}
     assert all(d["tokens_per_s"] > 0 and d["T"] == 8 for d in timed)
     assert {d["pass"] for d in lines if "speedup_torch_over_reference" in d} == {"forward", "forward_backward"}
+
+
+def _repeated_token_inputs(T, D, *, antipodal, iclr, seed=16):
+    """Keys that (nearly) repeat, decay ~1: the chunk matrix A_ab is then about -iclr below the diagonal, the case in
+    which powers of A grow like binomial coefficients and a Neumann-product inverse over a long block loses accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(D, generator=g)
+    kk = torch.nn.functional.normalize(base + 0.01 * torch.randn(1, T, 2, D, generator=g), dim=-1)
+    if antipodal:
+        kk = kk * torch.where(torch.arange(T) % 2 == 0, 1.0, -1.0)[None, :, None, None]
+    r = torch.randn(1, T, 2, D, generator=g) * 0.5
+    k = torch.randn(1, T, 2, D, generator=g) * 0.5
+    v = torch.randn(1, T, 2, D, generator=g)
+    w = torch.full((1, T, 2, D), -8.0)
+    s0 = torch.randn(1, 2, D, D, generator=g) * 0.3
+    return [r, w, k, v, -kk, kk * iclr], s0
+
+
+@pytest.mark.parametrize("antipodal", [False, True], ids=["aligned", "alternating"])
+@pytest.mark.parametrize("iclr", [1.0, 0.9])
+def test_torch_path_repeated_tokens_full_accuracy(antipodal, iclr):
+    xs, s0 = _repeated_token_inputs(256, 32, antipodal=antipodal, iclr=iclr)
+    y_ref, s_ref = wkv7_reference(*[x.double() for x in xs], s0.double())
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    with torch.no_grad():
+        y, sT = wkv7_torch(*xs, s0)                     # the forward-only path
+    leaves = [x.clone().requires_grad_() for x in xs]
+    y2, sT2 = wkv7_torch(*leaves, s0)                    # the autograd path
+    errs = [rel(y, y_ref), rel(sT, s_ref), rel(y2.detach(), y_ref), rel(sT2.detach(), s_ref)]
+    assert max(errs) <= 1e-6, errs
