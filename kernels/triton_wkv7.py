@@ -75,7 +75,9 @@ against 1536 B. tests/kernels/test_triton.py measures this with saved-tensor hoo
 Measured (one run each, bf16, s0 in, sT out, all gradients incl. ds0 and a gradient on sT;
 triton.testing.do_bench medians; fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run;
 torch = kernels.torch_chunked), `python -m kernels.bench`:
-  NVIDIA H200 (this version, state_stride 2):
+  NVIDIA H200 (this version: state_stride 2, block-doubling inverse):
+    B8 T4096 H12 D64   fwd 0.790 ms                           fwd+bwd not timed yet
+  NVIDIA H200 (state_stride 2, Neumann inverse):
     B8 T4096 H12 D64   fwd 0.775 ms (fla 0.922, torch 8.39)   fwd+bwd 3.02 ms
   NVIDIA H100 80GB HBM3 (state_stride 1, the previous version):
     B8 T4096 H12 D64   fwd 0.786 ms (fla 1.108, torch 9.43)   fwd+bwd 2.84 ms (fla 4.26, torch 28.1)
