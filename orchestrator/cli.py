@@ -396,8 +396,9 @@ def validate_cmd(spec_arg: str, no_data: bool) -> None:
         click.echo(f"warning: {w}", err=True)
     stages = ", ".join(f"{name} {st.steps} steps x{len(st.seeds)} seed(s)" for name, st in spec.stage_list())
     n_cand = sum(len(t.candidates) for t in spec.tasks.values())
+    kind = "comparison round (every candidate on every seed, nothing pruned)" if spec.is_comparison else "stages"
     click.echo(f"ok: round {spec.round} -> {spec.round_dir}: {len(spec.tasks)} task(s), {n_cand} candidate(s); "
-               f"stages: {stages}")
+               f"{kind}: {stages}")
 
 
 @cli.command("run")

@@ -207,6 +207,15 @@ def test_validate_prints_a_summary(write_spec):
     r = invoke("validate", "--spec", str(write_spec()))
     assert r.exit_code == 0 and r.stdout.startswith("ok: round r")
     assert "only 2 seeds" in r.stderr  # the warning
+    assert "stages: quick 4 steps" in r.stdout and "comparison" not in r.stdout
+
+
+def test_validate_names_a_comparison_round(write_spec):
+    spec = write_spec({"stages!": {"seedcheck": {"steps": 6, "eval_every": 3, "seeds": [0, 1, 2, 3, 4],
+                                                 "max_finalists": 2}}})
+    r = invoke("validate", "--spec", str(spec))
+    assert r.exit_code == 0, r.output
+    assert "comparison round (every candidate on every seed, nothing pruned): seedcheck 6 steps x5" in r.stdout
 
 
 def test_export_writes_every_format(finished_round, tmp_path):
