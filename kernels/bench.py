@@ -52,10 +52,11 @@ def make_inputs(B, T, H, D, dtype, device, seed=0):
     return [x.to(dtype) for x in (r, w, k, v, a, b)], s0.float()
 
 
-def make_repeated_inputs(B, T, H, D, dtype, device, seed=0):
+def make_repeated_inputs(B, T, H, D, dtype, device, seed=0, iclr=1.0):
     """Repeated-token inputs: per head, every key points nearly the same way (and alternates its sign in odd
-    heads), the in-context rate is 1 and the decay ~1 (w = -8). The chunk matrix A_ab is then about ∓1 below the
-    diagonal: the inputs on which an inverse built from powers of A_ab (a Neumann product) loses its accuracy."""
+    heads), the in-context rate is `iclr` (default 1) and the decay ~1 (w = -8). The chunk matrix A_ab is then
+    about ∓iclr below the diagonal: the inputs on which an inverse built from powers of A_ab (a Neumann product)
+    loses its accuracy."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape):
@@ -69,7 +70,7 @@ def make_repeated_inputs(B, T, H, D, dtype, device, seed=0):
     k = randn(B, T, H, D) * 0.5
     v = randn(B, T, H, D)
     s0 = randn(B, H, D, D) * 0.2
-    return [x.to(device, dtype) for x in (r, w, k, v, -kk, kk)], s0.to(device)
+    return [x.to(device, dtype) for x in (r, w, k, v, -kk, kk * iclr)], s0.to(device)
 
 
 INPUT_KINDS = {"rwkv7": make_inputs, "repeated": make_repeated_inputs}

@@ -157,6 +157,26 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H,
 
 
 @triton.jit
+def _chunk_matrices(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H,
+                    D: tl.constexpr, BT: tl.constexpr, W_MAX: tl.constexpr, PREC: tl.constexpr):
+    """One whole chunk's middle-referenced operands and its four masked intra-chunk matrices
+    (A_ab, A_ak strictly lower; A_rb, A_rk lower), plus what the state terms need (eR, eCR, Gc)."""
+    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
+    a_m = a * ea
+    r_m = r * er
+    b_m = b * eb
+    k_m = k * eb
+    tr = tl.arange(0, BT)[:, None]
+    ts = tl.arange(0, BT)[None, :]
+    A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
+    A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
+    A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
+    A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
+    return a_m, r_m, b_m, k_m, eR, eCR, Gc, A_ab, A_ak, A_rb, A_rk
+
+
+@triton.jit
 def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
     """(I - A)^{-1} for strictly lower-triangular A [BT, BT], by doubling: with T_s the block-diagonal
     inverse over blocks of s tokens, T_2s = T_s + T_s L_s T_s, where L_s keeps the entries of A that
@@ -206,19 +226,9 @@ def _fwd_chunk_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, M_ptr, E_ptr, Q_
     i_h = i_bh % H
     t0 = i_c * BT
 
-    r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
-    a_m = a * ea
-    r_m = r * er
-    b_m = b * eb
-    k_m = k * eb
-
+    a_m, r_m, b_m, k_m, eR, eCR, Gc, A_ab, A_ak, A_rb, A_rk = _chunk_matrices(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX, PREC)
     tr = tl.arange(0, BT)[:, None]
-    ts = tl.arange(0, BT)[None, :]
-    A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
-    A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
-    A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
     Tm = _unit_lower_inverse(A_ab, BT, LOG2_BT, PREC)
 
     a_s = a_m * eR[None, :]          # Ã = a e^{G_{t-1}}
@@ -389,19 +399,10 @@ def _bwd_delta_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, hs_ptr, 
     c_last = tl.minimum(c_first + STRIDE, C0 + NC)
     kr = tl.arange(0, D)[:, None]
     tr = tl.arange(0, BT)[:, None]
-    ts = tl.arange(0, BT)[None, :]
     for i_c in range(c_first, c_last):
         t0 = i_c * BT
-        r, w, k, a, b, g, ea, er, eb, eR, eCR, Gc = _chunk_factors(
-            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, D, 0, W_MAX)
-        a_m = a * ea
-        r_m = r * er
-        b_m = b * eb
-        k_m = k * eb
-        A_ab = tl.where(ts < tr, tl.dot(a_m, tl.trans(b_m), input_precision=PREC), 0.0)
-        A_ak = tl.where(ts < tr, tl.dot(a_m, tl.trans(k_m), input_precision=PREC), 0.0)
-        A_rb = tl.where(ts <= tr, tl.dot(r_m, tl.trans(b_m), input_precision=PREC), 0.0)
-        A_rk = tl.where(ts <= tr, tl.dot(r_m, tl.trans(k_m), input_precision=PREC), 0.0)
+        a_m, r_m, b_m, k_m, eR, eCR, Gc, A_ab, A_ak, A_rb, A_rk = _chunk_matrices(
+            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, i_b, i_h, t0, T, H, D, BT, W_MAX, PREC)
         Tm = _unit_lower_inverse(A_ab, BT, LOG2_BT, PREC)
         W = tl.dot(Tm, a_m * eR[None, :], input_precision=PREC)
         TAk = tl.dot(Tm, A_ak, input_precision=PREC)

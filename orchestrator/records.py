@@ -141,24 +141,9 @@ class Ledger:
 
     # writing ---------------------------------------------------------------------------------------------------------
     def append(self, record: Record) -> None:
-        line = record.to_line().encode() + b"\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            new_file = not self.path.exists()
-            with open(self.path, "ab+") as f:
-                f.seek(0)
-                existing, valid_len = self._parse(f.read())
-                if any(r.run_key == record.run_key for r in existing):
-                    raise LedgerError(f"{self.path}: run {record.run_key} already has a record")
-                size = f.seek(0, os.SEEK_END)
-                if valid_len != size:  # drop a torn tail before appending
-                    f.truncate(valid_len)
-                f.seek(0, os.SEEK_END)
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            if new_file:
-                _fsync_dir(self.path.parent)
+        """Append one record (lock, torn-tail repair, fsync); a run key the file already has is an error."""
+        if not self.append_missing([record]):
+            raise LedgerError(f"{self.path}: run {record.run_key} already has a record")
 
     def append_missing(self, records: list[Record]) -> list[Record]:
         """Append, in the given order, the records whose run key the file does not have yet (one lock, one fsync);
