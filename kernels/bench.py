@@ -74,6 +74,16 @@ def make_repeated_inputs(B, T, H, D, dtype, device, seed=0, iclr=1.0):
 
 
 INPUT_KINDS = {"rwkv7": make_inputs, "repeated": make_repeated_inputs}
+# The repeated-token inputs keep the state (decay ~1, in-context rate 1), so in bf16 mode (TF32 products) rounding
+# errors add up over the sequence instead of being forgotten: measured on an H100, max relative error 4.9e-3 at T = 256,
+# 9.0e-3 at T = 1024 and 1.26e-2 at T = 2048 (roughly 3e-4·√T), while fp32 mode stays near 5e-7. The bound for them
+# is meant for T <= 2048; it still catches a loss of accuracy like the Neumann-product inverse's (errors of order 1).
+REPEATED_TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def tolerance(dtype, inputs: str = "rwkv7") -> float:
+    """The check's bound on ‖out − ref‖ / ‖ref‖ for one input kind and dtype."""
+    return (REPEATED_TOLERANCE if inputs == "repeated" else TOLERANCE)[dtype]
 
 
 def _device_name(device) -> str:
@@ -253,12 +263,13 @@ def run_checks(args, emit) -> int:
             t0 = time.perf_counter()
             errors = check_against_reference(shape, dtype, device, inputs=args.check_inputs)
             worst = max(errors.values())
-            ok = worst <= TOLERANCE[dtype]
+            bound = tolerance(dtype, args.check_inputs)
+            ok = worst <= bound
             failures += not ok
             B, T, H, D = shape
             emit({"kind": "check", "inputs": args.check_inputs, "B": B, "T": T, "H": H, "D": D, "dtype": dtype_name,
                   "s0": True,
-                  "device": _device_name(device), "max_rel_err": worst, "tolerance": TOLERANCE[dtype],
+                  "device": _device_name(device), "max_rel_err": worst, "tolerance": bound,
                   "ok": ok, "errors": errors, "seconds": round(time.perf_counter() - t0, 2)})
     return 1 if failures else 0
 

@@ -1,7 +1,7 @@
 """Chunked WKV-7 in plain torch: the CPU path. wkv7_torch takes one of two routes:
 
     WKV7Chunked    an autograd.Function with an explicit backward, whenever an autograd graph is built;
-    wkv7_forward   a forward-only path otherwise (torch.no_grad(), inference_mode, no input requiring grad).
+    wkv7_forward   a forward-only path otherwise (torch.no_grad(), inference_mode, no input requiring grad), on CPU.
 
 Per head, with S in RWKV's [value, key] layout (see kernels/reference.py for the per-step form):
 
@@ -643,10 +643,13 @@ def wkv7_forward(r, w, k, v, a, b, s0=None, chunk: int = DEFAULT_CHUNK):
 def wkv7_torch(r, w, k, v, a, b, s0=None, chunk: int = DEFAULT_CHUNK):
     """Chunked WKV-7 (CPU-friendly torch). Same contract as kernels.reference.wkv7_reference.
 
-    Without an autograd graph to build (torch.no_grad(), or no input requiring grad) the forward-only path runs;
-    otherwise WKV7Chunked, whose forward saves what its backward needs."""
+    On the CPU, without an autograd graph to build (torch.no_grad(), or no input requiring grad), the forward-only
+    path runs; otherwise WKV7Chunked, whose forward saves what its backward needs. The forward-only path is tuned
+    for the CPU (a sequential loop of small products): on an H100 it took 32.7 ms at B8 T4096 H12 D64 where
+    WKV7Chunked's forward had taken 9.43 ms, so CUDA tensors (whose default kernel is Triton anyway) skip it."""
     inputs = (r, w, k, v, a, b, s0)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    if r.device.type == "cpu" and not (torch.is_grad_enabled() and
+                                       any(t is not None and t.requires_grad for t in inputs)):
         out = wkv7_forward(r, w, k, v, a, b, s0, chunk)
         if out is not None:
             return out

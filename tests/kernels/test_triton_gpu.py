@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from kernels.bench import TOLERANCE, check_against_reference, make_inputs  # noqa: E402
+from kernels.bench import TOLERANCE, check_against_reference, make_inputs, tolerance  # noqa: E402
 from kernels import triton_wkv7  # noqa: E402
 from kernels.triton_wkv7 import wkv7_triton  # noqa: E402
 
@@ -85,9 +85,10 @@ def test_saved_bytes_are_the_documented_budget(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [(1, 1024, 2, 64), (1, 256, 2, 32)], ids=lambda s: "x".join(map(str, s)))
 def test_repeated_tokens_match_float64_reference(shape, dtype):
-    """Nearly repeated keys, in-context rate 1, decay ~1 (kernels.bench.make_repeated_inputs)."""
+    """Nearly repeated keys, in-context rate 1, decay ~1 (kernels.bench.make_repeated_inputs). bf16 mode has its own
+    bound here (kernels.bench.REPEATED_TOLERANCE: the kept state accumulates TF32 rounding); fp32 mode the usual one."""
     errors = check_against_reference(shape, dtype, CUDA, inputs="repeated")
-    assert max(errors.values()) <= TOLERANCE[dtype], errors
+    assert max(errors.values()) <= tolerance(dtype, "repeated"), errors
 
 
 def test_time_segments_give_bitwise_equal_results(monkeypatch):
