@@ -4,7 +4,8 @@
 # STEPs (default: all, in this order): check, kernel, tests, train, gpu_demo, synthetic_table.
 #   check            kernel vs the float64 reference, RWKV-7-like and repeated-token inputs (bf16, fp32)
 #   kernel           `fsearch bench kernel`: the four shapes, triton / fla (when installed) / torch, one run
-#   tests            pytest -m gpu tests/kernels tests/model (many kernel variants compile: minutes)
+#   tests            pytest -m gpu tests/kernels tests/model (many kernel variants compile: 5 min 40 s on an H100
+#                    with 6 xdist processes)
 #   train            `fsearch bench train`: 0.1B shape, T 2048 and 4096, triton / fla / torch, FS off and on
 #   gpu_demo         `fsearch round --spec gpu_demo` (whole round + report; results/gpu_demo)
 #   synthetic_table  `fsearch round --spec synthetic_table` (45 runs + report; results/synthetic_table)
@@ -22,8 +23,15 @@ if [ -z "${FSEARCH:-}" ]; then
   if command -v fsearch >/dev/null 2>&1; then FSEARCH=fsearch; else FSEARCH="python -m orchestrator.cli"; fi
 fi
 py=${PYTHON:-python}
+# One worker process starts per run. Where the Python environment is read-only and ships no bytecode, every process
+# compiles torch's modules again (about 5 s per run in a profile of a worker on an H100 machine): keep bytecode in a
+# writable place instead.
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/fsearch/pycache}
+# the GPU tests compile many kernel variants: spread them over processes when pytest-xdist is installed
+xdist=()
+$py -c "import xdist" 2>/dev/null && xdist=(-n 6)
 
-declare -A limit=([check]=300 [kernel]=600 [tests]=900 [train]=900 [gpu_demo]=1500 [synthetic_table]=2400)
+declare -A limit=([check]=600 [kernel]=600 [tests]=900 [train]=900 [gpu_demo]=1500 [synthetic_table]=2400)
 
 run_step() {
   local step=$1 secs
@@ -40,7 +48,7 @@ run_step() {
         timeout "$secs" $FSEARCH bench kernel --check --check-inputs repeated \
           --shapes 1x1024x2x64 1x256x2x32 1x300x2x128 --out "$out/check.jsonl"; } ;;
     kernel) timeout "$secs" $FSEARCH bench kernel --out "$out/kernel.jsonl" ;;
-    tests) timeout "$secs" $py -m pytest -q -m gpu tests/kernels tests/model -p no:cacheprovider ;;
+    tests) timeout "$secs" $py -m pytest -v ${xdist[@]+"${xdist[@]}"} -m gpu tests/kernels tests/model -p no:cacheprovider ;;
     train) timeout "$secs" $FSEARCH bench train --out "$out/train.jsonl" ;;
     gpu_demo | synthetic_table) timeout "$secs" $FSEARCH round --spec "$step" ;;
   esac > "$out/$step.log" 2>&1
