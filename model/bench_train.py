@@ -3,7 +3,10 @@
 A step is exactly what the worker does: prompt pass (Future-Seed on or off), answer pass seeded with the prompt's
 final states, token-weighted cross-entropy over the answer, backward, gradient clipping, AdamW on fp32 master
 weights, under bf16 autocast on CUDA. Swept over kernels (triton, fla when installed, torch) and FS off / on.
-Tokens counted = prompt + answer tokens of the batch. Output: one JSON line per configuration.
+Tokens counted = prompt + answer tokens of the batch. The FS variants of one kernel stay in memory together and
+are timed in alternating rounds (time_group), so that the FS overhead, a difference of a few percent, is not
+buried under drift between configurations timed one after the other. Output: one JSON line per configuration
+(median step time with its 20th and 80th percentiles, tokens/s, peak memory as if the configuration ran alone).
 
     fsearch bench train --preset 0.1b-shape --prompt-len 2048 4096 --batch 8 --kernels triton fla torch
 """
@@ -13,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 
 def _fs_config(kind: str):
@@ -24,65 +28,100 @@ def _fs_config(kind: str):
     return FSConfig(variant="scalar", alpha_init=-2.0, alpha_lr=5e-4, layer_start=1, norm=True, detach=False, clip=1.0)
 
 
-def bench_one(preset_name: str, kernel: str, fs_kind: str, batch: int, prompt_len: int, answer_len: int,
-              steps: int, warmup: int, device: str) -> dict:
+class TrainBench:
+    """One configuration of the benchmark: its model, FS gates, optimizer and batch, and its training step."""
+
+    def __init__(self, preset_name: str, kernel: str, fs_kind: str, batch: int, prompt_len: int, answer_len: int,
+                 device: str):
+        import torch
+
+        from model.config import preset
+        from model.future_seed import FSGates
+        from model.init import init_weights
+        from model.rwkv7 import RWKV7
+        from orchestrator.worker import Batch
+        from tasks.base import Example
+
+        self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
+                     "prompt_len": prompt_len, "answer_len": answer_len}
+        cfg = preset(preset_name)
+        model = RWKV7(cfg, kernel=kernel)
+        init_weights(model, seed=0)
+        self.model = model.to(device).float()
+        self.fs = _fs_config(fs_kind)
+        self.gates = FSGates(self.fs, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device) if self.fs else None
+        self.params = list(self.model.parameters()) + (list(self.gates.parameters()) if self.gates else [])
+        self.opt = torch.optim.AdamW([p for p in self.params if p.requires_grad], lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        exs = [Example("", "", "", tuple(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()), (),
+                       tuple(torch.randint(1, cfg.vocab_size, (answer_len,), generator=g).tolist()))
+               for _ in range(batch)]
+        self.batch = Batch(exs, False, 0, device)
+        self.tokens = batch * (prompt_len + answer_len)
+        self.cuda = device.startswith("cuda")
+
+    def step(self) -> None:
+        import torch
+
+        from orchestrator.worker import forward_answer_logits, token_losses
+
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext():
+            logits, _ = forward_answer_logits(self.model, self.batch, self.fs, self.gates, self.fs is not None)
+        loss = token_losses(logits, self.batch).sum() / self.batch.n_answer_tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+    def resident_bytes(self) -> int:
+        """Bytes this configuration keeps between steps: parameters, gradients, optimizer state."""
+        import torch
+
+        tensors = [p for p in self.params] + [p.grad for p in self.params if p.grad is not None]
+        tensors += [t for st in self.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) -> list[dict]:
+    """Time several configurations kept in memory together, in alternating order (ABC, CBA, ABC, ...) so that slow
+    drift (clocks, allocator growth, a first-configuration effect) spreads over all of them instead of biasing the
+    one timed first. Each configuration's peak memory is taken on its first timed step as if it were alone: the
+    device's peak during that step minus what the other configurations keep resident."""
     import torch
 
-    from model.config import preset
-    from model.future_seed import FSGates
-    from model.init import init_weights
-    from model.rwkv7 import RWKV7
-    from orchestrator.worker import forward_answer_logits, token_losses
-    from tasks.base import Example
-    from orchestrator.worker import Batch
-
-    cfg = preset(preset_name)
-    model = RWKV7(cfg, kernel=kernel)
-    init_weights(model, seed=0)
-    model = model.to(device).float()
-    fs = _fs_config(fs_kind)
-    gates = FSGates(fs, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device) if fs else None
-    params = list(model.parameters()) + (list(gates.parameters()) if gates else [])
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    exs = [Example("", "", "", tuple(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()), (),
-                   tuple(torch.randint(1, cfg.vocab_size, (answer_len,), generator=g).tolist()))
-           for _ in range(batch)]
-    b = Batch(exs, False, 0, device)
-    cuda = device.startswith("cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        if autocast:
-            with autocast():
-                logits, _ = forward_answer_logits(model, b, fs, gates, fs is not None)
-        else:
-            logits, _ = forward_answer_logits(model, b, fs, gates, fs is not None)
-        loss = token_losses(logits, b).sum() / b.n_answer_tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    med = times[len(times) // 2]
-    tokens = batch * (prompt_len + answer_len)
-    return {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
-            "prompt_len": prompt_len, "answer_len": answer_len, "step_ms": med * 1e3,
-            "tokens_per_s": tokens / med, "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "steps_timed": steps}
+    cuda = benches[0].cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for b in benches:
+        for _ in range(warmup):
+            b.step()
+    sync()
+    times: list[list[float]] = [[] for _ in benches]
+    peaks: list[float | None] = [None] * len(benches)
+    for r in range(rounds):
+        order = list(range(len(benches)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            b = benches[i]
+            for j in range(steps):
+                if cuda and r == 0 and j == 0:
+                    others = torch.cuda.memory_allocated() - b.resident_bytes()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                b.step()
+                sync()
+                times[i].append(time.perf_counter() - t)
+                if cuda and r == 0 and j == 0:
+                    peaks[i] = (torch.cuda.max_memory_allocated() - others) / 2**30
+    rows = []
+    for b, ts, peak in zip(benches, times, peaks):
+        ts = sorted(ts)
+        med = ts[len(ts) // 2]
+        rows.append({**b.meta, "step_ms": med * 1e3, "step_ms_p20": ts[int(0.2 * (len(ts) - 1))] * 1e3,
+                     "step_ms_p80": ts[int(0.8 * (len(ts) - 1))] * 1e3, "tokens_per_s": b.tokens / med,
+                     "peak_mem_gib": peak, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                     "steps_timed": len(ts), "rounds": rounds})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--kernels", nargs="+", default=["triton", "fla", "torch"])
     ap.add_argument("--fs", nargs="+", default=["off", "on"], choices=["off", "on"])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over the FS variants of a kernel, alternating order")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", help="also append the JSON lines to this file")
@@ -102,23 +142,37 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+    def error_row(kernel: str, fs_kind: str, T: int, e: Exception) -> dict:
+        return {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
+                "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
     for T in args.prompt_len:
         for kernel in args.kernels:
+            # the FS variants of one kernel are timed together, interleaved: the FS overhead is a small difference
+            group, failed = [], []
             for fs_kind in args.fs:
                 try:
-                    row = bench_one(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, args.steps,
-                                    args.warmup, device)
-                except Exception as e:  # a backend that is not installed or runs out of memory is reported, not fatal
-                    row = {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
-                           "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-                    if device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                rows.append(row)
-                line = json.dumps(row)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                    group.append(TrainBench(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, device))
+                except Exception as e:  # a backend that is not installed is reported, not fatal
+                    failed.append(error_row(kernel, fs_kind, T, e))
+            try:
+                timed = time_group(group, args.steps, args.warmup, args.rounds) if group else []
+            except Exception as e:  # e.g. out of memory: every configuration of the group gets the error
+                timed = [error_row(b.meta["kernel"], b.meta["fs"], T, e) for b in group]
+            for row in timed + failed:
+                emit(row)
+            del group
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     # ratios: triton vs fla, FS overhead
     by = {(r["prompt_len"], r["kernel"], r["fs"]): r for r in rows if "tokens_per_s" in r}
     for T in args.prompt_len:

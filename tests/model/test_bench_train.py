@@ -23,3 +23,21 @@ def test_bench_train_reports_an_unavailable_backend_as_a_row(capsys):
                              "--device", "cpu"]) == 0
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert row["kernel"] == "fla" and "error" in row
+
+
+class _Stub:
+    def __init__(self, name, calls):
+        self.name, self.calls, self.cuda, self.tokens = name, calls, False, 10
+        self.meta = {"bench": "train", "kernel": name, "fs": "off"}
+
+    def step(self):
+        self.calls.append(self.name)
+
+
+def test_time_group_alternates_the_order_and_times_every_round():
+    calls = []
+    rows = bench_train.time_group([_Stub(n, calls) for n in "ABC"], steps=2, warmup=1, rounds=3)
+    assert "".join(calls) == "ABC" + "AABBCC" + "CCBBAA" + "AABBCC"
+    assert [r["kernel"] for r in rows] == ["A", "B", "C"]
+    assert all(r["steps_timed"] == 6 and r["rounds"] == 3 and r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
+               for r in rows)
