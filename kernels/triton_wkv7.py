@@ -551,15 +551,18 @@ def _bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, hs_ptr, 
 #   segments_fwd / segments_bwd time pieces whose scans overlap the chunk kernels; reuse_factors: the
 #   forward keeps M, Q for the backward (no _bwd_chunk_kernel, more saved memory); half_factors /
 #   half_sums / half_states: 16-bit buffers for 16-bit inputs (module docstring, "Precision").
+def _untuned(n: int) -> dict:
+    """Launch parameters of a head size without timings of its own: every tile the head size, 4 warps, one time
+    piece, 16-bit factors only."""
+    return dict(BT=n, BV_chunk=n, BV_fscan=n, BV_bscan=n, BV_delta=n, BK_grads=n, BV_grads=n,
+                warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
+                stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
+                segments_fwd=1, segments_bwd=1, reuse_factors=True, state_stride=2)
+
+
 LAUNCH = {
-    16: dict(BT=16, BV_chunk=16, BV_fscan=16, BV_bscan=16, BV_delta=16, BK_grads=16, BV_grads=16,
-             warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
-             stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
-             segments_fwd=1, segments_bwd=1, reuse_factors=True, state_stride=2),
-    32: dict(BT=32, BV_chunk=32, BV_fscan=32, BV_bscan=32, BV_delta=32, BK_grads=32, BV_grads=32,
-             warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
-             stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=False, half_states=False,
-             segments_fwd=1, segments_bwd=1, reuse_factors=True, state_stride=2),
+    16: _untuned(16),
+    32: _untuned(32),
     64: dict(BT=32, BV_chunk=64, BV_fscan=32, BV_bscan=16, BV_delta=64, BK_grads=64, BV_grads=64,
              warps_fchunk=4, warps_bchunk=4, warps_delta=4, warps_grads=4, warps_fscan=4, warps_bscan=4,
              stages_fscan=2, stages_bscan=2, half_factors=True, half_sums=True, half_states=False,

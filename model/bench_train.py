@@ -39,8 +39,10 @@ class TrainBench:
         from model.future_seed import FSGates
         from model.init import init_weights
         from model.rwkv7 import RWKV7
-        from orchestrator.worker import Batch
+        from orchestrator.worker import Batch, forward_answer_logits, token_losses
         from tasks.base import Example
+
+        self._torch, self._worker_fns = torch, (forward_answer_logits, token_losses)
 
         self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
                      "prompt_len": prompt_len, "answer_len": answer_len}
@@ -61,10 +63,7 @@ class TrainBench:
         self.cuda = device.startswith("cuda")
 
     def step(self) -> None:
-        import torch
-
-        from orchestrator.worker import forward_answer_logits, token_losses
-
+        torch, (forward_answer_logits, token_losses) = self._torch, self._worker_fns
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext():
             logits, _ = forward_answer_logits(self.model, self.batch, self.fs, self.gates, self.fs is not None)

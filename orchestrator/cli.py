@@ -203,6 +203,18 @@ def cli() -> None:
     """fsearch: staged, baseline-matched search of Future-Seed variants for RWKV-7 post-training."""
 
 
+def _run_with_display(run, display, interrupted: str):
+    """run() with the live display closed however it ends; Ctrl-C prints `interrupted` and exits 130."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        getattr(display, "close", lambda: None)()
+        click.echo(interrupted, err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        getattr(display, "close", lambda: None)()
+
+
 @cli.command("round")
 @click.option("--spec", "spec_arg", required=True, help="spec file (a name also finds studies/NAME.yaml)")
 @click.option("--storage", default=None,
@@ -247,17 +259,15 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
         remember_storage(round_dir, url)
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
-        if workers > 1:
-            records = WorkerPool(sched, workers, find_spec_file(spec_arg), devices).run()  # type: ignore[arg-type]
-        else:
-            records = sched.run()
-    except KeyboardInterrupt:
-        getattr(display, "close", lambda: None)()
-        click.echo(f"interrupted; run the same command to resume ({round_dir})", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+
+        def run():
+            if workers > 1:
+                return WorkerPool(sched, workers, find_spec_file(spec_arg), devices).run()  # type: ignore[arg-type]
+            return sched.run()
+
+        records = _run_with_display(run, display, f"interrupted; run the same command to resume ({round_dir})")
     finally:
         sched.release()
-        getattr(display, "close", lambda: None)()
     try:
         plan = sched.plan()
     except Exception:  # noqa: BLE001 - the summary works without the planner's words
@@ -306,14 +316,7 @@ def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: st
                             wait_s=wait_s)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    try:
-        records = sched.run()
-    except KeyboardInterrupt:
-        getattr(display, "close", lambda: None)()
-        click.echo(f"interrupted; worker {sched.worker_id} gave its unit back", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
-        getattr(display, "close", lambda: None)()
+    records = _run_with_display(sched.run, display, f"interrupted; worker {sched.worker_id} gave its unit back")
     click.echo(f"worker {sched.worker_id}: round {spec.round} has no work left; {len(sched.recorded_here)} run(s) "
                f"recorded by this worker, {len(records)} in the round ({round_dir / 'records.jsonl'})")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import scipy.stats as ss
 
 from orchestrator.planner import judge, plan
@@ -402,27 +403,17 @@ def test_in_progress_round(tmp_path):
 
 
 # --- a comparison round: seedcheck only, every candidate, nothing pruned -------------------------------------------
-COMPARISON_SPEC = """\
-round: compare
-model: {preset: tiny}
-output: results
-defaults: {device: cpu}
-stages:
-  seedcheck: {steps: 80, eval_every: 40, seeds: [0, 1, 2, 3, 4], max_finalists: 2}
-tasks:
-  sudoku4:
-    task: sudoku
-    params: {base: 2, mask_count: 6, mask_region: random}
-    batch: 16
-    threshold: 0.01
-    candidates: [scalar_l2_trainable, scalar_l1_sched_cos]
-  kv_last:
-    task: kv_retrieval
-    params: {layout: question_last, k: 8, vlen: 4}
-    batch: 8
-    threshold: 0.0
-    candidates: [scalar_l2_trainable, scalar_l1_sched_cos]
-"""
+def _comparison_spec() -> str:
+    """SPEC as a comparison round: the seed check alone, two candidates per task."""
+    d = yaml.safe_load(SPEC)
+    d["round"] = "compare"
+    d["stages"] = {"seedcheck": d["stages"]["seedcheck"]}
+    for task in d["tasks"].values():
+        task["candidates"] = ["scalar_l2_trainable", "scalar_l1_sched_cos"]
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+COMPARISON_SPEC = _comparison_spec()
 
 
 @pytest.fixture(scope="module")
