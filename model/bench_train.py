@@ -38,6 +38,7 @@ class TrainBench:
         from model.config import preset
         from model.future_seed import FSGates
         from model.init import init_weights
+        from model.optim import AdamW
         from model.rwkv7 import RWKV7
         from orchestrator.worker import Batch, forward_answer_logits, token_losses
         from tasks.base import Example
@@ -53,7 +54,7 @@ class TrainBench:
         self.fs = _fs_config(fs_kind)
         self.gates = FSGates(self.fs, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device) if self.fs else None
         self.params = list(self.model.parameters()) + (list(self.gates.parameters()) if self.gates else [])
-        self.opt = torch.optim.AdamW([p for p in self.params if p.requires_grad], lr=1e-4)
+        self.opt = AdamW([{"params": [p for p in self.params if p.requires_grad], "lr": 1e-4, "weight_decay": 0.01}])
         g = torch.Generator().manual_seed(0)
         exs = [Example("", "", "", tuple(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()), (),
                        tuple(torch.randint(1, cfg.vocab_size, (answer_len,), generator=g).tolist()))

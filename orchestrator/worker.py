@@ -238,8 +238,6 @@ class Run:
         return task
 
     def build_optimizer(self):
-        import torch
-
         lr = self.cfg.lr
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -251,9 +249,7 @@ class Run:
             groups += [g for g in self.gates.param_groups() if g["lr"] > 0]
         for g in groups:
             g["base_lr"] = g["lr"]
-        if self.device.type == "cuda":
-            return torch.optim.AdamW(groups, betas=lr.betas, eps=1e-8, foreach=True)
-        from model.optim import AdamW  # the same update without torch.optim's 1.2 s of start-up imports
+        from model.optim import AdamW  # torch.optim.AdamW's update without its start-up imports (3.7 s on a GPU host)
 
         return AdamW(groups, betas=lr.betas, eps=1e-8)
 

@@ -284,3 +284,34 @@ def test_a_worker_command_that_cannot_start_is_one_clear_error(write_spec, fake_
     fake_env.setenv("FSEARCH_WORKER_CMD", fake_worker_cmd)
     _, records = round_runner(write_spec())
     assert len(load_trials(tmp_path / "results" / "r")) == len(records) == 7
+
+
+def test_workers_get_a_bytecode_cache_only_where_torch_is_installed_read_only_without_one(tmp_path, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    from orchestrator import scheduler
+
+    pkg = tmp_path / "site" / "torch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
+    writable = {"yes": True}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: writable["yes"] if str(p) == str(pkg) else real_access(p, mode))
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    assert "PYTHONPYCACHEPREFIX" not in scheduler.worker_environment()  # a writable install caches its own bytecode
+    writable["yes"] = False
+    assert scheduler.worker_environment()["PYTHONPYCACHEPREFIX"] == str(tmp_path / "cache" / "fsearch" / "pycache")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "mine"))
+    assert scheduler.worker_environment()["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")  # the user's choice stays
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc").write_bytes(b"")
+    assert "PYTHONPYCACHEPREFIX" not in scheduler.worker_environment()  # shipped bytecode is used as it is
