@@ -276,7 +276,22 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {round_dir / 'records.jsonl'}")
     click.echo(format_summary(records, plan, list(spec.tasks)))
     if not no_report and importlib.util.find_spec("orchestrator.report") is not None:
-        click.echo(f"report: {importlib.import_module('orchestrator.report').write_report(round_dir)}")
+        write_report_and_warn(importlib.import_module("orchestrator.report"), round_dir, prefix="report: ")
+
+
+def write_report_and_warn(report, round_dir: Path, prefix: str = "") -> None:
+    """Write the round's report, print where, and print the one finding that must not wait for someone to open it:
+    repeated configurations that did not reproduce."""
+    path = report.write_report(round_dir)
+    click.echo(f"{prefix}{path}")
+    try:
+        repeats = json.loads((Path(path).parent / "summary.json").read_text()).get("repeats") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # the report was written; what it says is read from it, not guessed
+    if repeats.get("differing"):
+        click.echo(f"warning: not reproducible: {repeats['differing']} of {len(repeats['groups'])} configurations "
+                   f"that ran in more than one stage gave different final metrics (see the report's first section)",
+                   err=True)
 
 
 @cli.command("worker")
@@ -550,7 +565,7 @@ def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | 
             sys.exit(1)
         click.echo("ok: the report matches the records")
         return
-    click.echo(str(report.write_report(round_dir)))
+    write_report_and_warn(report, round_dir)
 
 
 BENCHES = {

@@ -212,6 +212,7 @@ class _Builder:
                      "family_size": len(finalists), "text": self.rule.text(len(finalists))},
             "tasks": tasks,
             "compute": self.round_compute(tasks),
+            "repeats": self.repeats(),
             "decisions": {lab: [f"{t}/{c}" for t, c in finalists
                                 if tasks[t]["seedcheck"]["finalists"][c]["decision"] == lab]
                           for lab in ("confirmed", "inconclusive", "rejected")},
@@ -221,6 +222,31 @@ class _Builder:
         }
         summary["plots"] = plot_list(summary, self.data)
         return summary
+
+    def repeats(self) -> dict[str, Any]:
+        """Runs of one configuration in several stages (typically the seed check's seed 0 repeating the med stage's
+        runs): the same task, candidate, FS, seed, budget, eval cadence, batch and micro-batch, n_val, data seed and
+        device. A run is a measurement, so their final metrics must agree to the last bit; when they do not, the
+        round's numbers are not reproducible (nondeterminism, or code changed while the round ran) and the report says
+        so before anything else."""
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in self.recs:
+            if r["status"] != "ok":
+                continue
+            ident = [r.get(k) for k in ("task", "candidate", "mode", "seed", "budget_steps", "eval_every",
+                                        "batch_size", "micro_batch", "n_val", "data_seed", "metric", "device")]
+            groups[json.dumps([ident, r.get("fs")], sort_keys=True, default=str)].append(r)
+        out = []
+        for recs in groups.values():
+            if len({r["stage"] for r in recs}) < 2:
+                continue
+            recs = sorted(recs, key=lambda r: (_stage_rank(r["stage"]), r["run_key"]))
+            finals = [json.dumps(r["final"], sort_keys=True) for r in recs]
+            out.append({"task": recs[0]["task"], "candidate": recs[0]["candidate"], "seed": recs[0]["seed"],
+                        "run_keys": [r["run_key"] for r in recs], "values": [r["value"] for r in recs],
+                        "identical": len(set(finals)) == 1 and len({repr(r["value"]) for r in recs}) == 1})
+        return {"groups": out, "identical": sum(g["identical"] for g in out),
+                "differing": sum(not g["identical"] for g in out)}
 
     def round_kind(self) -> str:
         """"comparison" (seedcheck is the only stage: no screening, nothing pruned) or "screening". From the spec;
@@ -640,6 +666,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["## Integrity problems", "", "The records contradict each other; the numbers below cannot be "
                   "trusted until these are resolved:", ""]
         lines += [f"- {p['message']}" for p in s["problems"]] + [""]
+    rep = s["repeats"]
+    if rep["differing"]:
+        lines += ["## Not reproducible", "", f"{rep['differing']} of {len(rep['groups'])} configurations that ran in "
+                  "more than one stage (same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, "
+                  "n_val, data seed and device) gave different final metrics. A run should be a measurement: find "
+                  "the nondeterminism (or the code change during the round) before trusting any number below.", ""]
+        lines += _table(["task", "candidate", "seed", "runs", "values"],
+                        [[f"`{g['task']}`", g["candidate"], g["seed"], ", ".join(f"`{k}`" for k in g["run_keys"]),
+                          ", ".join(_f(v, ".6g") for v in g["values"])] for g in rep["groups"] if not g["identical"]])
+        lines.append("")
     lines += ["## Decision rule (seed check)", "", s["rule"]["text"], ""]
     comparison = s.get("kind") == "comparison"
     if comparison:
@@ -674,6 +710,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
               + (f" No estimate for {', '.join(c['tasks_without_estimate'])} (a stage that never ran and no finished "
                  f"run to take a time per step from); those tasks are left out of the estimate and the saving."
                  if c["tasks_without_estimate"] else ""), ""]
+    if rep["groups"] and not rep["differing"]:
+        lines += [f"Reproducibility: {len(rep['groups'])} configuration(s) ran in more than one stage (same task, "
+                  "candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed and device); every "
+                  "repeat gave bit-identical final metrics.", ""]
     for label, t in s["tasks"].items():
         lines += _task_markdown(label, t, s)
     return "\n".join(lines).rstrip() + "\n"
@@ -802,6 +842,9 @@ def render_text(summary: dict[str, Any]) -> str:
            "# d_acc = candidate - matched baseline of the SAME stage and seed (never the quick baseline); "
            "[KEEP|PRUNE] = promotion at that stage;",
            "# stages with several seeds show means over seeds; seedcheck decisions follow report.md's rule."]
+    if s["repeats"]["differing"]:
+        out.append(f"# NOT REPRODUCIBLE: {s['repeats']['differing']} configuration(s) that ran in more than one stage "
+                   f"gave different final metrics (report.md lists them)")
     for label, t in s["tasks"].items():
         out += ["=" * TEXT_RULE_WIDTH, f"[{label}]"]
         if t["status"].startswith("failed") or not t["stages"]:

@@ -64,3 +64,11 @@ def test_readme_synthetic_table_matches_the_example_summary():
         assert baseline == f"{sum(base) / len(base):.3f}"
         assert fs_cell == _cell(t["seedcheck"]["finalists"]["scalar_l1_nodetach"]), task
         assert rt_cell == _cell(t["seedcheck"]["finalists"]["read_twice"]), task
+
+
+def test_the_gpu_rounds_repeated_runs_reproduced():
+    """On the H100, the seed check's seed-0 runs repeated the med stage's to the last bit (the README says so)."""
+    summary = json.loads((EXAMPLES / "gpu_demo_h100" / "report" / "summary.json").read_text())
+    groups = summary["repeats"]["groups"]
+    assert len(groups) == 2 and all(g["identical"] for g in groups)
+    assert {(g["task"], g["candidate"]) for g in groups} == {("sudoku4", "baseline"), ("sudoku4", "read_twice")}

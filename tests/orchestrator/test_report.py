@@ -81,13 +81,14 @@ class RoundBuilder:
         self.ledger = Ledger(self.dir / "records.jsonl")
         self.records: list[Record] = []
 
-    def run_all(self) -> None:
+    def run_all(self, values=None) -> None:
+        values = values or value_of
         while True:
             units = plan(self.spec, self.records).runnable
             if not units:
                 return
             for unit in units:
-                self.add(unit, value_of(unit.task, unit.stage, unit.candidate.name, unit.seed))
+                self.add(unit, values(unit.task, unit.stage, unit.candidate.name, unit.seed))
 
     def add(self, unit, value: float | None) -> Record:
         status = "ok" if value is not None else "failed"
@@ -474,3 +475,51 @@ def test_comparison_round_in_progress(tmp_path):
     assert check_report(rb.dir) == []
     (rb.dir / "spec.yaml").unlink()  # without the spec the records alone say it: no quick runs, seed-check runs
     assert build_summary(load_round(rb.dir))["kind"] == "comparison"
+
+
+# --- repeated configurations -----------------------------------------------------------------------------------------
+def test_repeats_that_differ_are_reported_first(reported):
+    """The synthetic round's med and seed-check stages share budget, cadence and seed 0, so the seed check's seed-0
+    runs repeat the med runs; the value table gives them different values, which a real round must never do."""
+    rb, path = reported
+    s = summary_of(rb.dir)
+    groups = {(g["task"], g["candidate"], g["seed"]): g for g in s["repeats"]["groups"]}
+    assert s["repeats"]["differing"] == len(groups) > 0 and s["repeats"]["identical"] == 0
+    g = groups[("sudoku4", "baseline", 0)]
+    assert g["values"] == [0.6, 0.61] and [k.split(".")[1] for k in g["run_keys"]] == ["med", "seedcheck"]
+    assert groups[("sudoku4", "scalar_l2_trainable", 0)]["values"] == [0.66, pytest.approx(0.64)]
+    assert all(seed == 0 for _, _, seed in groups)  # only seed 0 ran in two stages
+    md = path.read_text()
+    assert md.index("## Not reproducible") < md.index("## Decision rule")
+    assert "`sudoku4` | baseline | 0 |" in md
+    assert "# NOT REPRODUCIBLE: " in (rb.dir / "report" / "summary.txt").read_text()
+
+
+def test_report_command_warns_of_repeats_that_differ(reported, tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    rb, _ = reported
+    r = CliRunner().invoke(cli, ["report", str(copy_round(rb, tmp_path))])
+    assert r.exit_code == 0 and r.stdout.strip().endswith("report.md")
+    n = len(summary_of(rb.dir)["repeats"]["groups"])
+    assert r.stderr.strip() == (f"warning: not reproducible: {n} of {n} configurations that ran in more than one "
+                                f"stage gave different final metrics (see the report's first section)")
+
+
+def test_repeats_that_agree_get_one_line(tmp_path):
+    def reproducible(task, stage, cand, seed):  # the seed check's seed 0 gives what the med stage gave
+        if stage == "seedcheck" and seed == 0:
+            return value_of(task, "med", cand, seed)
+        return value_of(task, stage, cand, seed)
+
+    rb = RoundBuilder(tmp_path)
+    rb.run_all(reproducible)
+    md = write_report(rb.dir).read_text()
+    s = summary_of(rb.dir)
+    assert s["repeats"]["differing"] == 0 and s["repeats"]["identical"] == len(s["repeats"]["groups"]) > 0
+    assert "## Not reproducible" not in md
+    assert f"Reproducibility: {len(s['repeats']['groups'])} configuration(s) ran in more than one stage" in md
+    assert "NOT REPRODUCIBLE" not in (rb.dir / "report" / "summary.txt").read_text()
+    assert check_report(rb.dir) == []
