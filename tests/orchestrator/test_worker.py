@@ -160,3 +160,31 @@ def test_bad_config_file(tmp_path):
     p.write_text(json.dumps({"run_dir": str(tmp_path / "bad"), "steps": 0}))
     assert worker.run(p) == EXIT_CONFIG
     assert json.loads((tmp_path / "bad" / "result.json").read_text())["error_kind"] == "config"
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, tmp_path):
+    """In its own process, as rounds run it (bf16 autocast and the Triton kernel on CUDA): the same config twice gives
+    the same final metrics bit for bit, two micro-batches of 4 give what one of 8 gives (up to summation order), and
+    nothing imports torch._dynamo (torch.optim did, for seconds of every run's start-up)."""
+    import subprocess
+    import sys
+
+    paths = [make_config(tmp_path, name, candidate="scalar_l2_trainable", device=device, **kw)
+             for name, kw in (("a", {}), ("b", {}), ("half", {"micro_batch": 4}))]
+    code = ("import sys; from pathlib import Path; from orchestrator import worker; "
+            "codes = [worker.run(Path(p)) for p in sys.argv[1:]]; print(codes, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == f"{[EXIT_OK] * 3} False"
+    a, b, half = (result_of(tmp_path, n) for n in ("a", "b", "half"))
+    assert a["status"] == b["status"] == half["status"] == "ok"
+    assert a["final"] == b["final"] and a["test"] == b["test"]
+    assert (half["grad_accum"], half["micro_batch"]) == (2, 4)
+    rel = 1e-4 if device == "cpu" else 2e-2  # bf16 autocast on CUDA: the two orders round differently
+    assert half["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=rel)
