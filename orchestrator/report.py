@@ -408,8 +408,32 @@ class _Builder:
         self.check_promotions(label, out["stages"])
         if SEEDCHECK in out["stages"]:
             out["seedcheck"] = self.seedcheck_pairs(out["stages"][SEEDCHECK], threshold)
+        out["noise"] = self.noise(out)
         out["compute"] = self.task_compute(label, recs, stages, candidates)
         return out
+
+    @staticmethod
+    def noise(t: dict[str, Any]) -> dict[str, Any] | None:
+        """How much one seed moves things, measured by the seed check: the baseline's sample SD over its seeds and
+        each finalist's paired-delta SD. A screening stage decides on the delta of its seeds; with one seed that delta
+        spreads about ±1.96·SD around the candidate's true effect, which the report sets against the threshold."""
+        sc = t["stages"].get(SEEDCHECK)
+        if sc is None:
+            return None
+        base = [b["value"] for b in sc["baselines"].values() if b["value"] is not None]
+        delta_sd = {name: f["sd"] for name, f in t["seedcheck"]["finalists"].items() if f.get("sd") is not None}
+        if len(base) < 2 and not delta_sd:
+            return None
+        mean = math.fsum(base) / len(base) if base else None
+        base_sd = math.sqrt(math.fsum((x - mean) ** 2 for x in base) / (len(base) - 1)) if len(base) >= 2 else None
+        sd = max(delta_sd.values()) if delta_sd else None
+        spread = 1.96 * sd if sd is not None else None
+        # P(a candidate with no effect reaches the threshold at one seed), delta ~ Normal(0, sd)
+        null_pass = None if not sd else 0.5 * math.erfc(t["threshold"] / (sd * math.sqrt(2.0)))
+        single = [stage for stage, st in t["stages"].items() if stage in GATE_STAGES and len(st["seeds"]) == 1]
+        return {"baseline_sd": base_sd, "baseline_n": len(base), "delta_sd": delta_sd,
+                "single_seed_spread": spread, "null_pass_probability": null_pass, "single_seed_screens": single,
+                "screens_noisy": bool(single) and spread is not None and spread > t["threshold"]}
 
     def check_promotions(self, label: str, stages: dict[str, Any]) -> None:
         """A candidate reaches a stage only if the screening stage before it promoted it (the planner's rule)."""
@@ -789,6 +813,7 @@ def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str
             exact = "" if f.get("sign_flip_exact", True) else " Sign-flip p is a Monte Carlo estimate (fixed seed)."
             lines.append(f"- `{name}`: {f['decision']} — {f['reason']}.{extra}{exact}")
         lines.append("")
+    lines += _noise_markdown(t)
     if t["failed_runs"]:
         lines += ["### Failed runs", ""]
         lines += _table(["run", "stage", "candidate", "seed", "status", "error"],
@@ -816,6 +841,30 @@ def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str
         for p in plots:
             lines += [f"![{p['kind']} {label}]({p['file']})", "", f"*{p['caption']}*", ""]
     return lines
+
+
+def _noise_markdown(t: dict[str, Any]) -> list[str]:
+    n = t.get("noise")
+    if not n:
+        return []
+    parts = []
+    if n["baseline_sd"] is not None:
+        parts.append(f"over the seed check's {n['baseline_n']} seeds the baseline's {t['metric']} has a standard "
+                     f"deviation of {n['baseline_sd']:.4f}")
+    if n["delta_sd"]:
+        parts.append("the paired deltas' standard deviation is " + ", ".join(
+            f"{sd:.4f} ({name})" for name, sd in n["delta_sd"].items()))
+    text = (f"Seed-to-seed noise at the seed check's budget ({t['stages'][SEEDCHECK]['budget_steps']} steps): "
+            + "; ".join(parts) + ".")
+    if n["single_seed_spread"] is not None:
+        text += (f" A single seed's delta therefore lands within about ±{n['single_seed_spread']:.4f} of the "
+                 f"candidate's true effect (95%), against a threshold of {t['threshold']:g}.")
+    if n["screens_noisy"]:
+        text += (f" **The single-seed screens of this task ({', '.join(n['single_seed_screens'])}) are mostly seed "
+                 f"noise at this threshold**: a candidate with no effect passes one with probability about "
+                 f"{n['null_pass_probability']:.0%} (normal approximation, largest paired SD). Give the screens more "
+                 f"seeds, or a threshold that matches this spread.")
+    return ["### Noise", "", text, ""]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

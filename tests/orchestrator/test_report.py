@@ -523,3 +523,32 @@ def test_repeats_that_agree_get_one_line(tmp_path):
     assert f"Reproducibility: {len(s['repeats']['groups'])} configuration(s) ran in more than one stage" in md
     assert "NOT REPRODUCIBLE" not in (rb.dir / "report" / "summary.txt").read_text()
     assert check_report(rb.dir) == []
+
+
+# --- seed noise against the threshold --------------------------------------------------------------------------------
+def test_noise_from_the_seed_check_is_set_against_single_seed_screens(reported):
+    rb, path = reported
+    t = summary_of(rb.dir)["tasks"]["sudoku4"]
+    n = t["noise"]
+    assert n["baseline_n"] == 5 and n["baseline_sd"] == pytest.approx(np.std(BASE_SEEDCHECK, ddof=1), rel=1e-12)
+    sds = {c: np.std(SEEDCHECK_DELTAS[("sudoku4", c)], ddof=1) for c in t["seedcheck"]["finalists"]}
+    assert n["delta_sd"] == pytest.approx(sds, rel=1e-9)
+    assert n["single_seed_spread"] == pytest.approx(1.96 * max(sds.values()), rel=1e-9)
+    assert n["single_seed_screens"] == ["quick", "med"] and n["screens_noisy"]  # spread ~0.022 > threshold 0.01
+    md = path.read_text()
+    section = md[md.index("## Task `sudoku4`"):md.index("## Task `kv_last`")]
+    assert n["null_pass_probability"] == pytest.approx(ss.norm.sf(0.01 / max(sds.values())), rel=1e-9)
+    assert "### Noise" in section and "**The single-seed screens of this task (quick, med) are mostly seed" in section
+    assert f"passes one with probability about {n['null_pass_probability']:.0%}" in section
+
+
+def test_noise_below_the_threshold_is_only_reported(tmp_path):
+    rb = RoundBuilder(tmp_path, SPEC.replace("threshold: 0.01", "threshold: 0.05"))
+    rb.run_all()
+    md = write_report(rb.dir).read_text()
+    n = summary_of(rb.dir)["tasks"]["sudoku4"]["noise"]
+    assert list(n["delta_sd"]) == ["scalar_l2_trainable"] and n["single_seed_spread"] < 0.05
+    assert not n["screens_noisy"]
+    section = md[md.index("## Task `sudoku4`"):md.index("## Task `kv_last`")]
+    assert "Seed-to-seed noise at the seed check's budget (80 steps): " in section and "mostly seed noise" not in section
+    assert check_report(rb.dir) == []
