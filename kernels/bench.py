@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -22,7 +21,6 @@ import torch
 
 DEFAULT_SHAPES = ("8x4096x12x64", "16x1024x12x64", "4x8192x12x64", "2x4096x32x128")
 CHECK_SHAPES = ("2x100x3x64", "1x8192x2x64", "1x300x2x128", "2x77x2x32", "1x1x1x64", "3x4096x4x64")
-FLA_LOWER_BOUND = -math.exp(-0.5)
 # tolerances on ‖out − ref‖ / ‖ref‖ per output and gradient, by input dtype (see tests/kernels)
 TOLERANCE = {torch.bfloat16: 5e-3, torch.float32: 1e-5}
 
@@ -108,6 +106,8 @@ def _triton_backend():
 def _fla_backend():
     from fla.ops.rwkv7 import chunk_rwkv7
 
+    from kernels.fla_backend import FLA_MODEL_RANGE_OPTIONS
+
     def prepare(xs, s0):
         r, w, k, v, a, b = xs
         w_fla = (-torch.exp(w.float())).to(w.dtype)      # fla takes the log decay
@@ -115,7 +115,7 @@ def _fla_backend():
 
         def fn(r, w_fla, k, v, a, b, h0):
             return chunk_rwkv7(r, w_fla, k, v, a, b, scale=1.0, initial_state=h0, output_final_state=True,
-                               safe_gate=True, chunk_size=64, lower_bound=FLA_LOWER_BOUND)
+                               **FLA_MODEL_RANGE_OPTIONS)
         return [r, w_fla, k, v, a, b, h0], fn
     return prepare
 

@@ -93,7 +93,8 @@ def wkv7(r, w, k, v, a, b, s0=None, *, backend: str = "auto", w_in_model_range: 
     Per head, S in [value, key] layout: S_t = S_{t-1}·diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_tᵀ + v_t k_tᵀ,
     y_t = S_t r_t. s0 None means a zero initial state. Differentiable in every input including s0.
     `w_in_model_range=True` is the RWKV-7 model's promise that w < -0.5 (w = -softplus(·) - 0.5): the triton
-    backend then skips its domain check (w <= ln 2), a reduction and a host sync per call.
+    backend then skips its domain check (w <= ln 2), a reduction and a host sync per call, and fla runs in its own
+    RWKV-7 layer's configuration (chunks of 64, tensor-core gate scheme; kernels.fla_backend).
     """
     validate_inputs(r, w, k, v, a, b, s0)
     name = resolve_backend(backend, r.device)
@@ -111,4 +112,4 @@ def wkv7(r, w, k, v, a, b, s0=None, *, backend: str = "auto", w_in_model_range: 
     load_chunk_rwkv7()  # a clear ImportError when fla is missing
     if r.device.type != "cuda":
         raise ValueError(f"backend 'fla' needs CUDA tensors, got tensors on {r.device}")
-    return wkv7_fla(r, w, k, v, a, b, s0)
+    return wkv7_fla(r, w, k, v, a, b, s0, w_in_model_range=w_in_model_range)

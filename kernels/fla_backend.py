@@ -15,9 +15,15 @@ which is our recurrence transposed. `fla_convention_recurrence` spells that out 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLA_INSTALL_HINT = "pip install fsearch[fla]"
+# fla's own RWKV-7 layer bounds the log decay to [-exp(-0.5), 0) and runs chunk_rwkv7 with these options: chunks of
+# 64 and the tensor-core gate scheme. Without them fla falls back to chunks of 16 without that scheme, its slow path.
+FLA_LOWER_BOUND = -math.exp(-0.5)
+FLA_MODEL_RANGE_OPTIONS = {"safe_gate": True, "chunk_size": 64, "lower_bound": FLA_LOWER_BOUND}
 
 
 def state_to_fla(s: torch.Tensor) -> torch.Tensor:
@@ -61,14 +67,16 @@ def load_chunk_rwkv7():
     return chunk_rwkv7
 
 
-def wkv7_fla(r, w, k, v, a, b, s0=None, **fla_kwargs):
+def wkv7_fla(r, w, k, v, a, b, s0=None, *, w_in_model_range: bool = False, **fla_kwargs):
     """WKV-7 through fla's chunk_rwkv7, in our conventions: (y [B, T, H, D] in r's dtype, sT fp32 [B, H, V, K]).
 
-    Extra keyword arguments go to chunk_rwkv7 unchanged (e.g. safe_gate=True, lower_bound=-0.6065306597126334,
-    chunk_size=64, which are valid only when every w lies in the model range w < -0.5).
+    `w_in_model_range=True` (every w < -0.5, so the log decay -exp(w) lies in [FLA_LOWER_BOUND, 0)) runs fla the
+    way its own RWKV-7 layer does (FLA_MODEL_RANGE_OPTIONS); otherwise fla's general path (chunks of 16). Extra
+    keyword arguments go to chunk_rwkv7 unchanged and take precedence.
     """
     chunk_rwkv7 = load_chunk_rwkv7()
     h0 = None if s0 is None else state_to_fla(s0).float().contiguous()
+    options = (dict(FLA_MODEL_RANGE_OPTIONS) if w_in_model_range else {}) | fla_kwargs
     y, hT = chunk_rwkv7(r, w_to_fla(w), k, v, a, b, scale=1.0, initial_state=h0, output_final_state=True,
-                        **fla_kwargs)
+                        **options)
     return y.to(r.dtype), state_from_fla(hT)

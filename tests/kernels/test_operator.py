@@ -8,6 +8,7 @@ A float64 run of the torch path must agree to 1e-10.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import types
 
@@ -332,6 +333,35 @@ def test_fla_conversions_match_reference():
     torch.testing.assert_close(state_from_fla(h), s_ref, rtol=1e-12, atol=1e-12)
     assert state_to_fla(s0).shape == s0.shape and torch.equal(state_from_fla(state_to_fla(s0)), s0)
     assert torch.equal(state_to_fla(s0)[0, 0], s0[0, 0].T)
+
+
+@pytest.mark.parametrize("model_range", [False, True])
+def test_fla_backend_runs_fla_as_its_rwkv7_layer_does_in_the_model_range(model_range, monkeypatch):
+    """With fla's chunk_rwkv7 replaced by its recurrence: the conversions hold end to end, and the model's promise
+    w < -0.5 selects fla's layer configuration (chunks of 64, tensor-core gates, the log-decay bound), which the
+    converted decays respect; without the promise fla gets no options (its general path)."""
+    from kernels import fla_backend
+
+    seen = {}
+
+    def fake_chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, **options):
+        seen.update(options, scale=scale, w_min=w.min().item(), w_max=w.max().item())
+        return fla_convention_recurrence(r, w, k, v, a, b, initial_state.to(r.dtype))  # fla takes an fp32 state
+
+    monkeypatch.setattr(fla_backend, "load_chunk_rwkv7", lambda: fake_chunk_rwkv7)
+    r, w, k, v, a, b, s0 = rwkv7_like_inputs(2, 9, 2, 8, seed=3, dtype=torch.float64)
+    y, sT = fla_backend.wkv7_fla(r, w, k, v, a, b, s0, w_in_model_range=model_range)
+    y_ref, s_ref = wkv7_reference(r, w, k, v, a, b, s0)
+    # float64 inputs, but the initial state passes through float32 on its way to fla
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sT, s_ref, rtol=1e-6, atol=1e-6)
+    assert seen["scale"] == 1.0
+    if model_range:
+        assert {k: seen[k] for k in ("safe_gate", "chunk_size", "lower_bound")} == {
+            "safe_gate": True, "chunk_size": 64, "lower_bound": -math.exp(-0.5)}
+        assert fla_backend.FLA_LOWER_BOUND <= seen["w_min"] and seen["w_max"] < 0
+    else:
+        assert set(seen) == {"scale", "w_min", "w_max"}
 
 
 def test_fla_backend_missing_names_the_install_command():
