@@ -35,7 +35,8 @@ class AdamW:
                 elif p.grad is not None:
                     p.grad.zero_()
 
-    def _state(self, p: torch.Tensor) -> dict:
+    def _advance(self, p: torch.Tensor) -> dict:
+        """p's state (created on its first step) with its step count advanced by one."""
         st = self.state.get(p)
         if st is None:
             st = self.state[p] = {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
@@ -51,7 +52,7 @@ class AdamW:
                 # which the multi-tensor kernels need to share)
                 buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
                 for p in params:
-                    buckets[(p.device, p.dtype, self._state(p)["t"])].append(p)
+                    buckets[(p.device, p.dtype, self._advance(p)["t"])].append(p)
                 for (_, _, t), ps in buckets.items():
                     self._update_foreach(ps, t, g["lr"], g["weight_decay"])
             else:
@@ -60,7 +61,7 @@ class AdamW:
 
     def _update_one(self, p: torch.Tensor, lr: float, wd: float) -> None:
         b1, b2 = self.betas
-        st = self._state(p)
+        st = self._advance(p)
         t, m, v, grad = st["t"], st["m"], st["v"], p.grad
         p.mul_(1 - lr * wd)
         m.lerp_(grad, 1 - b1)

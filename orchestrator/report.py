@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from orchestrator.records import Ledger, LedgerError
-from orchestrator.stats import DecisionRule, paired_stats
+from orchestrator.stats import DecisionRule, paired_stats, sample_sd
 from orchestrator.planner import meets_threshold
 
 REPORT_DIR = "report"
@@ -424,8 +424,7 @@ class _Builder:
         delta_sd = {name: f["sd"] for name, f in t["seedcheck"]["finalists"].items() if f.get("sd") is not None}
         if len(base) < 2 and not delta_sd:
             return None
-        mean = math.fsum(base) / len(base) if base else None
-        base_sd = math.sqrt(math.fsum((x - mean) ** 2 for x in base) / (len(base) - 1)) if len(base) >= 2 else None
+        base_sd = sample_sd(base)
         sd = max(delta_sd.values()) if delta_sd else None
         spread = 1.96 * sd if sd is not None else None
         # P(a candidate with no effect reaches the threshold at one seed), delta ~ Normal(0, sd)

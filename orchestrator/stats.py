@@ -331,6 +331,15 @@ class PairedStats:
         return out
 
 
+def sample_sd(values: Sequence[float]) -> float | None:
+    """Sample standard deviation (divisor n - 1); None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 def paired_stats(deltas: Sequence[float], confidence: float = 0.95) -> PairedStats:
     """Every seed-check statistic of one candidate's paired deltas d_s = candidate_s - baseline_s."""
     d = [float(v) for v in deltas]
@@ -343,7 +352,7 @@ def paired_stats(deltas: Sequence[float], confidence: float = 0.95) -> PairedSta
     mean = math.fsum(d) / n
     sd = se = lo = hi = t = p_g = p_2 = eff = None
     if n >= 2:
-        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
+        sd = sample_sd(d)
         se = sd / math.sqrt(n)
         half = t_ppf(0.5 + confidence / 2, n - 1) * se
         lo, hi = mean - half, mean + half
