@@ -2,11 +2,14 @@
 
 A step is exactly what the worker does: prompt pass (Future-Seed on or off), answer pass seeded with the prompt's
 final states, token-weighted cross-entropy over the answer, backward, gradient clipping, AdamW on fp32 master
-weights, under bf16 autocast on CUDA. Swept over kernels (triton, fla when installed, torch) and FS off / on.
+weights, under bf16 autocast on CUDA; with `--compile on` the blocks' work around the WKV kernel is torch.compile'd,
+as a spec's `compile: on` does (`--compile off on` measures both). Swept over kernels (triton, fla when installed,
+torch) and FS off / on.
 Tokens counted = prompt + answer tokens of the batch. The FS variants of one kernel stay in memory together and
 are timed in alternating rounds (time_group), so that the FS overhead, a difference of a few percent, is not
 buried under drift between configurations timed one after the other. Output: one JSON line per configuration
-(median step time with its 20th and 80th percentiles, tokens/s, peak memory as if the configuration ran alone).
+(median step time with its 20th and 80th percentiles, tokens/s, peak memory as if the configuration ran alone, the
+first step's time, which includes compiling and autotuning), then the ratios.
 
     fsearch bench train --preset 0.1b-shape --prompt-len 2048 4096 --batch 8 --kernels triton fla torch
 """
@@ -32,7 +35,7 @@ class TrainBench:
     """One configuration of the benchmark: its model, FS gates, optimizer and batch, and its training step."""
 
     def __init__(self, preset_name: str, kernel: str, fs_kind: str, batch: int, prompt_len: int, answer_len: int,
-                 device: str):
+                 device: str, compiled: bool = False):
         import torch
 
         from model.config import preset
@@ -46,9 +49,9 @@ class TrainBench:
         self._torch, self._worker_fns = torch, (forward_answer_logits, token_losses)
 
         self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
-                     "prompt_len": prompt_len, "answer_len": answer_len}
+                     "prompt_len": prompt_len, "answer_len": answer_len, "compile": compiled}
         cfg = preset(preset_name)
-        model = RWKV7(cfg, kernel=kernel)
+        model = RWKV7(cfg, kernel=kernel, compile_backend="inductor" if compiled else None)
         init_weights(model, seed=0)
         self.model = model.to(device).float()
         self.fs = _fs_config(fs_kind)
@@ -91,10 +94,14 @@ def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) 
 
     cuda = benches[0].cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for b in benches:
-        for _ in range(warmup):
+    first: list[float | None] = [None] * len(benches)
+    for i, b in enumerate(benches):
+        for j in range(warmup):
+            t = time.perf_counter()
             b.step()
-    sync()
+            sync()
+            if j == 0:
+                first[i] = time.perf_counter() - t
     times: list[list[float]] = [[] for _ in benches]
     peaks: list[float | None] = [None] * len(benches)
     for r in range(rounds):
@@ -114,13 +121,13 @@ def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) 
                 if cuda and r == 0 and j == 0:
                     peaks[i] = (torch.cuda.max_memory_allocated() - others) / 2**30
     rows = []
-    for b, ts, peak in zip(benches, times, peaks):
+    for b, ts, peak, first_s in zip(benches, times, peaks, first):
         ts = sorted(ts)
         med = ts[len(ts) // 2]
         rows.append({**b.meta, "step_ms": med * 1e3, "step_ms_p20": ts[int(0.2 * (len(ts) - 1))] * 1e3,
                      "step_ms_p80": ts[int(0.8 * (len(ts) - 1))] * 1e3, "tokens_per_s": b.tokens / med,
                      "peak_mem_gib": peak, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                     "steps_timed": len(ts), "rounds": rounds})
+                     "steps_timed": len(ts), "rounds": rounds, "first_step_s": first_s})
     return rows
 
 
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the FS variants of a kernel, alternating order")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                    help="torch.compile the blocks around the WKV kernel (spec: defaults.compile)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
@@ -155,38 +164,47 @@ def main(argv: list[str] | None = None) -> int:
         return {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
                 "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
+    compile_modes = list(dict.fromkeys(c == "on" for c in args.compile))
     for T in args.prompt_len:
-        for kernel in args.kernels:
+        for kernel, compiled in ((k, c) for k in args.kernels for c in compile_modes):
             # the FS variants of one kernel are timed together, interleaved: the FS overhead is a small difference
             group, failed = [], []
             for fs_kind in args.fs:
                 try:
-                    group.append(TrainBench(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, device))
+                    group.append(TrainBench(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, device,
+                                            compiled))
                 except Exception as e:  # a backend that is not installed is reported, not fatal
-                    failed.append(error_row(kernel, fs_kind, T, e))
+                    failed.append({**error_row(kernel, fs_kind, T, e), "compile": compiled})
             try:
                 timed = time_group(group, args.steps, args.warmup, args.rounds) if group else []
             except Exception as e:  # e.g. out of memory: every configuration of the group gets the error
-                timed = [error_row(b.meta["kernel"], b.meta["fs"], T, e) for b in group]
+                timed = [{**error_row(b.meta["kernel"], b.meta["fs"], T, e), "compile": compiled} for b in group]
             for row in timed + failed:
                 emit(row)
             del group
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    # ratios: triton vs fla, FS overhead
-    by = {(r["prompt_len"], r["kernel"], r["fs"]): r for r in rows if "tokens_per_s" in r}
-    for T in args.prompt_len:
-        for fs_kind in args.fs:
-            t, f = by.get((T, "triton", fs_kind)), by.get((T, "fla", fs_kind))
-            if t and f:
-                print(json.dumps({"bench": "train_ratio", "prompt_len": T, "fs": fs_kind,
-                                  "triton_over_fla": t["tokens_per_s"] / f["tokens_per_s"]}))
-        for kernel in args.kernels:
-            off, on = by.get((T, kernel, "off")), by.get((T, kernel, "on"))
-            if off and on:
-                print(json.dumps({"bench": "fs_overhead", "prompt_len": T, "kernel": kernel,
-                                  "overhead": off["tokens_per_s"] / on["tokens_per_s"] - 1.0}))
+    for line in ratios(rows):
+        print(json.dumps(line))
     return 0
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """triton over fla (same FS and compile setting), the FS overhead (same kernel and compile setting) and the
+    speed-up of compiling (same kernel and FS), from the timed rows."""
+    by = {(r["prompt_len"], r["kernel"], r["fs"], r["compile"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    out = []
+    for (T, kernel, fs, compiled), tps in by.items():
+        if kernel == "triton" and (T, "fla", fs, compiled) in by:
+            out.append({"bench": "train_ratio", "prompt_len": T, "fs": fs, "compile": compiled,
+                        "triton_over_fla": tps / by[(T, "fla", fs, compiled)]})
+        if fs == "on" and (T, kernel, "off", compiled) in by:
+            out.append({"bench": "fs_overhead", "prompt_len": T, "kernel": kernel, "compile": compiled,
+                        "overhead": by[(T, kernel, "off", compiled)] / tps - 1.0})
+        if compiled and (T, kernel, fs, False) in by:
+            out.append({"bench": "compile_speedup", "prompt_len": T, "kernel": kernel, "fs": fs,
+                        "speedup": tps / by[(T, kernel, fs, False)]})
+    return out
 
 
 if __name__ == "__main__":

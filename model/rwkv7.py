@@ -96,7 +96,7 @@ class Padding:
 def token_shift(x: Tensor, shift: Tensor, pad: Padding | None) -> tuple[Tensor, Tensor]:
     """(x_{t-1} for every t, new shift state). x [B, T, C]; shift [B, C] is x_{-1}. Pads never feed the shift."""
     prev = torch.cat([shift[:, None, :].to(x.dtype), x[:, :-1]], dim=1)
-    last = x[:, -1]
+    last = x[:, -1].clone()  # not a view of x: a compiled graph must not return views of its intermediates
     if pad is not None:
         prev = torch.where(pad.shift_from_state[..., None], shift[:, None, :].to(x.dtype), prev)
         last = torch.where(pad.all_pad[:, None], shift.to(x.dtype), last)
@@ -131,6 +131,15 @@ class TimeMix(nn.Module):
     def forward(self, x: Tensor, v_first: Tensor | None, shift: Tensor, s0: Tensor | None, pad: Padding | None,
                 wkv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x: LN1 output [B, T, C]. Returns (attention output, v_first, new shift state, final WKV state)."""
+        *wkv_in, bonus, g, new_shift = self.before_wkv(x, v_first, shift, pad)
+        y, sT = self.wkv(wkv_in, s0, wkv)
+        if self.layer_id == 0:
+            v_first = wkv_in[3]
+        return self.after_wkv(y, bonus, g), v_first, new_shift, sT
+
+    def before_wkv(self, x: Tensor, v_first: Tensor | None, shift: Tensor, pad: Padding | None) -> tuple[Tensor, ...]:
+        """Everything up to the WKV operator: (r, w, k, v, a, b) in the operator's dtype, [B, T, C] each (v is also
+        layer 0's v_first), the bonus term (Σ_head r ⊙ k ⊙ r_k) v, the output gate g, and the new shift state."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         prev, new_shift = token_shift(x, shift, pad)
@@ -141,15 +150,14 @@ class TimeMix(nn.Module):
         k = self.key(xk)
         v = self.value(xv)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float()) - 0.5
-        if self.layer_id == 0:
-            v_first = v
-        else:
+        if self.layer_id > 0:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
+        bonus = (r * k * self.r_k.view(C)).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)
 
         # WKV inputs; at padded positions the step is the identity (decay 1, no write, no state-dependent update)
         wk_w, wk_k, wk_v, wk_a, wk_b = w, k, v, -kk, kk * a
@@ -158,12 +166,18 @@ class TimeMix(nn.Module):
             wk_w = torch.where(keep, wk_w, torch.full_like(wk_w, PAD_DECAY_LOGIT))
             wk_k, wk_v, wk_a, wk_b = (t * keep for t in (wk_k, wk_v, wk_a, wk_b))
         dt = r.dtype
-        y, sT = wkv(*(t.to(dt).view(B, T, H, N) for t in (r, wk_w, wk_k, wk_v, wk_a, wk_b)), s0)
+        return (*(t.to(dt) for t in (r, wk_w, wk_k, wk_v, wk_a, wk_b)), bonus, g, new_shift)
 
-        y = self.ln_x(y.reshape(B * T, C).float()).view(B, T, C)
-        bonus = ((r * k * self.r_k.view(C)).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N))
-        y = y + bonus.view(B, T, C)
-        return self.output(y * g), v_first, new_shift, sT
+    def wkv(self, wkv_in: list[Tensor], s0: Tensor | None, wkv) -> tuple[Tensor, Tensor]:
+        B, T, C = wkv_in[0].shape
+        return wkv(*(t.view(B, T, self.n_head, self.head_size) for t in wkv_in), s0)
+
+    def after_wkv(self, y: Tensor, bonus: Tensor, g: Tensor) -> Tensor:
+        """GroupNorm of the WKV output y [B, T, H, N], plus the bonus [B, T, H, N], gated by g [B, T, C], projected:
+        the attention output [B, T, C]."""
+        B, T, H, N = y.shape
+        y = self.ln_x(y.reshape(B * T, H * N).float()).view(B, T, H, N)
+        return self.output((y + bonus).view(B, T, H * N) * g)
 
 
 class ChannelMix(nn.Module):
@@ -194,24 +208,82 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x: Tensor, v_first: Tensor | None, state: LayerState, s0: Tensor | None, pad: Padding | None,
-                wkv) -> tuple[Tensor, Tensor, LayerState]:
+                wkv, compile_backend: str | None = None) -> tuple[Tensor, Tensor, LayerState]:
+        """One block. With `compile_backend`, the work before and after the WKV operator (norms, token shifts,
+        projections, LoRAs, FFN: mostly elementwise, memory-bound work) runs as two torch.compile'd graphs; the WKV
+        operator itself always runs outside them, as it does without compile."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        att, v_first, att_shift, sT = self.att(self.ln1(x), v_first, state.att_shift, s0, pad, wkv)
-        x = x + att
-        ffn, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift, pad)
-        x = x + ffn
+        if compile_backend is None:
+            before, after = Block.attention_in, Block.attention_out_and_ffn
+        else:
+            before, after = compiled_block_segments(compile_backend)
+            mark_batch_and_time_dynamic(x, state.att_shift, state.ffn_shift, pad)
+        *wkv_in, bonus, g, att_shift = before(self, x, v_first, state.att_shift, pad)
+        y, sT = self.att.wkv(wkv_in, s0, wkv)
+        if self.layer_id == 0:
+            v_first = wkv_in[3]
+        if compile_backend is not None:
+            mark_batch_and_time_dynamic(y, bonus, g)
+        x, ffn_shift = after(self, x, y, bonus, g, state.ffn_shift, pad)
         return x, v_first, LayerState(att_shift, sT, ffn_shift)
+
+    def attention_in(self, x: Tensor, v_first: Tensor | None, shift: Tensor, pad: Padding | None) -> tuple[Tensor, ...]:
+        return self.att.before_wkv(self.ln1(x), v_first, shift, pad)
+
+    def attention_out_and_ffn(self, x: Tensor, y: Tensor, bonus: Tensor, g: Tensor, shift: Tensor,
+                              pad: Padding | None) -> tuple[Tensor, Tensor]:
+        x = x + self.att.after_wkv(y, bonus, g)
+        ffn, ffn_shift = self.ffn(self.ln2(x), shift, pad)
+        return x + ffn, ffn_shift
+
+
+_COMPILED_SEGMENTS: dict[str, tuple] = {}
+# graphs per segment: layer 0 or not x padded or not x autocast or not, each compiled once with dynamic batch and time
+_RECOMPILE_LIMIT = 32
+
+
+def compiled_block_segments(backend: str) -> tuple:
+    """Block.attention_in and Block.attention_out_and_ffn through torch.compile (built on first use: importing the
+    model does not import torch._dynamo). One pair of compiled functions serves every block of every model."""
+    if backend not in _COMPILED_SEGMENTS:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        config.cache_size_limit = max(config.cache_size_limit, _RECOMPILE_LIMIT)
+        _COMPILED_SEGMENTS[backend] = (torch.compile(Block.attention_in, backend=backend),
+                                       torch.compile(Block.attention_out_and_ffn, backend=backend))
+    return _COMPILED_SEGMENTS[backend]
+
+
+def mark_batch_and_time_dynamic(*items) -> None:
+    """Ask torch.compile for graphs general in batch size and length (dims 0 and 1 of [B, T, ...] tensors, dim 0 of
+    [B, C] states), so that a new prompt length or a last, smaller batch reuses the compiled graph."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for item in items:
+        if isinstance(item, Padding):
+            marks = [(item.is_pad, (0, 1)), (item.shift_from_state, (0, 1)), (item.all_pad, (0,))]
+        elif item is not None:
+            marks = [(item, (0, 1) if item.dim() > 2 else (0,))]
+        else:
+            marks = []
+        for t, dims in marks:
+            for d in dims:
+                maybe_mark_dynamic(t, d)
 
 
 class RWKV7(nn.Module):
     """RWKV-7 G1 language model. `kernel` picks the WKV operator (see `wkv_operator`); parameters start at zero:
     use model.init.init_weights (from scratch) or model.checkpoint (pretrained) to fill them."""
 
-    def __init__(self, cfg: ModelConfig, kernel: str = "auto"):
+    def __init__(self, cfg: ModelConfig, kernel: str = "auto", compile_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.kernel = kernel
+        # torch.compile backend for the blocks' work around the WKV operator in training forwards (None: eager).
+        # Evaluation, decoding and single-token calls stay eager: they would each need graphs of their own.
+        self.compile_backend = compile_backend
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -259,6 +331,7 @@ class RWKV7(nn.Module):
         if pad is not None and pad.is_pad.shape[0] != B:
             raise ValueError(f"pad_left has {pad.is_pad.shape[0]} rows, idx has {B}")
         wkv = wkv_operator(self.kernel)
+        compile_backend = self.compile_backend if self.training and torch.is_grad_enabled() and T > 1 else None
 
         x = self.emb(idx)
         v_first = None
@@ -267,7 +340,7 @@ class RWKV7(nn.Module):
             s0 = state[i].wkv
             if i in seeded:  # the residual stream entering block i, at the last (real: pads are on the left) token
                 s0 = s0 + future_seed(final[i - 1].wkv, i, self.n_layer, fs, fs_gates, x_in=x[:, -1])
-            x, v_first, layer_state = block(x, v_first, state[i], s0, pad, wkv)
+            x, v_first, layer_state = block(x, v_first, state[i], s0, pad, wkv, compile_backend)
             final.append(layer_state)
         x = self.ln_out(x)
         return (x if return_hidden else self.logits(x)), final

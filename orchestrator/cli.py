@@ -438,11 +438,14 @@ def validate_cmd(spec_arg: str, no_data: bool) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--kernel", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the blocks around the WKV kernel while training")
 @click.option("--time-limit", type=float, default=3600.0, show_default=True, help="seconds")
 @click.option("--out", default=None, help="run folder (default: results/adhoc/<task>.<candidate>.s<seed>-<time>)")
 @click.option("--worker-cmd", default=None, hidden=True)
 def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batch, micro_batch, lr, model_preset,
-            checkpoint, n_val, n_test, data_seed, device, kernel, precision, time_limit, out, worker_cmd) -> None:
+            checkpoint, n_val, n_test, data_seed, device, kernel, precision, compile_, time_limit, out,
+            worker_cmd) -> None:
     """One run by hand, in a worker subprocess, with a progress bar and a one-line summary."""
     from model.candidates import resolve
     from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
@@ -481,7 +484,7 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
                         eval_every=eval_every or max(1, steps // 5), n_val=n_val, n_test=n_test, data_seed=data_seed,
                         seed=seed, batch_size=batch, micro_batch=micro_batch,
                         lr=LearningRates(model=lr) if lr is not None else LearningRates(), kernel=kernel,
-                        device=device, precision=precision, run_dir=str(run_dir))
+                        device=device, precision=precision, compile=compile_, run_dir=str(run_dir))
     except ValueError as e:
         raise UserError(one_line(e)) from None
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ class RunUnit:
     eval_batch: int = 64
     kernel: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     cpu_threads: int = 1
     device: str = "auto"  # the spec's default; run_config(device=...) overrides
     round: str = "adhoc"
@@ -142,6 +143,7 @@ class RunUnit:
             n_val=self.n_val, n_test=self.n_test, data_seed=self.data_seed, seed=self.seed,
             batch_size=self.batch_size, micro_batch=micro_batch, lr=self.lr, loss=self.loss,  # type: ignore[arg-type]
             kernel=self.kernel, device=device or self.device, precision=self.precision,
+            compile=self.compile,
             cpu_threads=self.cpu_threads,  # type: ignore[arg-type]
             eval_batch=self.eval_batch, run_dir=str(run_dir), attempt=attempt, fault=fault,
         )
@@ -325,11 +327,14 @@ class _TaskPlanner:
                                                   for c in self.candidates})
         out.tasks[label] = self.state
         d = spec.defaults
-        self.setup = short_hash({
+        setup = {
             "task_kind": self.task.task, "task_params": self.task.params, "model": self.model.model_dump(mode="json"),
             "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test, "eval_batch": d.eval_batch,
             "kernel": d.kernel, "precision": d.precision, "cpu_threads": d.cpu_threads,
-        })
+        }
+        if d.compile:  # absent when off, so that specs written before the option keep their run keys
+            setup["compile"] = True
+        self.setup = short_hash(setup)
         self.digests = {c.name: candidate_digest(c) for c in (BASELINE, *self.candidates)}
 
     # units -------------------------------------------------------------------------------------------------------
@@ -340,7 +345,8 @@ class _TaskPlanner:
                      setup=self.setup, config=self.digests[cand.name])
         return RunUnit(key=key, candidate=cand, task_kind=self.task.task, task_params=self.task.params,
                        model=self.model, lr=d.lr, loss=d.loss, n_test=d.n_test, eval_batch=d.eval_batch,
-                       kernel=d.kernel, precision=d.precision, cpu_threads=d.cpu_threads, device=d.device, round=spec.round,
+                       kernel=d.kernel, precision=d.precision, compile=d.compile, cpu_threads=d.cpu_threads,
+                       device=d.device, round=spec.round,
                        time_limit_s=spec.stage_time_limit_s(stage),
                        retries=d.baseline_retries if cand.is_baseline else d.retries,
                        threshold=self.task.threshold, metric=self.task.metric, stage_seeds=len(st.seeds))

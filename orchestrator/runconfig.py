@@ -146,6 +146,8 @@ class RunConfig(BaseModel):
     kernel: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # torch.compile of the blocks' work around the WKV kernel in training forwards (see Defaults.compile)
+    compile: bool = False
     cpu_threads: int = 1  # torch threads on CPU: fixed, because results depend on it (and 1 is fastest at demo size)
     eval_batch: int = 64
     run_dir: str
@@ -191,3 +193,4 @@ class RunResult(BaseModel):
     micro_batch: int | None = None
     grad_accum: int | None = None
     device: str | None = None
+    compiled: bool | None = None  # whether the training forwards ran torch.compile'd blocks

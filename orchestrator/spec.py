@@ -115,6 +115,10 @@ class Defaults(_Strict):
     data_seed: int = Field(0, ge=0, le=MAX_SEED)
     kernel: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the blocks' work around the WKV kernel in training forwards: faster steps on a GPU for a start-up
+    # cost in every worker (README: measured both). It changes numerics slightly, so it is part of a run's identity
+    # and a baseline and its candidates always share it. (YAML reads on/off as true/false too.)
+    compile: bool = False
     cpu_threads: int = Field(1, ge=1)  # torch threads of a CPU run; part of the run's identity (results depend on it)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_limit_s: float = Field(3600.0, gt=0.0)  # per run

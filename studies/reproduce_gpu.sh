@@ -6,7 +6,8 @@
 #   kernel           `fsearch bench kernel`: the four shapes, triton / fla (when installed) / torch, one run
 #   tests            pytest -m gpu tests/kernels tests/model tests/orchestrator/test_worker.py (many kernel variants
 #                    compile: 4 min 40 s on an H100 for the first two, with 6 xdist processes)
-#   train            `fsearch bench train`: 0.1B shape, T 2048 and 4096, triton / fla / torch, FS off and on
+#   train            `fsearch bench train --compile off on`: 0.1B shape, T 2048 and 4096, triton / fla / torch, FS off
+#                    and on, eager and compiled
 #   gpu_demo         `fsearch round --spec gpu_demo` (whole round + report; results/gpu_demo)
 #   synthetic_table  `fsearch round --spec synthetic_table` (45 runs + report; results/synthetic_table)
 # Everything a step prints goes to OUT_DIR/<step>.log (JSON lines of the benches to OUT_DIR/<step>.jsonl); the
@@ -31,7 +32,7 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${XDG_CACHE_HOME:-$HOME/.cache
 xdist=()
 $py -c "import xdist" 2>/dev/null && xdist=(-n 6)
 
-declare -A limit=([check]=600 [kernel]=600 [tests]=900 [train]=900 [gpu_demo]=1500 [synthetic_table]=2400)
+declare -A limit=([check]=600 [kernel]=600 [tests]=900 [train]=1800 [gpu_demo]=1500 [synthetic_table]=2400)
 
 run_step() {
   local step=$1 secs
@@ -49,7 +50,7 @@ run_step() {
           --shapes 1x1024x2x64 1x256x2x32 1x300x2x128 --out "$out/check.jsonl"; } ;;
     kernel) timeout "$secs" $FSEARCH bench kernel --out "$out/kernel.jsonl" ;;
     tests) timeout "$secs" $py -m pytest -v ${xdist[@]+"${xdist[@]}"} -m gpu tests/kernels tests/model tests/orchestrator/test_worker.py -p no:cacheprovider ;;
-    train) timeout "$secs" $FSEARCH bench train --out "$out/train.jsonl" ;;
+    train) timeout "$secs" $FSEARCH bench train --compile off on --out "$out/train.jsonl" ;;
     gpu_demo | synthetic_table) timeout "$secs" $FSEARCH round --spec "$step" ;;
   esac > "$out/$step.log" 2>&1
   local rc=$?

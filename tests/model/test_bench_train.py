@@ -41,3 +41,18 @@ def test_time_group_alternates_the_order_and_times_every_round():
     assert [r["kernel"] for r in rows] == ["A", "B", "C"]
     assert all(r["steps_timed"] == 6 and r["rounds"] == 3 and r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
                for r in rows)
+
+
+def test_ratios_pair_rows_that_differ_in_one_setting_only():
+    def row(T, kernel, fs, compiled, tps):
+        return {"bench": "train", "prompt_len": T, "kernel": kernel, "fs": fs, "compile": compiled, "tokens_per_s": tps}
+
+    rows = [row(64, "triton", "off", True, 130.0), row(64, "triton", "on", True, 125.0),
+            row(64, "fla", "off", True, 100.0), row(64, "triton", "off", False, 65.0),
+            row(64, "fla", "on", False, 50.0), {"bench": "train", "kernel": "torch", "error": "x"}]
+    got = {(r["bench"], r.get("kernel"), r.get("fs"), r.get("compile")): r for r in bench_train.ratios(rows)}
+    assert got.keys() == {("train_ratio", None, "off", True), ("fs_overhead", "triton", None, True),
+                          ("compile_speedup", "triton", "off", None)}
+    assert abs(got[("train_ratio", None, "off", True)]["triton_over_fla"] - 1.3) < 1e-12
+    assert abs(got[("fs_overhead", "triton", None, True)]["overhead"] - 0.04) < 1e-12
+    assert abs(got[("compile_speedup", "triton", "off", None)]["speedup"] - 2.0) < 1e-12

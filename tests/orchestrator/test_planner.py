@@ -514,6 +514,22 @@ def test_the_model_shape_and_a_task_model_are_part_of_the_run_identity():
     assert units["deep"].model.shape.n_layer == 5 and units["deep"].key.setup == shaped.key.setup
 
 
+def test_compile_is_part_of_the_run_identity_and_reaches_the_worker():
+    import yaml
+
+    from orchestrator.spec import parse_spec_text
+
+    plain = plan(make_spec(), []).runnable
+    compiled = plan(make_spec(lambda d: d.setdefault("defaults", {}).update(compile=True)), []).runnable
+    assert {u.run_key for u in plain}.isdisjoint(u.run_key for u in compiled)
+    assert all(u.run_config("/x").compile for u in compiled) and not any(u.run_config("/x").compile for u in plain)
+    # baselines and candidates share it: a compiled candidate is compared with a compiled baseline
+    assert all(u.baseline_key in {v.run_key for v in compiled} for u in compiled if not u.is_baseline)
+    # YAML's on/off mean true/false
+    text = yaml.safe_dump(BASE) + "defaults:\n  compile: on\n"
+    assert parse_spec_text(text).defaults.compile is True
+
+
 def test_the_synthetic_table_study_plans_45_runs():
     from pathlib import Path
 

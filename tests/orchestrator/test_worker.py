@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -162,29 +163,55 @@ def test_bad_config_file(tmp_path):
     assert json.loads((tmp_path / "bad" / "result.json").read_text())["error_kind"] == "config"
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs a CUDA device")])
+def _cuda(compile_: bool):
+    return pytest.param("cuda", compile_, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                     reason="needs a CUDA device")])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, tmp_path):
-    """In its own process, as rounds run it (bf16 autocast and the Triton kernel on CUDA): the same config twice gives
-    the same final metrics bit for bit, two micro-batches of 4 give what one of 8 gives (up to summation order), and
-    nothing imports torch._dynamo (torch.optim did, for seconds of every run's start-up)."""
+@pytest.mark.parametrize(("device", "compile_"), [("cpu", False), _cuda(False), _cuda(True)])
+def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, compile_, tmp_path):
+    """In its own process, as rounds run it (bf16 autocast and the Triton kernel on CUDA, compiled blocks if asked):
+    the same config twice gives the same final metrics bit for bit, two micro-batches of 4 give what one of 8 gives
+    (up to summation order), and an uncompiled run imports no torch._dynamo (torch.optim did, for seconds of every
+    run's start-up)."""
     import subprocess
     import sys
 
-    paths = [make_config(tmp_path, name, candidate="scalar_l2_trainable", device=device, **kw)
+    compiled = compile_
+    paths = [make_config(tmp_path, name, candidate="scalar_l2_trainable", device=device, compile=compile_, **kw)
              for name, kw in (("a", {}), ("b", {}), ("half", {"micro_batch": 4}))]
     code = ("import sys; from pathlib import Path; from orchestrator import worker; "
             "codes = [worker.run(Path(p)) for p in sys.argv[1:]]; print(codes, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == f"{[EXIT_OK] * 3} False"
+    assert out.stdout.split("\n")[-2] == f"{[EXIT_OK] * 3} {compiled}"
     a, b, half = (result_of(tmp_path, n) for n in ("a", "b", "half"))
     assert a["status"] == b["status"] == half["status"] == "ok"
+    assert a["compiled"] is b["compiled"] is half["compiled"] is compiled
     assert a["final"] == b["final"] and a["test"] == b["test"]
     assert (half["grad_accum"], half["micro_batch"]) == (2, 4)
     rel = 1e-4 if device == "cpu" else 2e-2  # bf16 autocast on CUDA: the two orders round differently
     assert half["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_path):
+    """A round runs every run in its own worker process, so with compile on the later processes load the first one's
+    graphs from torch.compile's on-disk caches; they must train exactly as the first did (a baseline and its
+    candidates are compared across processes)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "inductor_cache"  # cold for the first process, warm for the second
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    for name in ("first", "second"):
+        path = make_config(tmp_path, name, candidate="scalar_l2_trainable", device="cuda", compile=True)
+        out = subprocess.run([sys.executable, "-m", "orchestrator.worker", str(path)], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+        assert out.returncode == EXIT_OK, out.stderr[-3000:]
+    first, second = result_of(tmp_path, "first"), result_of(tmp_path, "second")
+    assert first["status"] == second["status"] == "ok" and first["compiled"] and second["compiled"]
+    assert first["final"] == second["final"] and first["test"] == second["test"]
+    assert any(cache.iterdir())
