@@ -77,6 +77,7 @@ class Record(BaseModel):
     tokens_per_s: float = 0.0
     peak_mem_bytes: int | None = None
     device: str | None = None
+    compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
     run_dir: str
     finished_at: str  # ISO-8601 UTC
     best_val_loss: float | None = None  # the original's field names, taken from `best` (the same eval)

@@ -32,7 +32,7 @@ def test_tiny_round_with_the_real_worker(write_spec, monkeypatch, tmp_path, roun
     assert (fs.micro_batch, fs.grad_accum, fs.attempt) == (2, 2, 1)  # torch OOM -> halved, same effective batch
     assert (base.micro_batch, base.grad_accum) == (4, 1)
     for r in records:
-        assert r.steps == r.budget_steps == 4 and r.device == "cpu" and r.metric == "hole_acc"
+        assert r.steps == r.budget_steps == 4 and r.device == "cpu" and r.metric == "hole_acc" and r.compiled is False
         assert r.value == r.final["val_hole_acc"] and r.best_step in (0, 2, 4)
         assert r.best_val_loss == r.best["val_loss"] and set(r.test) >= {"test_loss", "test_hole_acc"}
     assert fs.delta == pytest.approx(fs.value - base.value) and fs.baseline_key == base.run_key
