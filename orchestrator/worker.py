@@ -97,10 +97,7 @@ class Batch:
         A = max(len(a) for a in answers)
         self.n = len(examples)
         self.prompt = torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-        # None when no prompt is padded (every prompt of a fixed-length task): the model then skips the padding masks,
-        # which change nothing at real positions, and a compiled model needs no padded variant of its graphs
-        pads = [P - len(p) for p in prompts]
-        self.pad_left = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
+        self.pad_left = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
         ans = torch.tensor([a + [eot_id] * (A - len(a)) for a in answers], dtype=torch.long, device=device)
         self.answer = ans  # targets
         self.answer_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers], dtype=torch.bool,

@@ -148,31 +148,6 @@ def test_read_twice_batch_doubles_the_context():
     assert tok.decode(b2.prompt[0].tolist()) == ex.context + ex.context + ex.trigger
 
 
-def test_a_batch_without_padding_skips_the_masks_and_gives_the_same_logits():
-    from model.config import preset
-    from model.init import init_weights
-    from model.rwkv7 import RWKV7
-    from tasks.base import Example
-
-    def ex(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        return Example("", "", "", tuple(torch.randint(1, 200, (n,), generator=g).tolist()), (),
-                       tuple(torch.randint(1, 200, (4,), generator=g).tolist()))
-
-    same = worker.Batch([ex(9, 1), ex(9, 2)], False, 0, "cpu")
-    ragged = worker.Batch([ex(9, 1), ex(6, 3)], False, 0, "cpu")
-    assert same.pad_left is None and ragged.pad_left.tolist() == [0, 3]
-
-    model = init_weights(RWKV7(preset("tiny"), kernel="torch"), seed=0)
-    fs = resolve("scalar_l1_trainable").fs
-    gates = model.make_fs_gates(fs)
-    with torch.no_grad():
-        got, _ = worker.forward_answer_logits(model, same, fs, gates, True)
-        same.pad_left = torch.zeros(2, dtype=torch.long)  # the same batch through the padding masks
-        want, _ = worker.forward_answer_logits(model, same, fs, gates, True)
-    assert torch.equal(got, want)
-
-
 def test_fs_run_trains_gates_and_logs_gate_stats(tmp_path):
     assert worker.run(make_config(tmp_path, candidate="scalar_l2_trainable")) == EXIT_OK
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
