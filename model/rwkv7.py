@@ -150,7 +150,7 @@ class TimeMix(nn.Module):
         k = self.key(xk)
         v = self.value(xv)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float()) - 0.5
-        if self.layer_id > 0:
+        if v_first is not None:  # every layer but 0 (not `layer_id > 0`: torch.compile would compile each layer apart)
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
@@ -212,6 +212,8 @@ class Block(nn.Module):
         """One block. With `compile_backend`, the work before and after the WKV operator (norms, token shifts,
         projections, LoRAs, FFN: mostly elementwise, memory-bound work) runs as two torch.compile'd graphs; the WKV
         operator itself always runs outside them, as it does without compile."""
+        if (v_first is None) != (self.layer_id == 0):
+            raise ValueError(f"block {self.layer_id}: v_first comes from block 0 and is needed by every later block")
         if self.layer_id == 0:
             x = self.ln0(x)
         if compile_backend is None:

@@ -99,3 +99,21 @@ def test_inductor_compiled_blocks_match_eager_under_bf16_autocast(make_config, m
     for name in want[3]:
         if want[3][name].norm() > 0:
             assert rel(got[3][name], want[3][name]) < 5e-2, name
+
+
+def test_one_set_of_graphs_serves_every_layer(make_config, make_model, make_tokens):
+    """Graphs are per segment and variant (layer 0 or not, padded or not), not per layer: a deeper model compiles
+    nothing more (an integer attribute such as layer_id read inside a compiled function would make one graph per
+    layer, and past torch.compile's recompile limit the rest would silently run eagerly)."""
+    import torch._dynamo
+
+    counts = []
+    for n_layer in (2, 5):
+        cfg = make_config(n_layer=n_layer)
+        model = make_model(cfg, seed=1).train()
+        model.compile_backend = "aot_eager"
+        torch._dynamo.reset()
+        before = _graph_count()  # the counter outlives the reset
+        _train_pass(model, make_tokens(2, 20, cfg.vocab_size), torch.tensor([0, 3]), fs_on=True)
+        counts.append(_graph_count() - before)
+    assert counts[0] == counts[1] > 0
