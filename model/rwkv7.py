@@ -128,15 +128,7 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUP_NORM_EPS)
 
-    def forward(self, x: Tensor, v_first: Tensor | None, shift: Tensor, s0: Tensor | None, pad: Padding | None,
-                wkv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x: LN1 output [B, T, C]. Returns (attention output, v_first, new shift state, final WKV state)."""
-        *wkv_in, bonus, g, new_shift = self.before_wkv(x, v_first, shift, pad)
-        y, sT = self.wkv(wkv_in, s0, wkv)
-        if self.layer_id == 0:
-            v_first = wkv_in[3]
-        return self.after_wkv(y, bonus, g), v_first, new_shift, sT
-
+    # Block.forward runs the three parts, before_wkv -> wkv -> after_wkv (the outer two compiled when asked)
     def before_wkv(self, x: Tensor, v_first: Tensor | None, shift: Tensor, pad: Padding | None) -> tuple[Tensor, ...]:
         """Everything up to the WKV operator: (r, w, k, v, a, b) in the operator's dtype, [B, T, C] each (v is also
         layer 0's v_first), the bonus term (Σ_head r ⊙ k ⊙ r_k) v, the output gate g, and the new shift state."""

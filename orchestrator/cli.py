@@ -208,11 +208,11 @@ def _run_with_display(run, display, interrupted: str):
     try:
         return run()
     except KeyboardInterrupt:
-        getattr(display, "close", lambda: None)()
-        click.echo(interrupted, err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        pass
     finally:
         getattr(display, "close", lambda: None)()
+    click.echo(interrupted, err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("round")

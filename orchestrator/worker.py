@@ -202,9 +202,7 @@ class Run:
         except (ValueError, FileNotFoundError) as e:
             raise RunError("config", f"model: {str(e).splitlines()[0]}") from None
         torch.manual_seed(self.cfg.seed)  # the init seed must not make the training seed's streams depend on it
-        cfg = self.cfg
-        self.compiled = cfg.compile
-        model.compile_backend = "inductor" if self.compiled else None
+        model.compile_backend = "inductor" if self.cfg.compile else None
         return model.to(self.device).float()
 
     def build_tokenizer(self):
@@ -393,7 +391,7 @@ class Run:
         self.progress(self.steps_done, loss, force=True)
         result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
-                           device=self.device_name(), compiled=self.compiled, train_tokens=self.train_tokens,
+                           device=self.device_name(), compiled=cfg.compile, train_tokens=self.train_tokens,
                            tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
         if status == "diverged":
             result.error_kind = "diverged"
