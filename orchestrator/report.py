@@ -677,6 +677,11 @@ def plot_list(summary: dict[str, Any], data: RoundData) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------------------------
 # report.md
 # ---------------------------------------------------------------------------------------------------------------------
+# what makes two runs "one configuration" for the repeats check (_Builder.repeats), in words
+_SAME_CONFIGURATION = ("(same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed "
+                       "and device)")
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     s = summary
     lines = [f"# Round `{s['round']}`: report", ""]
@@ -692,9 +697,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     rep = s["repeats"]
     if rep["differing"]:
         lines += ["## Not reproducible", "", f"{rep['differing']} of {len(rep['groups'])} configurations that ran in "
-                  "more than one stage (same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, "
-                  "n_val, data seed and device) gave different final metrics. A run should be a measurement: find "
-                  "the nondeterminism (or the code change during the round) before trusting any number below.", ""]
+                  f"more than one stage {_SAME_CONFIGURATION} gave different final metrics. A run should be a "
+                  "measurement: find the nondeterminism (or the code change during the round) before trusting any number below.", ""]
         lines += _table(["task", "candidate", "seed", "runs", "values"],
                         [[f"`{g['task']}`", g["candidate"], g["seed"], ", ".join(f"`{k}`" for k in g["run_keys"]),
                           ", ".join(_f(v, ".6g") for v in g["values"])] for g in rep["groups"] if not g["identical"]])
@@ -734,9 +738,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                  f"run to take a time per step from); those tasks are left out of the estimate and the saving."
                  if c["tasks_without_estimate"] else ""), ""]
     if rep["groups"] and not rep["differing"]:
-        lines += [f"Reproducibility: {len(rep['groups'])} configuration(s) ran in more than one stage (same task, "
-                  "candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed and device); every "
-                  "repeat gave bit-identical final metrics.", ""]
+        lines += [f"Reproducibility: {len(rep['groups'])} configuration(s) ran in more than one stage "
+                  f"{_SAME_CONFIGURATION}; every repeat gave bit-identical final metrics.", ""]
     for label, t in s["tasks"].items():
         lines += _task_markdown(label, t, s)
     return "\n".join(lines).rstrip() + "\n"
