@@ -698,7 +698,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if rep["differing"]:
         lines += ["## Not reproducible", "", f"{rep['differing']} of {len(rep['groups'])} configurations that ran in "
                   f"more than one stage {_SAME_CONFIGURATION} gave different final metrics. A run should be a "
-                  "measurement: find the nondeterminism (or the code change during the round) before trusting any number below.", ""]
+                  "measurement: find the nondeterminism (or the code change during the round) before trusting any "
+                  "number below.", ""]
         lines += _table(["task", "candidate", "seed", "runs", "values"],
                         [[f"`{g['task']}`", g["candidate"], g["seed"], ", ".join(f"`{k}`" for k in g["run_keys"]),
                           ", ".join(_f(v, ".6g") for v in g["values"])] for g in rep["groups"] if not g["identical"]])
