@@ -10,8 +10,8 @@ data_seed), a digest of the rest of the run's setup that a candidate shares with
 parameters, model source: preset or checkpoint, init seed and any shape overrides, the task's own model where it has
 one; optimiser, loss, test-set size, kernel, precision, eval batch; `compile` only when on) and a digest of the
 candidate's resolved configuration (mode + FS fields). A spec change that changes a run therefore gives it a new key:
-an old record is never reused for a different run, and nothing has to be refused on resume. (A model source without shape overrides
-hashes as it did before overrides existed: ModelSource leaves an absent `shape` out of its dump.)
+an old record is never reused for a different run, and nothing has to be refused on resume. (A model source without
+shape overrides hashes as it did before overrides existed: ModelSource leaves an absent `shape` out of its dump.)
 
 The matched baseline of a candidate run is the baseline run of the same task, stage, seed and conditions
 (`RunKey.matched_baseline()`): never a baseline of another stage or budget. Torch-free.
