@@ -230,7 +230,7 @@ def _run_with_display(run, display, interrupted: str):
 @click.option("--stale-after-s", type=float, default=None,
               help="PostgreSQL storage: a claim without heartbeat this long is taken over by another worker (default: "
                    "as for `fsearch worker`)")
-@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
+@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m worker)")
 def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool,
               heartbeat_s: float | None, stale_after_s: float | None, worker_cmd: str | None) -> None:
     """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
@@ -309,7 +309,7 @@ def write_report_and_warn(report, round_dir: Path, prefix: str = "") -> None:
 @click.option("--wait-s", cls=ClaimsTiming, constant="WAIT_S",
               help="seconds to wait before looking again when other workers hold every runnable unit")
 @click.option("--worker-id", default=None, hidden=True, help="claim owner name (default host:pid:hostid)")
-@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m orchestrator.worker)")
+@click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m worker)")
 def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: str | None, gpu: str | None,
                 heartbeat_s: float, stale_after_s: float, wait_s: float, worker_id: str | None,
                 worker_cmd: str | None) -> None:
@@ -575,7 +575,7 @@ BENCHES = {
     "kernel": ("kernels.bench",),
     "operator": ("kernels.bench_cpu",),
     "model": ("model.bench_cpu",),
-    "train": ("orchestrator.bench_train", "model.bench_train"),
+    "train": ("worker.bench_train",),
 }
 
 

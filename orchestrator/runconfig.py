@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 ErrorKind = Literal["oom", "diverged", "data", "config", "crash", "timeout"]
 Status = Literal["ok", "diverged", "failed"]
-# test hooks (see orchestrator/worker.py): "oom" fails while micro_batch == batch_size (a halved retry passes),
+# test hooks (see worker/run.py): "oom" fails while micro_batch == batch_size (a halved retry passes),
 # "oom_always", "crash" (every attempt), "crash_once" (attempt 0 only), "hang" (never returns), "diverge" (loss
 # becomes non-finite), "data" (the data build fails)
 Fault = Literal["oom", "oom_always", "crash", "crash_once", "hang", "diverge", "data"]
@@ -152,7 +152,7 @@ class RunConfig(BaseModel):
     eval_batch: int = 64
     run_dir: str
     attempt: int = 0
-    fault: Fault | None = None  # test hook: inject a failure (see orchestrator/worker.py)
+    fault: Fault | None = None  # test hook: inject a failure (see worker/run.py)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

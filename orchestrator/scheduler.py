@@ -23,7 +23,7 @@ Several workers (PostgreSQL storage; `scheduler_for` picks the class from the st
 SQLite serves one scheduler: several workers on it are refused (orchestrator.study.require_shared_storage).
 
 Test hooks (environment):
-  FSEARCH_WORKER_CMD  the worker command (shlex-split; the run file is appended), default `python -m orchestrator.worker`
+  FSEARCH_WORKER_CMD  the worker command (shlex-split; the run file is appended), default `python -m worker`
   FSEARCH_FAULTS      JSON {"<fnmatch pattern on run_key>": "<fault>"} -> RunConfig.fault
   FSEARCH_KILL_AT     "point:n[,point:n]": SIGKILL this scheduler the n-th time it reaches `point` (KILL_POINTS)
 
@@ -157,7 +157,7 @@ def fault_for(run_key: str, faults: dict[str, str]) -> str | None:
 
 
 def worker_command(cmd: str | list[str] | None = None) -> list[str]:
-    """The worker command: an argument, else $FSEARCH_WORKER_CMD, else this interpreter's `-m orchestrator.worker`."""
+    """The worker command: an argument, else $FSEARCH_WORKER_CMD, else this interpreter's `-m worker`."""
     if isinstance(cmd, list):
         return list(cmd)
     text = cmd or os.environ.get(WORKER_CMD_ENV)
@@ -166,7 +166,7 @@ def worker_command(cmd: str | list[str] | None = None) -> list[str]:
         if not parts:
             raise SchedulerError(f"{WORKER_CMD_ENV} is empty")
         return parts
-    return [sys.executable, "-m", "orchestrator.worker"]
+    return [sys.executable, "-m", "worker"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

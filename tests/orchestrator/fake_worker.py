@@ -1,4 +1,4 @@
-"""A stand-in for `python -m orchestrator.worker` in scheduler tests: no torch, milliseconds per run.
+"""A stand-in for `python -m worker` in scheduler tests: no torch, milliseconds per run.
 
     python tests/orchestrator/fake_worker.py RUN.json
     python tests/orchestrator/fake_worker.py --probe PROBE.json

@@ -1,5 +1,5 @@
 """A comparison round (seedcheck only: every candidate on every seed, nothing pruned) end to end with the real worker
-(`python -m orchestrator.worker`) on CPU at tiny size, with a reshaped from-scratch model; then its status, report,
+(`python -m worker`) on CPU at tiny size, with a reshaped from-scratch model; then its status, report,
 report check and export. Plus the worker building a reshaped preset."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_comparison_round_with_the_real_worker(write_spec, monkeypatch, tmp_path
     from orchestrator.progress import round_status
     from orchestrator.report import check_report, write_report
 
-    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m orchestrator.worker")
+    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m worker")
     monkeypatch.delenv("FSEARCH_FAULTS", raising=False)
     monkeypatch.delenv("FSEARCH_KILL_AT", raising=False)
     path = write_spec({"model": {"preset": "tiny", "shape": SHAPE},
@@ -64,7 +64,7 @@ def test_the_worker_builds_the_reshaped_preset(tmp_path):
     import torch
 
     from orchestrator.runconfig import ModelSource, RunConfig
-    from orchestrator.worker import Run
+    from worker.run import Run
 
     cfg = RunConfig(run_key="k", task="t", task_kind="rightcopy", candidate="baseline", mode="baseline",
                     model=ModelSource(preset="tiny", shape=SHAPE), steps=1, eval_every=1, batch_size=2,

@@ -1,4 +1,4 @@
-"""End to end with the real worker (`python -m orchestrator.worker`): a tiny CPU round (tiny preset, sudoku, quick
+"""End to end with the real worker (`python -m worker`): a tiny CPU round (tiny preset, sudoku, quick
 stage), one candidate made to run out of memory once (the worker's fault hook) so the halved micro-batch is exercised
 through torch; then the study, the records and a rerun."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 @pytest.mark.slow  # four worker processes, each importing torch: about 22 s on a quiet 2-core dev machine, minutes on a busy one
 def test_tiny_round_with_the_real_worker(write_spec, monkeypatch, tmp_path, round_runner):
-    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m orchestrator.worker")
+    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m worker")
     monkeypatch.setenv("FSEARCH_FAULTS", json.dumps({"*.scalar_l1_trainable.*": "oom"}))
     monkeypatch.delenv("FSEARCH_KILL_AT", raising=False)
     spec = write_spec({"stages!": {"quick": {"steps": 4, "eval_every": 2, "seeds": [0]}},
@@ -53,7 +53,7 @@ def test_real_worker_accepts_the_probe_request_and_cpu_falls_back_to_cpu_batch(w
 
     from orchestrator.progress import PlainDisplay
 
-    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m orchestrator.worker")
+    monkeypatch.setenv("FSEARCH_WORKER_CMD", f"{sys.executable} -m worker")
     monkeypatch.delenv("FSEARCH_FAULTS", raising=False)
     spec = write_spec({"stages!": {"quick": {"steps": 2, "eval_every": 1, "seeds": [0]}},
                        "defaults": {"device": "auto", "probe": {"cpu_batch": 2, "micro_batches": [8, 4]}},

@@ -220,7 +220,7 @@ def test_hooks_parse_and_reject_bad_settings(monkeypatch):
     assert worker_command() == ["python3", "-u", "my_worker.py"]
     assert worker_command(["a", "b"]) == ["a", "b"]
     monkeypatch.delenv("FSEARCH_WORKER_CMD")
-    assert worker_command()[1:] == ["-m", "orchestrator.worker"]
+    assert worker_command()[1:] == ["-m", "worker"]
 
 
 def test_rich_display_renders_the_live_table(write_spec, fake_env, round_runner):

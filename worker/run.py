@@ -1,24 +1,7 @@
-"""One run: train FS-RWKV-7 on a task for a budget of optimizer steps and measure it. The only place where torch,
-the model and the data meet; the scheduler spawns it as a subprocess:
-
-    python -m orchestrator.worker RUN.json            # RUN.json is an orchestrator.runconfig.RunConfig
-    python -m orchestrator.worker --probe PROBE.json  # GPU batch probe (see `probe`)
-
-What a run is (every choice here exists to make a run a reproducible measurement):
-- Budget in optimizer steps, never wall-clock time. Evaluations at step 0, every `eval_every` steps and at the end.
-- Fixed validation and test sets from the task's data seed; the training seed only orders the training stream and
-  seeds torch. On CPU the same config gives the same result.
-- Prompt pass (Future-Seed on, in mode prompt_fs), then the answer pass seeded with the prompt's final WKV and
-  token-shift states. `read_twice` shows the context twice, FS off. `baseline` never touches FS code.
-- Loss: mean cross-entropy over all answer tokens of the effective batch (token-weighted, independent of how the
-  batch is split into micro-batches), or the original's loss0 + mean(rest) for comparison.
-- AdamW on fp32 master weights with parameter groups; bf16 autocast only on CUDA; gradient clipping; accumulation.
-- Metrics of one evaluation always come together: `best` is the whole eval with the best primary metric.
-- A non-finite loss ends the run with status `diverged`: a result, not a crash.
-"""
+"""One training run (see the package docstring): `Run` sets up model, task, FS gates and optimizer, trains for the
+budget and evaluates; `run(config_path)` is the entry point that turns every outcome into a result.json."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,109 +13,20 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from orchestrator.runconfig import (EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult)
+import torch
+
+from orchestrator.decisions import lower_is_better
+from orchestrator.fileio import finite_json, write_json_atomic
+from orchestrator.runconfig import EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult
+from worker.batches import Batch, forward_answer_logits, token_losses
+from worker.errors import RunError
 
 PROGRESS_EVERY_S = 1.0
-
-
-class RunError(Exception):
-    """An expected failure with a kind (config, data, oom) and a one-line message."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# small I/O helpers
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_finite_json(obj), f, indent=1, default=_json_default, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "model_dump"):
-        return _finite_json(o.model_dump(mode="json"))
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _finite_json(o: Any) -> Any:
-    """Non-finite floats become null, so every file the worker writes is strict JSON."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite_json(v) for v in o]
-    return o
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
-
-def lower_is_better(metric: str) -> bool:
-    return "loss" in metric
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# batches
-
-class Batch:
-    """Token tensors of a list of examples: prompts left-padded (pad_left says how much), answers right-padded."""
-
-    def __init__(self, examples, read_twice: bool, eot_id: int, device):
-        import torch
-
-        prompts = [list(e.prompt_ids(read_twice)) for e in examples]
-        answers = [list(e.answer_ids) for e in examples]
-        if any(len(a) == 0 for a in answers):
-            raise RunError("data", "an example has an empty answer")
-        P = max(len(p) for p in prompts)
-        A = max(len(a) for a in answers)
-        self.n = len(examples)
-        self.prompt = torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-        self.pad_left = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
-        ans = torch.tensor([a + [eot_id] * (A - len(a)) for a in answers], dtype=torch.long, device=device)
-        self.answer = ans  # targets
-        self.answer_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers], dtype=torch.bool,
-                                        device=device)
-        self.answer_in = ans[:, :-1]  # inputs of the answer pass (the first answer token comes from the prompt pass)
-        self.n_answer_tokens = int(self.answer_mask.sum())
-        self.n_tokens = sum(len(p) for p in prompts) + sum(len(a) for a in answers)
-
-
-def forward_answer_logits(model, batch: Batch, fs, gates, fs_on: bool):
-    """Logits [B, A, V] predicting each answer token: position 0 from the prompt pass, the rest from the answer pass
-    seeded with the prompt's final states (WKV and token shift)."""
-    import torch
-
-    if fs_on:
-        hidden, states = model(batch.prompt, fs=fs, fs_gates=gates, pad_left=batch.pad_left, return_hidden=True)
-    else:
-        hidden, states = model(batch.prompt, pad_left=batch.pad_left, return_hidden=True)
-    first = model.logits(hidden[:, -1:])
-    if batch.answer_in.shape[1] == 0:
-        return first, states
-    rest_hidden, _ = model(batch.answer_in, state=states, return_hidden=True)
-    return torch.cat([first, model.logits(rest_hidden)], dim=1), states
-
-
-def token_losses(logits, batch: Batch):
-    import torch.nn.functional as F
-
-    V = logits.shape[-1]
-    ce = F.cross_entropy(logits.float().reshape(-1, V), batch.answer.reshape(-1), reduction="none")
-    return ce.view(batch.n, -1) * batch.answer_mask
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the run
 
 class Run:
     def __init__(self, cfg: RunConfig):
@@ -147,8 +41,6 @@ class Run:
 
     # setup ----------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
-
         cfg = self.cfg
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RunError("config", "device 'cuda' requested but CUDA is not available")
@@ -185,8 +77,6 @@ class Run:
         self.optimizer = self.build_optimizer()
 
     def build_model(self):
-        import torch
-
         src = self.cfg.model
         try:
             if src.preset is not None:
@@ -262,8 +152,6 @@ class Run:
             raise RunError("data", "the task's training stream ended") from None
 
     def train_step(self, step: int) -> float:
-        import torch
-
         cfg = self.cfg
         if cfg.fault == "hang":
             while True:
@@ -307,8 +195,6 @@ class Run:
     # evaluation -----------------------------------------------------------------------------------------------------
     def evaluate(self, examples: list, prefix: str) -> dict[str, float]:
         """Teacher-forced loss / token accuracy / exact match, plus the task's unit metrics on greedy decodes."""
-        import torch
-
         self.model.eval()
         loss_sum, tok_correct, n_tok, exact, units = 0.0, 0, 0, 0, {}
         with torch.no_grad(), self.autocast():
@@ -336,8 +222,6 @@ class Run:
 
     def greedy_decode(self, b: Batch, first_logits, states) -> list[list[int]]:
         """Generate each example's answer length greedily from the prompt's final states (no teacher forcing)."""
-        import torch
-
         lengths = b.answer_mask.sum(1).tolist()
         tok = first_logits.argmax(-1)
         out = [tok]
@@ -356,7 +240,7 @@ class Run:
         if self.gates is not None:
             row.update(self.gates.stats())
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_finite_json(row), default=_json_default, allow_nan=False) + "\n")
+            f.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
         self.evals.append(row)
         return row
 
@@ -408,16 +292,12 @@ class Run:
         return result
 
     def device_name(self) -> str:
-        import torch
-
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return "cpu"
 
 
 def peak_memory_bytes(device_type: str) -> int | None:
-    import torch
-
     if device_type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     try:
@@ -429,13 +309,8 @@ def peak_memory_bytes(device_type: str) -> int | None:
 
 
 def is_oom(e: BaseException) -> bool:
-    import torch
-
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# entry points
 
 def run(config_path: Path) -> int:
     try:
@@ -482,88 +357,3 @@ def run(config_path: Path) -> int:
         last = traceback.format_exception_only(type(e), e)[-1].strip()
         return finish(RunResult(status="failed", error_kind="crash", error_message=last[:1000], steps=r.steps_done),
                       EXIT_CRASH)
-
-
-def probe(probe_path: Path) -> int:
-    """Largest micro-batch that fits: forward + backward + optimizer step at the task's worst-case prompt and answer
-    lengths with the run's (heaviest) FS configuration, within `margin` of the device's memory. An OOM moves to the
-    next smaller size; any other failure is an error (never a silent "batch 1")."""
-    import torch
-
-    spec = json.loads(Path(probe_path).read_text())
-    out_path = Path(probe_path).with_name("probe_result.json")
-    cfg = RunConfig(**spec["run"])
-    margin = float(spec.get("margin", 0.9))
-    if not torch.cuda.is_available():
-        write_json_atomic(out_path, {"error_kind": "config", "error_message": "the batch probe needs a CUDA device"})
-        return EXIT_CONFIG
-    total = torch.cuda.get_device_properties(0).total_memory
-    tried = []
-    try:
-        r = Run(cfg)
-        r.setup()
-        P, A = r.task.max_lengths()
-        for mb in sorted(spec["candidates"], reverse=True):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                b = _worst_case_batch(mb, P, A, r)
-                r.optimizer.zero_grad(set_to_none=True)
-                with r.autocast():
-                    logits, _ = forward_answer_logits(r.model, b, r.fs, r.gates, r.fs is not None)
-                token_losses(logits, b).sum().backward()
-                r.optimizer.step()
-                torch.cuda.synchronize()
-                peak = int(torch.cuda.max_memory_allocated())
-                ok = peak <= margin * total
-                tried.append({"micro_batch": mb, "ok": ok, "error_kind": None if ok else "margin",
-                              "peak_mem_bytes": peak})
-                del logits, b
-                if ok:
-                    write_json_atomic(out_path, {"micro_batch": mb, "peak_mem_bytes": peak, "device_mem_bytes": total,
-                                                 "prompt_tokens": P, "answer_tokens": A, "tried": tried,
-                                                 "device": torch.cuda.get_device_name(0)})
-                    return EXIT_OK
-            except Exception as e:  # noqa: BLE001
-                if not is_oom(e):
-                    raise
-                tried.append({"micro_batch": mb, "ok": False, "error_kind": "oom", "peak_mem_bytes": None})
-                r.optimizer.zero_grad(set_to_none=True)
-        write_json_atomic(out_path, {"error_kind": "oom", "error_message": "no candidate micro-batch fits",
-                                     "tried": tried})
-        return EXIT_OOM
-    except RunError as e:
-        write_json_atomic(out_path, {"error_kind": e.kind, "error_message": str(e), "tried": tried})
-        return {"config": EXIT_CONFIG, "data": EXIT_DATA}.get(e.kind, EXIT_CRASH)
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        write_json_atomic(out_path, {"error_kind": "crash", "error_message": f"{type(e).__name__}: {e}"[:1000],
-                                     "tried": tried})
-        return EXIT_CRASH
-
-
-def _worst_case_batch(mb: int, prompt_len: int, answer_len: int, r: Run) -> Batch:
-    """A batch of `mb` synthetic examples with the task's worst-case lengths (token ids from the val set, repeated)."""
-    from tasks.base import Example
-
-    ex = r.val_set[0]
-    p = (list(ex.prompt_ids(False)) * (prompt_len // max(1, len(ex.prompt_ids(False))) + 1))[:prompt_len]
-    a = (list(ex.answer_ids) * (answer_len // max(1, len(ex.answer_ids)) + 1))[:answer_len]
-    fake = Example("", "", "", tuple(p), (), tuple(a))
-    return Batch([fake] * mb, False, r.tok.eot_id, r.device)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m orchestrator.worker", description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", help="RUN.json (an orchestrator.runconfig.RunConfig)")
-    ap.add_argument("--probe", help="PROBE.json: run the GPU batch probe instead")
-    args = ap.parse_args(argv)
-    if args.probe:
-        return probe(Path(args.probe))
-    if not args.config:
-        ap.error("give RUN.json or --probe PROBE.json")
-    return run(Path(args.config))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

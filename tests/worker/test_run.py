@@ -1,4 +1,4 @@
-"""The worker: one deterministic run. Runs in-process (orchestrator.worker.run) on the tiny preset for speed."""
+"""The worker: one deterministic run. Runs in-process (worker.run.run) on the tiny preset for speed."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model.candidates import resolve  # noqa: E402
-from orchestrator import worker  # noqa: E402
+from worker.batches import Batch  # noqa: E402
+from worker.run import run as run_worker  # noqa: E402
 from orchestrator.runconfig import (EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM,  # noqa: E402
                                     LearningRates, ModelSource, RunConfig)
 
@@ -38,8 +39,8 @@ def strip_timing(result: dict) -> dict:
 
 
 def test_same_config_twice_gives_identical_metrics(tmp_path):
-    assert worker.run(make_config(tmp_path, "a", candidate="scalar_l2_trainable")) == EXIT_OK
-    assert worker.run(make_config(tmp_path, "b", candidate="scalar_l2_trainable")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "a", candidate="scalar_l2_trainable")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "b", candidate="scalar_l2_trainable")) == EXIT_OK
     a, b = result_of(tmp_path, "a"), result_of(tmp_path, "b")
     assert a["status"] == "ok" and a["steps"] == 6
     assert strip_timing(a) == strip_timing(b)
@@ -51,7 +52,7 @@ def test_same_config_twice_gives_identical_metrics(tmp_path):
 
 
 def test_result_files_and_best_from_one_eval(tmp_path):
-    assert worker.run(make_config(tmp_path)) == EXIT_OK
+    assert run_worker(make_config(tmp_path)) == EXIT_OK
     res = result_of(tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best_row = next(r for r in rows if r["step"] == res["best_step"])
@@ -64,8 +65,8 @@ def test_result_files_and_best_from_one_eval(tmp_path):
 
 
 def test_micro_batches_do_not_change_the_result(tmp_path):
-    assert worker.run(make_config(tmp_path, "full")) == EXIT_OK
-    assert worker.run(make_config(tmp_path, "half", micro_batch=4)) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "full")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "half", micro_batch=4)) == EXIT_OK
     a, b = result_of(tmp_path, "full"), result_of(tmp_path, "half")
     assert b["grad_accum"] == 2 and b["micro_batch"] == 4
     for k, v in a["final"].items():
@@ -73,7 +74,7 @@ def test_micro_batches_do_not_change_the_result(tmp_path):
 
 
 def test_divergence_is_a_result(tmp_path):
-    assert worker.run(make_config(tmp_path, lr=LearningRates(model=1e9, grad_clip=0.0), steps=20, eval_every=10)) \
+    assert run_worker(make_config(tmp_path, lr=LearningRates(model=1e9, grad_clip=0.0), steps=20, eval_every=10)) \
         == EXIT_OK
     res = result_of(tmp_path)
     assert res["status"] == "diverged" and res["error_kind"] == "diverged"
@@ -89,18 +90,18 @@ def test_divergence_is_a_result(tmp_path):
 
 
 def test_injected_faults(tmp_path):
-    assert worker.run(make_config(tmp_path, "d", fault="diverge")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "d", fault="diverge")) == EXIT_OK
     assert result_of(tmp_path, "d")["status"] == "diverged"
-    assert worker.run(make_config(tmp_path, "o", fault="oom")) == EXIT_OOM
+    assert run_worker(make_config(tmp_path, "o", fault="oom")) == EXIT_OOM
     assert result_of(tmp_path, "o")["error_kind"] == "oom"
-    assert worker.run(make_config(tmp_path, "o2", fault="oom", micro_batch=4)) == EXIT_OK
-    assert worker.run(make_config(tmp_path, "c", fault="crash_once")) == EXIT_CRASH
+    assert run_worker(make_config(tmp_path, "o2", fault="oom", micro_batch=4)) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "c", fault="crash_once")) == EXIT_CRASH
     assert result_of(tmp_path, "c")["error_kind"] == "crash"
-    assert worker.run(make_config(tmp_path, "c1", fault="crash_once", attempt=1)) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "c1", fault="crash_once", attempt=1)) == EXIT_OK
 
 
 def test_data_failure_is_kind_data(tmp_path):
-    assert worker.run(make_config(tmp_path, fault="data")) == EXIT_DATA
+    assert run_worker(make_config(tmp_path, fault="data")) == EXIT_DATA
     res = result_of(tmp_path)
     assert res["status"] == "failed" and res["error_kind"] == "data" and "data" in res["error_message"]
 
@@ -108,14 +109,14 @@ def test_data_failure_is_kind_data(tmp_path):
 def test_invalid_candidate_fails_with_config_before_training(tmp_path):
     # layer_start 9 on a 4-layer model: the FS config cannot act
     cand = resolve("scalar_l9_trainable")
-    assert worker.run(make_config(tmp_path, candidate="scalar_l9_trainable", fs=cand.fs)) == EXIT_CONFIG
+    assert run_worker(make_config(tmp_path, candidate="scalar_l9_trainable", fs=cand.fs)) == EXIT_CONFIG
     res = result_of(tmp_path)
     assert res["error_kind"] == "config" and "layer_start" in res["error_message"] and res["steps"] == 0
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_unknown_task_param_is_config_error(tmp_path):
-    assert worker.run(make_config(tmp_path, task_params={"base": 2, "bogus": 1})) == EXIT_CONFIG
+    assert run_worker(make_config(tmp_path, task_params={"base": 2, "bogus": 1})) == EXIT_CONFIG
     assert "bogus" in result_of(tmp_path)["error_message"]
 
 
@@ -128,10 +129,10 @@ def test_baseline_never_calls_future_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(fsmod, "future_seed", boom)
     for name in ("FSGates",):
         monkeypatch.setattr(fsmod, name, boom)
-    assert worker.run(make_config(tmp_path, "base")) == EXIT_OK
-    assert worker.run(make_config(tmp_path, "twice", candidate="read_twice")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "base")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, "twice", candidate="read_twice")) == EXIT_OK
     # the same patch does break an FS run (so the test above can fail)
-    assert worker.run(make_config(tmp_path, "fs", candidate="scalar_l2_trainable")) == EXIT_CRASH
+    assert run_worker(make_config(tmp_path, "fs", candidate="scalar_l2_trainable")) == EXIT_CRASH
 
 
 def test_read_twice_batch_doubles_the_context():
@@ -141,15 +142,15 @@ def test_read_twice_batch_doubles_the_context():
     tok = get_tokenizer("byte")
     task = get_task("sudoku", SUDOKU, tok)
     ex = task.eval_set("val", 1)[0]
-    b1 = worker.Batch([ex], False, tok.eot_id, "cpu")
-    b2 = worker.Batch([ex], True, tok.eot_id, "cpu")
+    b1 = Batch([ex], False, tok.eot_id, "cpu")
+    b2 = Batch([ex], True, tok.eot_id, "cpu")
     assert b1.prompt[0].tolist() == list(ex.context_ids + ex.trigger_ids)
     assert b2.prompt[0].tolist() == list(ex.context_ids + ex.context_ids + ex.trigger_ids)
     assert tok.decode(b2.prompt[0].tolist()) == ex.context + ex.context + ex.trigger
 
 
 def test_fs_run_trains_gates_and_logs_gate_stats(tmp_path):
-    assert worker.run(make_config(tmp_path, candidate="scalar_l2_trainable")) == EXIT_OK
+    assert run_worker(make_config(tmp_path, candidate="scalar_l2_trainable")) == EXIT_OK
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     gate_keys = [k for k in rows[0] if k.startswith("gate")]
     assert gate_keys, rows[0]
@@ -159,7 +160,7 @@ def test_fs_run_trains_gates_and_logs_gate_stats(tmp_path):
 def test_bad_config_file(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"run_dir": str(tmp_path / "bad"), "steps": 0}))
-    assert worker.run(p) == EXIT_CONFIG
+    assert run_worker(p) == EXIT_CONFIG
     assert json.loads((tmp_path / "bad" / "result.json").read_text())["error_kind"] == "config"
 
 
@@ -180,8 +181,8 @@ def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, co
     compiled = compile_
     paths = [make_config(tmp_path, name, candidate="scalar_l2_trainable", device=device, compile=compile_, **kw)
              for name, kw in (("a", {}), ("b", {}), ("half", {"micro_batch": 4}))]
-    code = ("import sys; from pathlib import Path; from orchestrator import worker; "
-            "codes = [worker.run(Path(p)) for p in sys.argv[1:]]; print(codes, 'torch._dynamo' in sys.modules)")
+    code = ("import sys; from pathlib import Path; from worker.run import run; "
+            "codes = [run(Path(p)) for p in sys.argv[1:]]; print(codes, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -208,7 +209,7 @@ def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_pa
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     for name in ("first", "second"):
         path = make_config(tmp_path, name, candidate="scalar_l2_trainable", device="cuda", compile=True)
-        out = subprocess.run([sys.executable, "-m", "orchestrator.worker", str(path)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "worker", str(path)], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
         assert out.returncode == EXIT_OK, out.stderr[-3000:]
     first, second = result_of(tmp_path, "first"), result_of(tmp_path, "second")

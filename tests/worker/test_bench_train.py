@@ -1,7 +1,7 @@
 """`fsearch bench train` on CPU with a tiny shape: every configuration produces a row, ratios are derived."""
 import json
 
-from model import bench_train
+from worker import bench_train
 
 
 def test_bench_train_rows_on_cpu(capsys, tmp_path):

@@ -43,7 +43,7 @@ class TrainBench:
         from model.init import init_weights
         from model.optim import AdamW
         from model.rwkv7 import RWKV7
-        from orchestrator.worker import Batch, forward_answer_logits, token_losses
+        from worker.batches import Batch, forward_answer_logits, token_losses
         from tasks.base import Example
 
         self._torch, self._worker_fns = torch, (forward_answer_logits, token_losses)
