@@ -71,6 +71,13 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "tiny": "CPU demo size, byte tokenizer",
+    "small": "a small GPU model, byte tokenizer",
+    "0.1b-shape": "the RWKV-7 0.1B shape with the World vocabulary, from scratch (random weights)",
+}
+
+
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")

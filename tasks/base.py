@@ -22,11 +22,12 @@ from typing import Any, ClassVar, Iterator, Literal
 from pydantic import BaseModel, ConfigDict
 
 from model.tokenizers import Tokenizer
+from orchestrator.errors import UserError
 
 Split = Literal["val", "test"]
 
 
-class TaskError(Exception):
+class TaskError(UserError):
     """A user-facing task problem (bad parameters): one line, names the field."""
 
 
@@ -63,6 +64,34 @@ class Task(abc.ABC):
     primary_metric: ClassVar[str] = "tok_acc"  # metric the spec's threshold applies to unless it names another
     unit_metrics: ClassVar[tuple[str, ...]] = ()  # names returned by score()
     description: ClassVar[str] = ""
+    # one line per metric the task reports (without the val_/test_ prefix): what it measures; `fsearch list tasks`
+    metric_definitions: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def metrics(cls) -> dict[str, str]:
+        """{metric: one-line definition} for every metric a run of this task reports: the task's own from `score()`,
+        then the worker's teacher-forced ones (a task's `exact` replaces the worker's)."""
+        return {**cls.metric_definitions, **{k: v for k, v in WORKER_METRICS.items() if k not in cls.metric_definitions}}
+
+    @classmethod
+    def chance_levels(cls, params: TaskParams) -> dict[str, float]:
+        """{metric: chance level} for the metrics whose chance level is exact for these params (see `chance_level`).
+        A task overrides this; the default knows none."""
+        return {}
+
+    @classmethod
+    def chance_level(cls, params: TaskParams | dict[str, Any] | None = None, metric: str | None = None) -> float | None:
+        """The expected value of `metric` (default: the primary metric) for a guesser that knows the answer's
+        format but nothing of the problem: each unit of the answer (a cell, a digit, an item, a bit) drawn
+        uniformly from the values it can take. None where that number is not exact (it depends on the tokenizer,
+        on the data's label distribution, or the metric is not a share of units). Torch-free: decisions use it
+        to tell a tie at chance from a tie between two working models. Raises TaskError on invalid params."""
+        if not isinstance(params, TaskParams):
+            try:
+                params = cls.Params(**(params or {}))
+            except Exception as e:  # pydantic ValidationError -> one line
+                raise TaskError(f"task {cls.name}: {_first_error(e)}") from None
+        return cls.chance_levels(params).get(metric or cls.primary_metric)
 
     def __init__(self, params: dict[str, Any] | None, tokenizer: Tokenizer, data_seed: int = 0):
         try:
@@ -94,6 +123,13 @@ class Task(abc.ABC):
         ex = self.eval_set("val", 32)
         return max(len(e.prompt_ids(True)) for e in ex), max(len(e.answer_ids) for e in ex)
 
+
+# what the worker's evaluation reports for every task (teacher-forced on the reference answer)
+WORKER_METRICS: dict[str, str] = {
+    "loss": "mean cross-entropy per answer token, teacher-forced (lower is better)",
+    "tok_acc": "share of answer tokens whose argmax prediction, teacher-forced, is the reference token",
+    "exact": "share of examples whose every answer token is predicted right, teacher-forced",
+}
 
 REGISTRY: dict[str, type[Task]] = {}
 

@@ -61,6 +61,9 @@ class ARC(RealTask):
     TEMPLATE_VERSION = 1
     unit_metrics = ("label_acc",)
     description = "ARC multiple choice: options before or after the question"
+    metric_definitions = {
+        "label_acc": "share of examples whose first generated non-space character is the answer's label",
+    }
     key_columns = ("id",)
 
     params: ARCParams

@@ -87,6 +87,10 @@ class Hotpot(RealTask):
     Params = HotpotParams
     TEMPLATE_VERSION = 1
     unit_metrics = ("em", "f1")
+    metric_definitions = {
+        "em": "share of first generated lines equal to the answer after SQuAD normalisation",
+        "f1": "mean word-overlap F1 of the first generated line against the answer (SQuAD normalisation)",
+    }
     description = "HotpotQA distractor setting: long context, question before or after it"
     key_columns = ("id",)
 

@@ -79,6 +79,10 @@ class MBPP(RealTask):
     Params = MBPPParams
     TEMPLATE_VERSION = 1
     unit_metrics = ("pass_at_1", "test_pass_frac")
+    metric_definitions = {
+        "pass_at_1": "share of generated programs that pass every test, run in the sandbox",
+        "test_pass_frac": "mean share of an example's tests that its generated program passes",
+    }
     description = "MBPP code with distractor notes; solutions executed against the problem's tests"
     key_columns = ("task_id",)
 

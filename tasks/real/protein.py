@@ -127,6 +127,10 @@ class ProteinSSSpot(ProteinTask):
     Params = ProteinSSParams
     TEMPLATE_VERSION = 1
     unit_metrics = ("residue_acc", "seq_acc")
+    metric_definitions = {
+        "residue_acc": "share of queried residues whose structure symbol is right, first generated line by position",
+        "seq_acc": "share of examples whose first generated line (spaces removed) equals all queried symbols",
+    }
     description = "label the secondary structure of queried residues of a protein sequence"
     key_columns = ("PDB_ID", "Sequence")
     INST = SS_INST
@@ -214,6 +218,15 @@ class ProteinContactPair(ProteinTask):
     Params = ProteinContactParams
     TEMPLATE_VERSION = 1
     unit_metrics = ("pair_acc", "seq_acc")
+    metric_definitions = {
+        "pair_acc": "share of queried pairs whose contact bit is right (first generated line, 0/1 kept, by position)",
+        "seq_acc": "share of examples whose bits (first generated line, 0/1 kept) all equal the answer",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: ProteinContactParams) -> dict[str, float]:
+        """Bits guessed uniformly: 1/2 each, whatever the share of contacts."""
+        return {"pair_acc": 0.5, "seq_acc": 0.5 ** params.num_pairs}
     description = "say which queried residue pairs of a protein are in contact"
     key_columns = ("name",)
     INST = CONTACT_INST

@@ -113,6 +113,10 @@ class PuncRestore(RealTask):
     Params = PuncParams
     TEMPLATE_VERSION = 1
     unit_metrics = ("char_acc", "exact")
+    metric_definitions = {
+        "char_acc": "mean of 1 - Levenshtein distance / target length (floored at 0), first generated line",
+        "exact": "share of first generated lines equal to the clean target line",
+    }
     description = "restore punctuation and casing of a noisy line, among background notes"
 
     params: PuncParams

@@ -11,6 +11,7 @@ which the whole prompt has been seen once already.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Literal
 
@@ -41,6 +42,15 @@ class RightCopyTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "copy the right-hand digit string past a distractor"
+    metric_definitions = {
+        "char_acc": "share of the answer's digits predicted right, position by position",
+        "exact": "share of predictions equal to the answer",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: RightCopyParams) -> dict[str, float]:
+        """Digits guessed uniformly: 1/10 each."""
+        return {"char_acc": 0.1, "exact": 0.1 ** params.length}
 
     params: RightCopyParams
 
@@ -77,6 +87,15 @@ class ConstrTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "span fixed by the prefix's last digit and a right-hand alternating pattern"
+    metric_definitions = {
+        "char_acc": "share of the answer's digits predicted right, position by position",
+        "exact": "share of predictions equal to the answer",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: ConstrParams) -> dict[str, float]:
+        """Digits guessed uniformly: 1/10 each."""
+        return {"char_acc": 0.1, "exact": 0.1 ** params.length}
 
     params: ConstrParams
 
@@ -119,6 +138,18 @@ class KVSortOrderTask(SyntheticTask):
     primary_metric = "item_acc"
     unit_metrics = ("item_acc", "key_valid", "key_order", "exact")
     description = "items sorted by the rank their keys have in a given order string"
+    metric_definitions = {
+        "item_acc": "share of the n answer slots holding the right item",
+        "key_valid": "share of predictions whose keys are a permutation of the given keys",
+        "key_order": "share of predictions whose keys are in the right order (values ignored)",
+        "exact": "share of predictions equal to the answer",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: KVSortOrderParams) -> dict[str, float]:
+        """The given items in a uniformly random order: each slot right with probability 1/n."""
+        orders = math.factorial(params.n)
+        return {"item_acc": 1.0 / params.n, "key_order": 1.0 / orders, "exact": 1.0 / orders}
 
     params: KVSortOrderParams
 

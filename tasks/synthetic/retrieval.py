@@ -46,6 +46,15 @@ class KVRetrievalTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "value of the queried key in a document of key=value pairs"
+    metric_definitions = {
+        "char_acc": "share of the value's digits predicted right, position by position",
+        "exact": "share of predictions equal to the queried value",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: KVRetrievalParams) -> dict[str, float]:
+        """Digits guessed uniformly: 1/10 each."""
+        return {"char_acc": 0.1, "exact": 0.1 ** params.vlen}
 
     params: KVRetrievalParams
 
@@ -99,6 +108,16 @@ class KVSortTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "value_acc", "exact")
     description = "values of key:value pairs listed in key order"
+    metric_definitions = {
+        "char_acc": "share of the answer's value digits predicted right, position by position (commas not counted)",
+        "value_acc": "share of the n value slots whose every digit is right",
+        "exact": "share of predictions equal to the whole answer, commas included",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: KVSortParams) -> dict[str, float]:
+        """Digits guessed uniformly (the commas in place): 1/10 each."""
+        return {"char_acc": 0.1, "value_acc": 0.1 ** params.vlen, "exact": 0.1 ** (params.n * params.vlen)}
 
     params: KVSortParams
 

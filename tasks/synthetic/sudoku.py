@@ -89,6 +89,19 @@ class SudokuTask(SyntheticTask):
     primary_metric = "hole_acc"
     unit_metrics = ("cell_acc", "hole_acc", "solve_rate", "exact")
     description = "sudoku completion (4x4 or 9x9), answer = full board"
+    metric_definitions = {
+        "cell_acc": "share of all cells equal to the generator's board (a valid solution counts as all right)",
+        "hole_acc": "share of the masked cells equal to the generator's board (a valid solution counts as all right)",
+        "solve_rate": "share of predictions that are a valid complete board keeping every given cell",
+        "exact": "share of predictions equal to the generator's board",
+    }
+
+    @classmethod
+    def chance_levels(cls, params: SudokuParams) -> dict[str, float]:
+        """hole_acc: each hole guessed uniformly among the side symbols, 1/side. Exact when the puzzle has one
+        solution; with s solutions a guess that solves the puzzle scores 1, which adds less than
+        (s - 1) / side**holes."""
+        return {"hole_acc": 1.0 / params.base ** 2}
 
     params: SudokuParams
 
