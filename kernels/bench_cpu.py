@@ -75,7 +75,7 @@ def _forward_backward(op, inputs):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_cpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fsearch bench operator", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"])
     p.add_argument("--seq", type=int, default=DEFAULTS["seq"])
     p.add_argument("--heads", type=int, default=DEFAULTS["heads"])

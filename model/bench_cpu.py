@@ -16,7 +16,7 @@ import time
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.bench_cpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fsearch bench model", description=__doc__.splitlines()[0])
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--head-size", type=int, default=32)

@@ -161,6 +161,10 @@ def _claims_constant(name: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # commands
 
+# click >= 8.2 raises this for a group called without a command (older versions print the help and exit 0)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class FsearchGroup(click.Group):
     """The command group; its `main` maps exceptions to exit codes for the console script and CliRunner alike:
     user errors -> `error: ...` on stderr + exit 2; interrupts -> 130; bugs keep their traceback."""
@@ -181,6 +185,9 @@ class FsearchGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("interrupted", err=True)
             return EXIT_INTERRUPTED
+        except _NO_ARGS_IS_HELP as e:  # bare `fsearch`: the help, not an error line
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            return 0
         except click.UsageError as e:
             hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
             click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
@@ -199,6 +206,7 @@ class FsearchGroup(click.Group):
 
 
 @click.group(cls=FsearchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="fsearch", prog_name="fsearch", message="%(prog)s %(version)s")
 def cli() -> None:
     """fsearch: staged, baseline-matched search of Future-Seed variants for RWKV-7 post-training."""
 
@@ -581,15 +589,63 @@ BENCHES = {
 
 @cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                         "help_option_names": []})
-@click.argument("what", type=click.Choice(sorted(BENCHES)))
+@click.argument("what", metavar="{" + "|".join(sorted(BENCHES)) + "}", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_cmd(what: str, args: tuple[str, ...]) -> None:
+@click.pass_context
+def bench_cmd(ctx: click.Context, what: str | None, args: tuple[str, ...]) -> None:
     """Benchmarks: kernel, operator, model, train (arguments go to the benchmark; try `bench kernel --help`)."""
+    if what in (None, "-h", "--help"):  # the benchmark's own options go through, so the group's help is asked here
+        click.echo(ctx.get_help())
+        return
+    if what not in BENCHES:
+        raise click.UsageError(f"unknown benchmark {what!r}; known: {', '.join(sorted(BENCHES))}", ctx)
     for mod in BENCHES[what]:
         if importlib.util.find_spec(mod) is not None:
             code = importlib.import_module(mod).main(list(args))
             sys.exit(code or 0)
     raise UserError(f"bench {what}: {' / '.join(BENCHES[what])} is not available in this installation")
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["tasks", "candidates", "presets"]))
+@click.argument("names", nargs=-1)
+@click.option("--params", default=None, help="tasks: parameters as JSON for the chance levels (default: the task's)")
+def list_cmd(what: str, names: tuple[str, ...], params: str | None) -> None:
+    """What a spec can name: tasks (parameters, metrics and their definitions, chance levels), candidates (the FS
+    library), presets (model shapes). `fsearch list tasks sudoku` shows one task."""
+    from orchestrator.catalog import format_list
+
+    if names and what != "tasks":
+        raise UserError(f"list {what}: takes no names (only `list tasks NAME...` does)")
+    try:
+        task_params = json.loads(params) if params is not None else None
+    except ValueError as e:
+        raise UserError(f"--params: not JSON ({e})") from None
+    if task_params is not None and not isinstance(task_params, dict):
+        raise UserError("--params: expected a JSON object")
+    click.echo(format_list(what, list(names) or None, task_params))
+
+
+@cli.command("fetch")
+@click.argument("kind", type=click.Choice(["checkpoint", "data", "list"]))
+@click.argument("name", required=False)
+@click.option("--cache", default=None, help="cache folder (default: $FSEARCH_CACHE, else ~/.cache/fsearch)")
+@click.option("--from", "from_dir", default=None, help="take the files from this local folder instead of the network")
+@click.option("--manifest", default=None, hidden=True, help="another manifest JSON (tests)")
+def fetch_cmd(kind: str, name: str | None, cache: str | None, from_dir: str | None, manifest: str | None) -> None:
+    """Download a checkpoint (`fetch checkpoint rwkv7-g1d-0.1b`) or a task's dataset (`fetch data mbpp`) into the
+    cache, check its size and sha256, and print the spec lines that use it. `fetch list` shows what can be fetched."""
+    from orchestrator.fetch import FetchError, fetch, format_manifest
+
+    try:
+        if kind == "list":
+            click.echo(format_manifest(manifest))
+            return
+        if name is None:
+            raise UserError(f"fetch {kind}: give a name (see `fsearch fetch list`)")
+        fetch(kind, name, cache=cache, from_dir=from_dir, manifest=manifest, echo=click.echo)
+    except FetchError as e:
+        raise UserError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
