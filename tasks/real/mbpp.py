@@ -22,7 +22,7 @@ from pydantic import Field
 
 from tasks.base import Example, register
 from tasks.real.common import RealParams, RealTask, Rows, fill_notes, note_stream
-from tasks.sandbox import Limits, run_tests
+from tasks.sandbox import Limits, SandboxMode, run_tests
 
 TRIGGER = "\n\nPython solution:\n"
 MAX_NOTES = 100_000  # no cap besides the token budget (as the original)
@@ -87,6 +87,8 @@ class MBPP(RealTask):
     key_columns = ("task_id",)
 
     params: MBPPParams
+    # the executor's mode: the run config's `sandbox` (spec defaults.sandbox); "unsafe" drops the namespace boundary
+    sandbox_mode: SandboxMode = "enforced"
 
     def row_key(self, row: dict) -> str:
         return str(row["task_id"])
@@ -127,5 +129,6 @@ class MBPP(RealTask):
         return Limits(wall_s=p.exec_timeout_s, cpu_s=p.exec_cpu_s, memory_mb=p.exec_memory_mb)
 
     def score(self, example: Example, predicted: str) -> dict[str, float]:
-        report = run_tests(predicted, example.meta["tests"], example.meta.get("setup", ""), self.exec_limits())
+        report = run_tests(predicted, example.meta["tests"], example.meta.get("setup", ""), self.exec_limits(),
+                           mode=self.sandbox_mode)
         return {"pass_at_1": report.pass_at_1, "test_pass_frac": report.test_pass_frac}
