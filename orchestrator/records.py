@@ -78,6 +78,7 @@ class Record(BaseModel):
     peak_mem_bytes: int | None = None
     device: str | None = None
     compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
+    sandbox: str | None = None  # "enforced" or "unsafe": how model-written code was executed (spec defaults.sandbox)
     run_dir: str
     finished_at: str  # ISO-8601 UTC
     best_val_loss: float | None = None  # the original's field names, taken from `best` (the same eval)

@@ -149,6 +149,7 @@ class RunConfig(BaseModel):
     # torch.compile of the blocks' work around the WKV kernel in training forwards (see Defaults.compile)
     compile: bool = False
     cpu_threads: int = 1  # torch threads on CPU: fixed, because results depend on it (and 1 is fastest at demo size)
+    sandbox: Literal["enforced", "unsafe"] = "enforced"  # how model-written code is executed (Defaults.sandbox)
     eval_batch: int = 64
     run_dir: str
     attempt: int = 0
@@ -194,3 +195,4 @@ class RunResult(BaseModel):
     grad_accum: int | None = None
     device: str | None = None
     compiled: bool | None = None  # whether the training forwards ran torch.compile'd blocks
+    sandbox: str | None = None  # the executor mode model-written code ran under ("enforced" or "unsafe")

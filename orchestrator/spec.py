@@ -120,6 +120,9 @@ class Defaults(_Strict):
     # and a baseline and its candidates always share it. (YAML reads on/off as true/false too.)
     compile: bool = False
     cpu_threads: int = Field(1, ge=1)  # torch threads of a CPU run; part of the run's identity (results depend on it)
+    # model-written code (MBPP) runs behind a namespace boundary (tasks/sandbox.py); "unsafe" is the explicit,
+    # recorded opt-out for machines that cannot provide it
+    sandbox: Literal["enforced", "unsafe"] = "enforced"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_limit_s: float = Field(3600.0, gt=0.0)  # per run
     retries: int = Field(2, ge=0)  # crash/timeout retries per candidate run
@@ -687,6 +690,12 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
     if task.metric is not None and task.metric not in metrics and task.metric not in LOWER_IS_BETTER:
         check.errors.append(f"{where}.metric: task {task.task!r} reports no metric {task.metric!r}; it reports "
                             f"{', '.join(sorted(metrics))}")
+    if spec.defaults.sandbox == "enforced" and hasattr(cls, "sandbox_mode"):  # the task executes model-written code
+        from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
+
+        reason = sandbox_unavailable_reason()
+        if reason is not None:
+            check.errors.append(f"{where}: {reason}")
     if not check_data or tokenizer is None:
         return
     from model.tokenizers import get_tokenizer
