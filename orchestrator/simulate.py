@@ -1,0 +1,379 @@
+"""`fsearch simulate`: the error rates and cost of a round's protocol, measured by running the real planner and the
+real seed-check rule against synthetic outcomes, many times over.
+
+    protocol = default_protocol()                     # or Protocol.from_spec(load_spec("studies/x.yaml"))
+    model = OutcomeModel.uniform(protocol.spec)       # paired-delta SD 1 at every stage: effects are in SD units
+    result = simulate(protocol, model, Scenario.one_real(8, 1.0), replicates=2000, seed=0)
+    result.p_confirm_null, result.power, result.fwer, result.cost_per_candidate   # each an Estimate(value, se)
+
+One replicate is one whole round. The loop asks `planner.plan(spec, records)` for the runnable units, synthesises a
+record for every one of them, feeds them back together and asks again until the plan is finished; the stage
+decisions (promote / prune) are the plan's own, and the seed-check decision is `stats.DecisionRule` applied to the
+plan's seed-check deltas exactly as the report applies it (Holm family = every finalist of the round).
+
+Outcome model, per task: baseline value on seed s = level + b_s (b_s ~ N(0, baseline_seed_sd²), shared by the
+baseline and every candidate of that seed: the pairing); candidate value = baseline value + effect at that stage +
+N(0, sd_stage²). The effect at a stage is effect_scale[stage] · effect + N(0, effect_sd[stage]²), one draw per
+candidate and stage (a stage that sees a shrunken or only partly related effect); the final effect is the one the
+seed check sees. Scenario effects are in units of the task's seed-check paired-delta SD. Training is deterministic:
+two stages that run the same training (same task, candidate, seed, steps, batch, n_val, data seed) give the same
+value, so a seed check that repeats the med runs on seed 0 sees their values again, as it does on a real device.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from model.candidates import BASELINE
+from orchestrator import planner, stats
+from orchestrator.errors import UserError
+from orchestrator.runkey import RunKey
+from orchestrator.spec import Spec, parse_spec
+from orchestrator.stats import DecisionRule, paired_stats
+
+DECISION_STAGE = "seedcheck"
+SEEDCHECK_LABELS = ("confirmed", "inconclusive", "rejected")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is simulated
+@dataclass(frozen=True)
+class Protocol:
+    """A round's protocol: the spec the planner runs (stages, seeds, thresholds, candidates) and the seed-check rule."""
+
+    name: str
+    spec: Spec
+    rule: DecisionRule = DecisionRule()
+    batch_sizes: Mapping[str, int] = field(default_factory=dict)  # for `batch: auto` tasks (any value will do)
+
+    @classmethod
+    def from_spec(cls, spec: Spec, name: str | None = None, rule: DecisionRule | None = None) -> "Protocol":
+        auto = {label: 1 for label, t in spec.tasks.items() if t.batch == "auto"}
+        return cls(name or spec.round, spec, rule or DecisionRule(), auto)
+
+    @property
+    def n_candidates(self) -> int:
+        return sum(len(self.spec.candidates(label)) for label in self.spec.tasks)
+
+
+def protocol_spec(n_candidates: int = 8, quick_seeds: int = 1, med_seeds: int = 1, check_seeds: int = 5,
+                  max_finalists: int = 3, threshold: float = 0.0, check_steps_as_med: bool = True) -> dict:
+    """The data of a one-task spec with today's stage layout; `check_steps_as_med` makes the seed check repeat the
+    med stage's training on the seeds both have (the default spec does)."""
+    cands = [{"name": f"c{i}", "fs": {"layer_start": 1, "alpha_init": round(-3.0 + 0.25 * i, 4)}}
+             for i in range(n_candidates)]
+    return {
+        "round": "simulated", "model": {"preset": "tiny"},
+        "stages": {
+            "quick": {"steps": 180, "eval_every": 180, "seeds": list(range(quick_seeds))},
+            "med": {"steps": 650, "eval_every": 650, "seeds": list(range(med_seeds))},
+            "seedcheck": {"steps": 650 if check_steps_as_med else 651, "eval_every": 650,
+                          "seeds": list(range(check_seeds)), "max_finalists": max_finalists,
+                          "allow_few_seeds": check_seeds < 5},
+        },
+        "tasks": {"t": {"task": "sudoku", "params": {"base": 2}, "batch": 8, "threshold": threshold,
+                        "candidates": cands}},
+    }
+
+
+def default_protocol(n_candidates: int = 8, threshold: float = 0.0) -> Protocol:
+    """Today's default: 1-seed quick, 1-seed med, 5-seed check repeating the med run on seed 0, <= 3 finalists."""
+    return Protocol.from_spec(parse_spec(protocol_spec(n_candidates, threshold=threshold)), name="default")
+
+
+@dataclass(frozen=True)
+class OutcomeModel:
+    noise_sd: Mapping[str, float]  # stage -> SD of the paired deltas (candidate - matched baseline, same seed)
+    wall_s: Mapping[str, float]  # stage -> seconds of one run
+    effect_scale: Mapping[str, float] = field(default_factory=dict)  # stage -> share of the final effect (default 1)
+    effect_sd: Mapping[str, float] = field(default_factory=dict)  # stage -> SD of a stage-only effect (default 0)
+    task_noise_sd: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # task -> stage -> SD (override)
+    baseline_level: float = 0.5
+    baseline_seed_sd: float = 0.05
+    diverge_prob: float = 0.0  # per candidate run
+    repeats_identical: bool = True  # the same training in two stages gives the same value
+    source: str = "uniform"  # how the numbers were obtained, for the printout
+
+    @classmethod
+    def uniform(cls, spec: Spec, sd: float = 1.0, quick_wall: float = 0.4, **kw: Any) -> "OutcomeModel":
+        """The same paired-delta SD at every stage; wall times in med-run units (quick = `quick_wall`, others by
+        steps relative to med)."""
+        stages = dict(spec.stage_list())
+        ref = stages["med"].steps if "med" in stages else max(st.steps for st in stages.values())
+        walls = {n: (quick_wall if n == "quick" else st.steps / ref) for n, st in stages.items()}
+        return cls(noise_sd={n: sd for n in stages}, wall_s=walls, **kw)
+
+    def sd(self, task: str, stage: str) -> float:
+        per_task = self.task_noise_sd.get(task, {})
+        if stage in per_task:
+            return per_task[stage]
+        if stage in self.noise_sd:
+            return self.noise_sd[stage]
+        return self.noise_sd.get(DECISION_STAGE, max(self.noise_sd.values()))
+
+    def sigma(self, task: str) -> float:
+        """The unit of a scenario's effects for `task`: its seed-check paired-delta SD."""
+        return self.sd(task, DECISION_STAGE)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """True final effects per candidate position (spec order within each task), in units of the task's seed-check
+    paired-delta SD; positions past the tuple have no effect."""
+
+    name: str
+    effects: tuple[float, ...] = ()
+
+    @classmethod
+    def null(cls) -> "Scenario":
+        return cls("all null")
+
+    @classmethod
+    def one_real(cls, n_candidates: int, effect: float, position: int = 0) -> "Scenario":
+        eff = [0.0] * n_candidates
+        eff[position] = effect
+        return cls(f"one at {effect:+g} SD", tuple(eff))
+
+    def effect(self, position: int) -> float:
+        return self.effects[position] if position < len(self.effects) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one replicate
+@dataclass
+class ReplicateOutcome:
+    seedcheck: dict[tuple[str, str], str]  # (task, candidate) -> confirmed / inconclusive / rejected
+    stage_decisions: list[planner.StageDecision]
+    runs: int
+    wall_s: float
+    stage_runs: dict[str, int]
+
+
+class _Synthesiser:
+    """Values for one replicate, drawn lazily and cached so that repeated training gives the same value."""
+
+    def __init__(self, protocol: Protocol, model: OutcomeModel, scenario: Scenario, rng: random.Random):
+        self.model, self.rng = model, rng
+        self.effects: dict[tuple[str, str], float] = {}
+        for label in protocol.spec.tasks:
+            sigma = model.sigma(label)
+            for i, c in enumerate(protocol.spec.candidates(label)):
+                self.effects[(label, c.name)] = scenario.effect(i) * sigma
+        self.stage_effect: dict[tuple[str, str, str], float] = {}
+        self.seed_effect: dict[tuple, float] = {}
+        self.values: dict[tuple, tuple[str, float | None]] = {}
+
+    def training(self, key: RunKey, candidate: str | None = None) -> tuple:
+        """What decides a run's value: everything in its key but the eval cadence (and the stage, when the same
+        training repeats identically); `candidate` names another candidate (the matched baseline's training)."""
+        return (key.task, candidate or key.candidate, key.seed, key.batch_size, key.steps, key.n_val, key.data_seed,
+                key.setup, "" if self.model.repeats_identical else key.stage)
+
+    def outcome(self, unit: planner.RunUnit) -> tuple[str, float | None]:
+        ident = self.training(unit.key)
+        if ident in self.values:
+            return self.values[ident]
+        m, rng = self.model, self.rng
+        base_ident = self.training(unit.key, BASELINE.name)
+        if base_ident not in self.seed_effect:
+            self.seed_effect[base_ident] = m.baseline_level + rng.gauss(0.0, m.baseline_seed_sd)
+        value: float | None = self.seed_effect[base_ident]
+        status = "ok"
+        if not unit.is_baseline:
+            sk = (unit.task, unit.candidate.name, unit.stage)
+            if sk not in self.stage_effect:
+                self.stage_effect[sk] = (m.effect_scale.get(unit.stage, 1.0) * self.effects[sk[:2]]
+                                         + rng.gauss(0.0, m.effect_sd.get(unit.stage, 0.0)))
+            value += self.stage_effect[sk] + rng.gauss(0.0, m.sd(unit.task, unit.stage))
+            if m.diverge_prob and rng.random() < m.diverge_prob:
+                status, value = "diverged", None
+        self.values[ident] = (status, value)
+        return status, value
+
+
+def seedcheck_decisions(p: planner.Plan, rule: DecisionRule) -> dict[tuple[str, str], str]:
+    """The report's seed-check decision for every finalist of a finished plan: paired statistics over the seeds with
+    a delta, Holm over all the round's finalists, then the rule."""
+    finals = [d for d in p.decisions if d.stage == DECISION_STAGE]
+    st = [paired_stats([v for v in d.deltas.values() if v is not None], rule.confidence)
+          if any(v is not None for v in d.deltas.values()) else None for d in finals]
+    adjusted = rule.holm_family(st)
+    return {(d.task, d.candidate): rule.decide(s, d.threshold, q)[0] for d, s, q in zip(finals, st, adjusted)}
+
+
+def run_replicate(protocol: Protocol, model: OutcomeModel, scenario: Scenario, rng: random.Random,
+                  max_rounds: int = 10_000) -> ReplicateOutcome:
+    """One round: plan, run every runnable unit, feed the records back, until the plan is finished."""
+    synth = _Synthesiser(protocol, model, scenario, rng)
+    records: list[dict[str, Any]] = []
+    wall = 0.0
+    stage_runs: dict[str, int] = defaultdict(int)
+    for _ in range(max_rounds):
+        p = planner.plan(protocol.spec, records, protocol.batch_sizes)
+        if p.finished:
+            return ReplicateOutcome(seedcheck_decisions(p, protocol.rule), p.decisions, len(records), wall,
+                                    dict(stage_runs))
+        if not p.runnable:
+            raise RuntimeError(f"the planner stopped without finishing: {p.task_state}")
+        for unit in p.runnable:
+            status, value = synth.outcome(unit)
+            records.append({"run_key": unit.run_key, "status": status, "value": value})
+            wall += model.wall_s.get(unit.stage, 1.0)
+            stage_runs[unit.stage] += 1
+    raise RuntimeError("the planner did not finish")
+
+
+@contextlib.contextmanager
+def memoized_pure_functions() -> Iterator[None]:
+    """Memoise two pure functions the planner and the rule call many times with the same arguments: a run key's
+    digest (a SHA-256 of its fields; every replicate plans the same runs) and the t quantile (bisection on the
+    t CDF; the seed check asks for the same few). The results are the same values, only computed once."""
+    digest_attr = RunKey.__dict__["digest"]
+    digests: dict[RunKey, str] = {}
+    compute = digest_attr.func
+
+    def digest(self: RunKey) -> str:
+        d = digests.get(self)
+        if d is None:
+            d = digests[self] = compute(self)
+        return d
+
+    t_ppf = stats.t_ppf
+    quantiles: dict[tuple[float, float], float] = {}
+
+    def cached_t_ppf(p: float, df: float) -> float:
+        q = quantiles.get((p, df))
+        if q is None:
+            q = quantiles[(p, df)] = t_ppf(p, df)
+        return q
+
+    RunKey.digest = property(digest)  # type: ignore[assignment]
+    stats.t_ppf = cached_t_ppf
+    try:
+        yield
+    finally:
+        RunKey.digest = digest_attr  # type: ignore[assignment]
+        stats.t_ppf = t_ppf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# many replicates
+@dataclass(frozen=True)
+class Estimate:
+    value: float | None  # None where nothing was observed (no real candidate, no confirmation)
+    se: float | None  # Monte-Carlo standard error
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"value": self.value, "se": self.se}
+
+    def pct(self) -> str:
+        if self.value is None:
+            return "-"
+        return f"{100 * self.value:.2f}% ± {100 * (self.se or 0.0):.2f}"
+
+    def num(self) -> str:
+        return "-" if self.value is None else f"{self.value:.3g} ± {self.se or 0.0:.2g}"
+
+
+def _mean(xs: Sequence[float]) -> Estimate:
+    """Mean over replicates and its standard error (replicates are independent; the candidates of one replicate
+    are not, so per-candidate rates are first summed within a replicate)."""
+    n = len(xs)
+    if n == 0:
+        return Estimate(None, None)
+    m = math.fsum(xs) / n
+    se = statistics.stdev(xs) / math.sqrt(n) if n > 1 else None
+    return Estimate(m, se)
+
+
+def _ratio(num: Sequence[float], den: Sequence[float]) -> Estimate:
+    """sum(num) / sum(den) with its delta-method standard error over replicates."""
+    n, total = len(num), math.fsum(den)
+    if total == 0:
+        return Estimate(None, None)
+    r = math.fsum(num) / total
+    resid = [a - r * b for a, b in zip(num, den)]
+    return Estimate(r, math.sqrt(math.fsum(x * x for x in resid)) / total if n > 1 else None)
+
+
+@dataclass
+class ScenarioResult:
+    protocol: str
+    scenario: Scenario
+    replicates: int
+    n_candidates: int
+    p_confirm_null: Estimate  # per null candidate
+    fwer: Estimate  # P(at least one null candidate confirmed in the round)
+    power: Estimate  # per real candidate (effect != 0): P(confirmed)
+    false_share: Estimate  # confirmations of null candidates / all confirmations
+    p_finalist_null: Estimate
+    p_finalist_real: Estimate
+    runs_per_candidate: Estimate
+    cost_per_candidate: Estimate  # sum of wall_s over every run (baselines included) / candidates
+    stage_runs: dict[str, float]  # mean runs per replicate, per stage
+    decisions: dict[str, float]  # mean seed-check decisions per replicate, by label
+    seconds: float  # wall-clock time of the simulation
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"protocol": self.protocol, "scenario": self.scenario.name,
+                               "effects": list(self.scenario.effects), "replicates": self.replicates,
+                               "n_candidates": self.n_candidates}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Estimate):
+                out[f.name] = v.as_dict()
+        out.update(stage_runs=self.stage_runs, decisions=self.decisions, seconds=self.seconds)
+        return out
+
+
+def simulate(protocol: Protocol, model: OutcomeModel, scenario: Scenario, replicates: int = 2000,
+             seed: int = 0) -> ScenarioResult:
+    """`replicates` independent rounds of `protocol` under `model` and `scenario`; the same seed gives the same
+    result."""
+    import time
+
+    if replicates < 1:
+        raise UserError(f"replicates: must be at least 1, got {replicates}")
+    rng = random.Random(f"{seed}/{protocol.name}/{scenario.name}")
+    positions = {(label, c.name): i for label in protocol.spec.tasks
+                 for i, c in enumerate(protocol.spec.candidates(label))}
+    real = {k for k, i in positions.items() if scenario.effect(i) != 0}
+    n_null, n_real = len(positions) - len(real), len(real)
+    null_conf, any_null, real_conf, all_conf, null_fin, real_fin, runs, cost = ([] for _ in range(8))
+    stage_runs: dict[str, int] = defaultdict(int)
+    labels: dict[str, int] = defaultdict(int)
+    t0 = time.perf_counter()
+    with memoized_pure_functions():
+        for _ in range(replicates):
+            out = run_replicate(protocol, model, scenario, rng)
+            conf = {k for k, lab in out.seedcheck.items() if lab == "confirmed"}
+            null_conf.append(len(conf - real))
+            any_null.append(float(bool(conf - real)))
+            real_conf.append(len(conf & real))
+            all_conf.append(len(conf))
+            null_fin.append(len(set(out.seedcheck) - real))
+            real_fin.append(len(set(out.seedcheck) & real))
+            runs.append(out.runs / len(positions))
+            cost.append(out.wall_s / len(positions))
+            for s, n in out.stage_runs.items():
+                stage_runs[s] += n
+            for lab in out.seedcheck.values():
+                labels[lab] += 1
+    per = lambda xs, n: _mean([x / n for x in xs]) if n else Estimate(None, None)  # noqa: E731
+    return ScenarioResult(
+        protocol=protocol.name, scenario=scenario, replicates=replicates, n_candidates=len(positions),
+        p_confirm_null=per(null_conf, n_null), fwer=_mean(any_null) if n_null else Estimate(None, None),
+        power=per(real_conf, n_real), false_share=_ratio(null_conf, all_conf),
+        p_finalist_null=per(null_fin, n_null), p_finalist_real=per(real_fin, n_real),
+        runs_per_candidate=_mean(runs), cost_per_candidate=_mean(cost),
+        stage_runs={s: n / replicates for s, n in stage_runs.items()},
+        decisions={lab: labels[lab] / replicates for lab in SEEDCHECK_LABELS},
+        seconds=time.perf_counter() - t0)
