@@ -1,4 +1,5 @@
-"""The MBPP execution sandbox: limits hold, the network is closed, and the parent is never harmed."""
+"""The MBPP execution sandbox: limits hold, the network is closed, and the parent is never harmed (escapes by
+adversarial programs: test_sandbox_escapes.py)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,9 @@ import time
 
 import pytest
 
-from tasks.sandbox import Limits, network_namespace_available, run_python, run_tests
+from tasks.sandbox import Limits, run_python, run_tests, unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 FAST = Limits(wall_s=5, cpu_s=2, memory_mb=256)
 
@@ -79,18 +82,6 @@ def test_sleeping_loop_is_killed_at_wall_limit():
     assert rep.passed == (True, False, False) and rep.error == "wall time limit exceeded"
 
 
-def test_child_processes_die_with_the_group(tmp_path):
-    started, alive = tmp_path / "started", tmp_path / "alive"
-    grandchild = "import sys, time; open(sys.argv[1], 'w'); time.sleep(1.2); open(sys.argv[2], 'w')"
-    src = ("import subprocess, sys, time\n"
-           f"subprocess.Popen([sys.executable, '-c', {grandchild!r}, {str(started)!r}, {str(alive)!r}])\n"
-           "time.sleep(60)\n")
-    res = run_python(src, Limits(wall_s=0.8, cpu_s=5, memory_mb=512))
-    assert res.timed_out and started.exists()  # the grandchild ran while the sandbox was alive
-    time.sleep(1.5)
-    assert not alive.exists()  # and was killed with the group before it could finish
-
-
 def test_python_sockets_are_blocked():
     src = ("import socket\n"
            "for make in (lambda: socket.socket(), lambda: socket.create_connection(('127.0.0.1', 9), timeout=1),\n"
@@ -100,28 +91,6 @@ def test_python_sockets_are_blocked():
     res = run_python(src, FAST)
     assert res.ok, res.stderr
     assert "OPENED" not in res.stdout and res.stdout.count("blocked 13") == 3
-
-
-@pytest.mark.skipif(not network_namespace_available(), reason="no network namespace on this host")
-def test_network_namespace_blocks_even_raw_sockets():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    try:
-        # the Python prelude is switched off: only the namespace stands between the code and the parent's port
-        src = ("import socket\ns = socket.socket()\ns.settimeout(2)\n"
-               f"try:\n    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n"
-               "except OSError as e:\n    print('refused', type(e).__name__)\n")
-        res = run_python(src, Limits(wall_s=5, cpu_s=2, memory_mb=256, block_python_sockets=False))
-        assert res.network_isolated and res.ok, res.stderr
-        assert "CONNECTED" not in res.stdout and "refused" in res.stdout
-        # control: the same code without the namespace does connect, so the check above is meaningful
-        res = run_python(src, Limits(wall_s=5, cpu_s=2, memory_mb=256, block_python_sockets=False,
-                                     network_namespace=False))
-        assert not res.network_isolated and "CONNECTED" in res.stdout
-    finally:
-        server.close()
 
 
 def test_memory_beyond_limit_fails():
@@ -134,10 +103,17 @@ def test_memory_beyond_limit_fails():
     assert rep.passed == (False, True)
 
 
-def test_runs_in_a_temporary_directory_with_capped_output():
+def test_runs_in_a_private_scratch_folder_with_capped_output():
     res = run_python("import os\nprint(os.getcwd())\nopen('left.txt', 'w').write('x')\nprint('y' * 10**6)\n",
                      Limits(wall_s=5, cpu_s=2, memory_mb=256, output_bytes=4096))
-    cwd = res.stdout.splitlines()[0]
-    assert "fsearch-sandbox-" in cwd and not os.path.exists(cwd)  # removed afterwards
-    assert not os.path.exists("left.txt")
+    assert res.stdout.splitlines()[0] == "/tmp" and res.ok
+    assert not os.path.exists("left.txt") and not os.path.exists("/tmp/left.txt")
     assert len(res.stdout) == 4096
+
+
+def test_unsafe_mode_runs_the_same_harness_without_the_boundary():
+    program = "def add(a, b):\n    return a + b\n"
+    rep = run_tests(program, ["assert add(1, 2) == 3", "assert add(1, 2) == 4"], limits=FAST, mode="unsafe")
+    assert rep.passed == (True, False) and rep.result.mode == "unsafe"
+    res = run_python("import os\nprint(os.getuid())\n", FAST, mode="unsafe")
+    assert res.stdout.strip() == str(os.getuid())  # the caller's own user: no boundary
