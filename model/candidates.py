@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from model.fs_config import FSConfig
 
@@ -96,18 +96,16 @@ def resolve(name: str, fs_defaults: dict[str, Any] | None = None, overrides: dic
                 merged.pop(k, None)
     try:
         fs = FSConfig(**merged)
-    except Exception as e:  # pydantic ValidationError -> one line naming the candidate
-        raise ValueError(f"candidate {name!r}: {_one_line(e)}") from None
+    except ValidationError as e:
+        raise ValueError(f"candidate {name!r}: {_fs_errors(e)}") from None
     return Candidate(name=name, mode="prompt_fs", fs=fs)
 
 
-def _one_line(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        parts = []
-        for err in errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()))
-            msg = err.get("msg", "").removeprefix("Value error, ")
-            parts.append(f"fs.{loc}: {msg}" if loc else msg)
-        return "; ".join(parts)
-    return str(e).splitlines()[0]
+def _fs_errors(e: ValidationError) -> str:
+    """FSConfig's validation errors on one line, each field named as the spec writes it (`fs.alpha_init: ...`)."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = err.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"fs.{loc}: {msg}" if loc else msg)
+    return " ".join("; ".join(parts).split())

@@ -17,7 +17,6 @@ bench commands, so status/export/validate start fast.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -25,37 +24,31 @@ import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
+
+from model.candidates import resolve
+from orchestrator import paths
+from orchestrator.errors import UserError, one_line
+from orchestrator.catalog import format_list
+from orchestrator.export import export_round, sync_mirror
+from orchestrator.fetch import fetch, format_manifest
+from orchestrator.fileio import write_text_atomic
+from orchestrator.outcomes import classify
+from orchestrator.paths import RoundPaths
+from orchestrator.processes import read_progress, start_worker, worker_command, worker_environment
+from orchestrator.progress import format_summary, format_table, make_display, rich_table, round_status
+from orchestrator.report import check_report, write_report
+from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
+from orchestrator.spec import Spec, find_spec_file, load_spec, parse_spec_text, validate_spec
+from tasks import task_class
+
+# orchestrator.study and orchestrator.scheduler import Optuna (and orchestrator.claims SQLAlchemy) at their top:
+# the commands that need a study import them when they run, so status, validate, export and report start without.
 
 EXIT_USER = 2
 EXIT_INTERRUPTED = 130
 RESULTS_ENV = "FSEARCH_RESULTS"
 DEFAULT_RESULTS = "results"
-
-
-class UserError(click.ClickException):
-    """One line for the user, exit code 2."""
-
-    exit_code = EXIT_USER
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception classes that mean 'the user gave something wrong' (one line, exit 2)."""
-    from orchestrator.records import LedgerError
-    from orchestrator.scheduler import SchedulerError
-    from orchestrator.study import StudyError
-
-    types: list[type[BaseException]] = [LedgerError, SchedulerError, StudyError]
-    for mod, name in (("orchestrator.spec", "SpecError"), ("tasks.base", "TaskError")):
-        try:
-            types.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,34 +57,29 @@ def one_line(e: BaseException) -> str:
 def resolve_round(arg: str, results: str | None = None) -> Path:
     """ROUND: a path to a round folder, or a round name under the results root ($FSEARCH_RESULTS or ./results)."""
     p = Path(arg)
-    markers = ("records.jsonl", "spec.yaml", "study.db", "round.lock", "storage.json")
-    if p.is_dir() and any((p / m).exists() for m in markers):
+    if RoundPaths(p).is_round():
         return p
     root = Path(results or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
     q = root / arg
-    if "/" not in arg and q.is_dir() and any((q / m).exists() for m in markers):
+    if "/" not in arg and RoundPaths(q).is_round():
         return q
     raise UserError(f"unknown round {arg!r}: no round folder {q if '/' not in arg else p} (give a round name under "
                     f"{root}/ or the path of a round folder)")
 
 
-def load_spec_arg(arg: str, *, check_data: bool = True):
+def load_spec_arg(arg: str, *, check_data: bool = True) -> tuple[Spec, list[str]]:
     """find + load + validate a spec; returns (spec, warnings)."""
-    from orchestrator.spec import find_spec_file, load_spec, validate_spec
-
     spec = load_spec(find_spec_file(arg))
     warnings = validate_spec(spec, check_data=check_data)
     return spec, warnings
 
 
-def load_round_spec(round_dir: Path):
+def load_round_spec(round_dir: Path) -> Spec | None:
     """The spec copy a round keeps in its folder (structure only: no model or data checks), or None."""
-    path = round_dir / "spec.yaml"
+    path = RoundPaths(round_dir).spec
     if not path.exists():
         return None
     try:
-        from orchestrator.spec import load_spec
-
         return load_spec(path)
     except Exception:  # noqa: BLE001 - status works from the records alone when the spec copy cannot be read
         return None
@@ -100,7 +88,7 @@ def load_round_spec(round_dir: Path):
 def read_side_storage(round_dir: Path, override: str | None) -> tuple[str, str]:
     """(storage URL, round name) for the commands that read a round folder: --storage, else the URL the round ran
     with (<round>/storage.json), else its spec copy's, else the folder's SQLite file."""
-    from orchestrator.study import round_storage_url
+    from orchestrator.study import round_storage_url  # imports Optuna
 
     spec = load_round_spec(round_dir)
     return round_storage_url(round_dir, spec, override), (spec.round if spec is not None else round_dir.name)
@@ -109,8 +97,7 @@ def read_side_storage(round_dir: Path, override: str | None) -> tuple[str, str]:
 def sync_shared_mirror(round_dir: Path, override: str | None) -> int:
     """A PostgreSQL round: bring this host's records.jsonl up to the database (nothing for SQLite); how many records
     were appended."""
-    from orchestrator.export import sync_mirror
-    from orchestrator.study import StudyError, saved_storage
+    from orchestrator.study import StudyError, saved_storage  # imports Optuna
 
     url, name = read_side_storage(round_dir, override)
     try:
@@ -124,16 +111,16 @@ def sync_shared_mirror(round_dir: Path, override: str | None) -> int:
 def remember_storage(round_dir: Path, url: str) -> None:
     """Keep the storage URL in the round folder (status/export/report find it there); say so when its password was
     left out."""
-    from orchestrator.study import STORAGE_FILE, save_storage_url
+    from orchestrator.study import save_storage_url  # imports Optuna
 
     saved = save_storage_url(round_dir, url)
     if saved is not None and saved.password_removed:
-        click.echo(f"note: {round_dir / STORAGE_FILE} keeps the storage URL without its password; status, export and "
+        click.echo(f"note: {RoundPaths(round_dir).storage} keeps the storage URL without its password; status, export and "
                    f"report read the password from PGPASSWORD or ~/.pgpass (or take --storage URL)", err=True)
 
 
-def storage_url_for(spec, round_dir: Path, override: str | None = None) -> str:
-    from orchestrator.study import check_storage_url, default_storage_url
+def storage_url_for(spec: Spec, round_dir: Path, override: str | None = None) -> str:
+    from orchestrator.study import check_storage_url, default_storage_url  # imports Optuna
 
     url = override or getattr(spec, "storage", None) or default_storage_url(round_dir)
     check_storage_url(url)
@@ -200,7 +187,7 @@ class FsearchGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             return EXIT_INTERRUPTED
-        except _user_error_types() as e:
+        except UserError as e:
             click.echo(f"error: {one_line(e)}", err=True)
             return EXIT_USER
 
@@ -242,10 +229,9 @@ def _run_with_display(run, display, interrupted: str):
 def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool,
               heartbeat_s: float | None, stale_after_s: float | None, worker_cmd: str | None) -> None:
     """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
-    from orchestrator.progress import format_summary, make_display
-    from orchestrator.scheduler import WorkerPool, pool_devices, scheduler_for
-    from orchestrator.spec import find_spec_file
-    from orchestrator.study import is_shared_storage, require_shared_storage
+    from orchestrator.pool import WorkerPool, pool_devices  # imports Optuna
+    from orchestrator.scheduler import scheduler_for  # imports Optuna
+    from orchestrator.study import is_shared_storage, require_shared_storage  # imports Optuna
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
@@ -281,16 +267,16 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     except Exception:  # noqa: BLE001 - the summary works without the planner's words
         plan = None
     click.echo("")
-    click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {round_dir / 'records.jsonl'}")
+    click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {RoundPaths(round_dir).records}")
     click.echo(format_summary(records, plan, list(spec.tasks)))
-    if not no_report and importlib.util.find_spec("orchestrator.report") is not None:
-        write_report_and_warn(importlib.import_module("orchestrator.report"), round_dir, prefix="report: ")
+    if not no_report:
+        write_report_and_warn(round_dir, prefix="report: ")
 
 
-def write_report_and_warn(report, round_dir: Path, prefix: str = "") -> None:
+def write_report_and_warn(round_dir: Path, prefix: str = "") -> None:
     """Write the round's report, print where, and print the one finding that must not wait for someone to open it:
     repeated configurations that did not reproduce."""
-    path = report.write_report(round_dir)
+    path = write_report(round_dir)
     click.echo(f"{prefix}{path}")
     try:
         repeats = json.loads((Path(path).parent / "summary.json").read_text()).get("repeats") or {}
@@ -325,9 +311,8 @@ def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: st
     until the plan is finished. Start any number, on any number of hosts; each claim is atomic, a stage's units
     start only when the stage before is recorded, and a dead worker's unit is taken over after its heartbeat
     timeout."""
-    from orchestrator.progress import make_display
-    from orchestrator.scheduler import SharedScheduler
-    from orchestrator.study import require_shared_storage
+    from orchestrator.scheduler import SharedScheduler  # imports Optuna
+    from orchestrator.study import require_shared_storage  # imports Optuna
 
     require_shared_storage(storage, "fsearch worker")
     spec, warnings = _worker_spec(round_name, storage, spec_arg, results)
@@ -341,14 +326,13 @@ def worker_cmd_(round_name: str, storage: str, spec_arg: str | None, results: st
         click.echo(f"warning: {w}", err=True)
     records = _run_with_display(sched.run, display, f"interrupted; worker {sched.worker_id} gave its unit back")
     click.echo(f"worker {sched.worker_id}: round {spec.round} has no work left; {len(sched.recorded_here)} run(s) "
-               f"recorded by this worker, {len(records)} in the round ({round_dir / 'records.jsonl'})")
+               f"recorded by this worker, {len(records)} in the round ({RoundPaths(round_dir).records})")
 
 
-def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: str | None):
+def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: str | None) \
+        -> tuple[Spec, list[str]]:
     """The spec a worker runs: --spec, else the text the round's study keeps (copied to the round folder)."""
-    from orchestrator.scheduler import write_text_atomic
-    from orchestrator.spec import load_spec, parse_spec_text, validate_spec
-    from orchestrator.study import stored_spec_text
+    from orchestrator.study import stored_spec_text  # imports Optuna
 
     if spec_arg is not None:
         spec, warnings = load_spec_arg(spec_arg)
@@ -362,7 +346,7 @@ def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: s
     parsed = parse_spec_text(text, f"round {round_name} (stored spec)")
     round_dir = Path(results) / round_name if results else Path(parsed.round_dir)
     round_dir.mkdir(parents=True, exist_ok=True)
-    path = round_dir / "spec.yaml"
+    path = RoundPaths(round_dir).spec
     if not path.exists() or path.read_text() != text:
         write_text_atomic(path, text)
     spec = load_spec(path)
@@ -377,14 +361,11 @@ def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: s
 def status_cmd(round_arg: str, results: str | None, storage: str | None) -> None:
     """Show a round's progress (works while the round runs; read-only, takes no lock). A PostgreSQL round's table is
     read from its database, with the workers holding units and their heartbeats."""
-    from orchestrator.progress import format_table, rich_table
-    from orchestrator.progress import round_status
-
     round_dir = resolve_round(round_arg, results)
     st = round_status(round_dir, storage)
     click.echo(st.header)
     if sys.stdout.isatty():
-        from rich.console import Console
+        from rich.console import Console  # rich only for a terminal: piped output starts without it
 
         Console().print(rich_table(st.rows))
     else:
@@ -404,8 +385,6 @@ def status_cmd(round_arg: str, results: str | None, storage: str | None) -> None
 def export_cmd(round_arg: str, fmt: str, output: str | None, results: str | None, storage: str | None) -> None:
     """Export a round's records (the Record fields, including best_val_loss / best_val_tok_acc). A PostgreSQL round's
     records.jsonl is first brought up to its database."""
-    from orchestrator.export import export_round
-
     round_dir = resolve_round(round_arg, results)
     sync_shared_mirror(round_dir, storage)
     path = export_round(round_dir, fmt, Path(output) if output else None)
@@ -455,11 +434,6 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
             checkpoint, n_val, n_test, data_seed, device, kernel, precision, compile_, time_limit, out,
             worker_cmd) -> None:
     """One run by hand, in a worker subprocess, with a progress bar and a one-line summary."""
-    from model.candidates import resolve
-    from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
-    from orchestrator.scheduler import (classify, read_progress, start_worker, worker_command, worker_environment,
-                                        write_text_atomic)
-
     def parse_json(flag: str, text: str | None) -> dict | None:
         if text is None:
             return None
@@ -475,8 +449,6 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     fs = parse_json("--fs", fs_json)
     if (model_preset is None) == (checkpoint is None):
         raise UserError("give exactly one of --model-preset or --checkpoint")
-    from tasks import task_class
-
     task_class(task_kind)  # unknown task -> TaskError (one line)
     try:
         cand = resolve(candidate, None, fs)
@@ -496,9 +468,10 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     except ValueError as e:
         raise UserError(one_line(e)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_file = run_dir / "run.json"
+    run_file = run_dir / paths.RUN_CONFIG
     write_text_atomic(run_file, cfg.model_dump_json(indent=1))
-    proc = start_worker(worker_command(worker_cmd) + [str(run_file)], run_dir / "worker.log", env=worker_environment())
+    worker_log = run_dir / paths.WORKER_LOG
+    proc = start_worker(worker_command(worker_cmd) + [str(run_file)], worker_log, env=worker_environment())
     bar = _progress_bar(steps)
 
     def poll() -> None:
@@ -515,7 +488,7 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
         sys.exit(EXIT_INTERRUPTED)
     poll()
     bar.close()
-    outcome = classify(run_dir, code, proc.timed_out, run_dir / "worker.log", time_limit)
+    outcome = classify(run_dir, code, proc.timed_out, worker_log, time_limit)
     res = outcome.result
     if outcome.kind in ("ok", "diverged") and res is not None:
         metric = res.primary_metric or "tok_acc"
@@ -537,8 +510,6 @@ class _progress_bar:
         self.tqdm = None
         self.n = 0
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.tqdm = tqdm(total=total, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float | None) -> None:
@@ -564,26 +535,47 @@ def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | 
     """Write the round's report (or check it). A PostgreSQL round's records.jsonl is first brought up to its
     database."""
     round_dir = resolve_round(round_arg, results)
-    if importlib.util.find_spec("orchestrator.report") is None:
-        raise UserError("report: orchestrator.report is not available in this installation")
     sync_shared_mirror(round_dir, storage)
-    report = importlib.import_module("orchestrator.report")
     if check:
-        problems = report.check_report(round_dir)
+        problems = check_report(round_dir)
         for p in problems:
             click.echo(f"problem: {p}")
         if problems:
             sys.exit(1)
         click.echo("ok: the report matches the records")
         return
-    write_report_and_warn(report, round_dir)
+    write_report_and_warn(round_dir)
 
 
+@cli.command("simulate")
+@click.option("--spec", "spec_args", multiple=True,
+              help="simulate this spec's protocol (repeat to compare; default: today's default protocol)")
+@click.option("--noise-from", default=None, help="a finished round's folder: its paired-delta SDs and wall times")
+@click.option("--effects", default="0.5,1", show_default=True, help="real effects to test, in SDs (comma list)")
+@click.option("--candidates", default=8, show_default=True, type=int, help="candidates of the default protocol")
+@click.option("--threshold", default=0.0, show_default=True, type=float, help="threshold of the default protocol")
+@click.option("--replicates", default=2000, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--png", default=None, help="write a power-against-cost plot here")
+def simulate_cmd(spec_args: tuple[str, ...], noise_from: str | None, effects: str, candidates: int,
+                 threshold: float, replicates: int, seed: int, as_json: bool, png: str | None) -> None:
+    """A protocol's error rates and cost: the real planner and seed-check rule on synthetic outcomes (no GPU)."""
+    from orchestrator.simulate import run_command
+
+    try:
+        effect_list = [float(e) for e in effects.split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--effects {effects!r}: a comma list of numbers") from None
+    click.echo(run_command(spec_args, noise_from, effect_list, candidates, replicates, seed, as_json, png, threshold))
+
+
+# the benchmarks are torch-side: imported by name only when one runs
 BENCHES = {
-    "kernel": ("kernels.bench",),
-    "operator": ("kernels.bench_cpu",),
-    "model": ("model.bench_cpu",),
-    "train": ("worker.bench_train",),
+    "kernel": "kernels.bench",
+    "operator": "kernels.bench_cpu",
+    "model": "model.bench_cpu",
+    "train": "worker.bench_train",
 }
 
 
@@ -599,11 +591,8 @@ def bench_cmd(ctx: click.Context, what: str | None, args: tuple[str, ...]) -> No
         return
     if what not in BENCHES:
         raise click.UsageError(f"unknown benchmark {what!r}; known: {', '.join(sorted(BENCHES))}", ctx)
-    for mod in BENCHES[what]:
-        if importlib.util.find_spec(mod) is not None:
-            code = importlib.import_module(mod).main(list(args))
-            sys.exit(code or 0)
-    raise UserError(f"bench {what}: {' / '.join(BENCHES[what])} is not available in this installation")
+    code = importlib.import_module(BENCHES[what]).main(list(args))
+    sys.exit(code or 0)
 
 
 @cli.command("list")
@@ -613,8 +602,6 @@ def bench_cmd(ctx: click.Context, what: str | None, args: tuple[str, ...]) -> No
 def list_cmd(what: str, names: tuple[str, ...], params: str | None) -> None:
     """What a spec can name: tasks (parameters, metrics and their definitions, chance levels), candidates (the FS
     library), presets (model shapes). `fsearch list tasks sudoku` shows one task."""
-    from orchestrator.catalog import format_list
-
     if names and what != "tasks":
         raise UserError(f"list {what}: takes no names (only `list tasks NAME...` does)")
     try:
@@ -635,17 +622,12 @@ def list_cmd(what: str, names: tuple[str, ...], params: str | None) -> None:
 def fetch_cmd(kind: str, name: str | None, cache: str | None, from_dir: str | None, manifest: str | None) -> None:
     """Download a checkpoint (`fetch checkpoint rwkv7-g1d-0.1b`) or a task's dataset (`fetch data mbpp`) into the
     cache, check its size and sha256, and print the spec lines that use it. `fetch list` shows what can be fetched."""
-    from orchestrator.fetch import FetchError, fetch, format_manifest
-
-    try:
-        if kind == "list":
-            click.echo(format_manifest(manifest))
-            return
-        if name is None:
-            raise UserError(f"fetch {kind}: give a name (see `fsearch fetch list`)")
-        fetch(kind, name, cache=cache, from_dir=from_dir, manifest=manifest, echo=click.echo)
-    except FetchError as e:
-        raise UserError(str(e)) from None
+    if kind == "list":
+        click.echo(format_manifest(manifest))
+        return
+    if name is None:
+        raise UserError(f"fetch {kind}: give a name (see `fsearch fetch list`)")
+    fetch(kind, name, cache=cache, from_dir=from_dir, manifest=manifest, echo=click.echo)  # FetchError: a UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------------

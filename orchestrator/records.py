@@ -24,6 +24,9 @@ from typing import Any, Literal
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.errors import UserError, one_line
+from orchestrator.fileio import fsync_dir
+
 SCHEMA = 1
 LOCK_TIMEOUT_S = 60.0
 
@@ -31,7 +34,7 @@ Status = Literal["ok", "diverged", "failed"]
 Decision = Literal["baseline", "promote", "prune", "recorded", "failed", "diverged"]
 
 
-class LedgerError(Exception):
+class LedgerError(UserError):
     """The ledger file is corrupt (a bad line in the middle) or a record would be duplicated."""
 
 
@@ -133,7 +136,7 @@ class Ledger:
                 except (ValidationError, ValueError) as e:
                     if i == last_content and not tail.strip():
                         break  # an undecodable last line: a write cut short, ignored (removed on the next append)
-                    raise LedgerError(f"{self.path}: line {i + 1} is not a valid record: {_one_line(e)}") from None
+                    raise LedgerError(f"{self.path}: line {i + 1} is not a valid record: {one_line(e)}") from None
             valid_len = line_end
             offset = line_end
         return records, valid_len
@@ -172,7 +175,7 @@ class Ledger:
                 f.flush()
                 os.fsync(f.fileno())
             if new_file:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         return missing
 
     def write_torn(self, record: Record, fraction: float = 0.5) -> None:
@@ -183,27 +186,3 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _one_line(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        try:
-            err = errors()[0]
-            loc = ".".join(str(x) for x in err.get("loc", ()))
-            return f"{loc}: {err.get('msg', '')}" if loc else str(err.get("msg", ""))
-        except Exception:  # noqa: BLE001
-            pass
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -41,9 +41,16 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
     model_serializer, model_validator
 
 from model.candidates import BASELINE, Candidate, resolve
+from model.ckpt_meta import CheckpointError, read_checkpoint_meta
+from model.config import PRESETS
 from model.fs_config import FSConfig
+from model.tokenizers import get_tokenizer
+from orchestrator import paths
+from orchestrator.errors import UserError, one_line
 from orchestrator.runconfig import LearningRates, ModelSource
 from orchestrator.runkey import NAME_PATTERN, canonical_json, short_hash
+from tasks import TaskError, get_task, task_class
+from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
 
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
@@ -58,12 +65,12 @@ _NAME_RX = re.compile(f"^{NAME_PATTERN}$")
 _ROUND_RX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under `output`: no leading dot
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A user error in a spec: `str(e)` is one line naming the field; `e.errors` lists every problem found."""
 
     def __init__(self, message: str, errors: list[str] | None = None):
-        message = _one_line(message)
-        self.errors = [_one_line(m) for m in errors] if errors else [message]
+        message = one_line(message)
+        self.errors = [one_line(m) for m in errors] if errors else [message]
         super().__init__(message)
 
     @classmethod
@@ -78,10 +85,6 @@ class _StructureError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__(errors[0])
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +272,7 @@ class Spec(_Strict):
         return Path(self.output) / self.round
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.round_dir / 'study.db').as_posix()}"
+        return self.storage or f"sqlite:///{(self.round_dir / paths.STUDY_DB).as_posix()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,11 +587,6 @@ def source_path(source: ModelSource) -> Path | None:
     return Path(os.path.expandvars(os.path.expanduser(source.checkpoint)))
 
 
-def checkpoint_path(spec: Spec) -> Path | None:
-    """The spec's checkpoint as a path (env vars and ~ expanded; relative to the working directory)."""
-    return source_path(spec.model)
-
-
 def check_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> SpecCheck:
     """Every problem (errors) and caution (warnings) of a loaded spec. `model_layers` stands in for a checkpoint's
     layer count when the file is absent (tests, dry validation); with check_data the checkpoint must exist anyway."""
@@ -618,9 +616,6 @@ def validate_spec(spec: Spec, *, check_data: bool = True, model_layers: int | No
 def _check_model(source: ModelSource, where: str, check: SpecCheck, check_data: bool, model_layers: int | None) \
         -> tuple[int | None, str | None]:
     """(layer count, tokenizer) of a model source, None where unknown; its problems go to check.errors."""
-    from model.ckpt_meta import CheckpointError, read_checkpoint_meta
-    from model.config import PRESETS
-
     if source.preset is not None:
         if source.preset not in PRESETS:
             check.errors.append(f"{where}.preset: unknown model preset {source.preset!r}; known presets: "
@@ -668,8 +663,6 @@ def _check_candidates(spec: Spec, label: str, n_layer: int | None, check: SpecCh
 
 def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_data: bool,
                 tokenizer: str | None) -> None:
-    from tasks import TaskError, get_task, task_class
-
     where = f"tasks.{label}"
     try:
         cls = task_class(task.task)
@@ -691,15 +684,11 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
         check.errors.append(f"{where}.metric: task {task.task!r} reports no metric {task.metric!r}; it reports "
                             f"{', '.join(sorted(metrics))}")
     if spec.defaults.sandbox == "enforced" and hasattr(cls, "sandbox_mode"):  # the task executes model-written code
-        from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
-
         reason = sandbox_unavailable_reason()
         if reason is not None:
             check.errors.append(f"{where}: {reason}")
     if not check_data or tokenizer is None:
         return
-    from model.tokenizers import get_tokenizer
-
     try:
         get_task(task.task, task.params, get_tokenizer(tokenizer), spec.defaults.data_seed).check_available()
     except TaskError as e:  # DataUnavailable is a TaskError
@@ -714,10 +703,6 @@ def resolved_spec(spec: Spec) -> dict[str, Any]:
     for label in spec.tasks:
         data["tasks"][label]["resolved_candidates"] = [c.model_dump(mode="json") for c in spec.candidates(label)]
     return data
-
-
-def canonical_spec_json(spec: Spec) -> str:
-    return canonical_json(resolved_spec(spec))
 
 
 def spec_hash(spec: Spec) -> str:
