@@ -152,6 +152,34 @@ def _stage_rank(stage: str) -> int:
 
 
 HEADERS = ("task", "stage", "state", "done", "running", "pruned", "failed", "current run", "eta")
+# the live table's columns: short enough that a row fits 80 columns; the runs in progress go below the table
+LIVE_HEADERS = ("task", "stage", "state", "done", "run", "pruned", "failed", "eta")
+FINISHED_STATES = ("complete", "skipped", "failed")
+
+
+def round_eta(rows: list[StatusRow]) -> float | None:
+    """Seconds left for the whole round as far as it is planned: the rows' estimates added up (runs go one after
+    another on one worker); None while a row with work left has no estimate yet."""
+    left = [r for r in rows if r.running or (r.total is not None and r.done < r.total)]
+    if any(r.eta_s is None for r in left):
+        return None
+    return sum(r.eta_s for r in left if r.eta_s is not None)
+
+
+def round_finished(rows: list[StatusRow]) -> bool:
+    """Every stage of the plan has ended (complete, skipped or failed) and nothing runs."""
+    return bool(rows) and all(r.state in FINISHED_STATES and not r.running for r in rows)
+
+
+def round_summary_line(rows: list[StatusRow]) -> str:
+    """`12/27 runs done, about 3m20s left` (the planned runs; later stages are added as they are planned)."""
+    done = sum(r.done for r in rows)
+    total = sum(r.total for r in rows if r.total is not None)
+    eta = round_eta(rows)
+    text = f"{done}/{total} planned runs done" if total else f"{done} runs done"
+    if round_finished(rows):
+        return text + ", round finished"
+    return text + (f", about {fmt_duration(eta)} left" if eta is not None else ", time left not known yet")
 
 
 def row_cells(r: StatusRow) -> list[str]:
@@ -170,14 +198,24 @@ def format_table(rows: list[StatusRow]) -> str:
 
 
 def rich_table(rows: list[StatusRow], title: str | None = None):
+    """The live table: one line per task and stage in 80 columns (stage and state never cut; a long task label is
+    folded), then one line per run in progress and the whole round's progress and time left."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
-    for h in HEADERS:
-        table.add_column(h, justify="right" if h in ("done", "running", "pruned", "failed", "eta") else "left")
+    lines = [f"now: {r.task} {r.stage}: {r.current}" for r in rows if r.current]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  pad_edge=False, collapse_padding=True)
+    for h in LIVE_HEADERS:
+        right = h in ("done", "run", "pruned", "failed", "eta")
+        table.add_column(h, justify="right" if right else "left", no_wrap=h != "task",
+                         overflow="fold" if h == "task" else "ellipsis")
     for r in rows:
-        table.add_row(*row_cells(r))
-    return table
+        cells = row_cells(r)
+        table.add_row(*(cells[:7] + cells[8:]))
+    return Group(table, Text("\n".join(lines + [round_summary_line(rows)]), overflow="fold"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,6 +317,17 @@ def plan_task_state(plan: Any) -> dict[str, str]:
     return out
 
 
+def start_line(sched: Any) -> str:
+    """What a round's start says: a new round, a resumed one (N runs recorded), or one with nothing left to run."""
+    n = len(sched.records)
+    head = f"round {sched.spec.round}: {sched.round_dir}"
+    if not n:
+        return head
+    if round_finished(_sched_rows(sched)):
+        return f"{head}: round already finished: {n} runs recorded, nothing to run"
+    return f"{head} (resuming: {n} runs recorded)"
+
+
 class PlainDisplay:
     """One line per event; a progress line at most every PLAIN_PROGRESS_EVERY_S. For logs and CI (no tty)."""
 
@@ -291,8 +340,7 @@ class PlainDisplay:
         print(text, file=self.stream, flush=True)
 
     def round_started(self, sched: Any) -> None:
-        n = len(sched.records)
-        self._print(f"round {sched.spec.round}: {sched.round_dir}" + (f" (resuming: {n} runs recorded)" if n else ""))
+        self._print(start_line(sched))
         self._print(format_table(_sched_rows(sched)))
 
     def run_started(self, sched: Any, active: Any) -> None:
@@ -366,8 +414,7 @@ class RichDisplay(PlainDisplay):
 
     def round_started(self, sched: Any) -> None:
         self._sched = sched
-        n = len(sched.records)
-        self._print(f"round {sched.spec.round}: {sched.round_dir}" + (f" (resuming: {n} runs recorded)" if n else ""))
+        self._print(start_line(sched))
         self.live.start()
         self._refresh(force=True)
 
