@@ -68,7 +68,7 @@ def test_list_candidates_and_presets():
 def invoke(args):
     from orchestrator.cli import cli
 
-    return CliRunner().invoke(cli, args)
+    return CliRunner().invoke(cli, args, prog_name="fsearch")
 
 
 def test_cli_list_and_errors():
@@ -86,7 +86,7 @@ def test_version_bare_and_bench_help():
     res = invoke(["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"fsearch {version('fsearch')}"
     res = invoke([])
-    assert res.exit_code == 0 and res.output.startswith("Usage: fsearch") and "error" not in res.output
+    assert res.exit_code == 0 and res.output.startswith("Usage: fsearch") and "error:" not in res.output
     assert "\n  list " in res.output and "\n  fetch " in res.output
     res = invoke(["bench", "--help"])
     assert res.exit_code == 0 and res.output.startswith("Usage: fsearch bench")
