@@ -8,7 +8,7 @@ real seed-check rule against synthetic outcomes, many times over.
 
 One replicate is one whole round. The loop asks `planner.plan(spec, records)` for the runnable units, synthesises a
 record for every one of them, feeds them back together and asks again until the plan is finished; the stage
-decisions (promote / prune) are the plan's own, and the seed-check decision is `stats.DecisionRule` applied to the
+decisions (promote / prune) are the plan's own, and the seed-check decision is `decisions.SeedCheckRule` applied to the
 plan's seed-check deltas exactly as the report applies it (Holm family = every finalist of the round).
 
 Outcome model, per task: baseline value on seed s = level + b_s (b_s ~ N(0, baseline_seed_sd²), shared by the
@@ -37,7 +37,8 @@ from orchestrator import planner, stats
 from orchestrator.errors import UserError
 from orchestrator.runkey import RunKey
 from orchestrator.spec import Spec, parse_spec
-from orchestrator.stats import DecisionRule, paired_stats
+from orchestrator.decisions import SeedCheckRule
+from orchestrator.stats import paired_stats
 
 DECISION_STAGE = "seedcheck"
 SEEDCHECK_LABELS = ("confirmed", "inconclusive", "rejected")
@@ -51,13 +52,13 @@ class Protocol:
 
     name: str
     spec: Spec
-    rule: DecisionRule = DecisionRule()
+    rule: SeedCheckRule = SeedCheckRule()
     batch_sizes: Mapping[str, int] = field(default_factory=dict)  # for `batch: auto` tasks (any value will do)
 
     @classmethod
-    def from_spec(cls, spec: Spec, name: str | None = None, rule: DecisionRule | None = None) -> "Protocol":
+    def from_spec(cls, spec: Spec, name: str | None = None, rule: SeedCheckRule | None = None) -> "Protocol":
         auto = {label: 1 for label, t in spec.tasks.items() if t.batch == "auto"}
-        return cls(name or spec.round, spec, rule or DecisionRule(), auto)
+        return cls(name or spec.round, spec, rule or SeedCheckRule(), auto)
 
     @property
     def n_candidates(self) -> int:
@@ -199,7 +200,7 @@ class _Synthesiser:
         return status, value
 
 
-def seedcheck_decisions(p: planner.Plan, rule: DecisionRule) -> dict[tuple[str, str], str]:
+def seedcheck_decisions(p: planner.Plan, rule: SeedCheckRule) -> dict[tuple[str, str], str]:
     """The report's seed-check decision for every finalist of a finished plan: paired statistics over the seeds with
     a delta, Holm over all the round's finalists, then the rule."""
     finals = [d for d in p.decisions if d.stage == DECISION_STAGE]
@@ -377,3 +378,191 @@ def simulate(protocol: Protocol, model: OutcomeModel, scenario: Scenario, replic
         stage_runs={s: n / replicates for s, n in stage_runs.items()},
         decisions={lab: labels[lab] / replicates for lab in SEEDCHECK_LABELS},
         seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# noise measured in a finished round
+@dataclass(frozen=True)
+class MeasuredNoise:
+    task_sd: dict[str, dict[str, float]]  # task -> stage -> pooled SD of the paired deltas over seeds
+    stage_sd: dict[str, float]  # stage -> median over tasks
+    wall_s: dict[str, float]  # stage -> median wall time of an ok run
+    notes: list[str]
+
+
+def noise_from_round(round_dir: str | Path) -> MeasuredNoise:
+    """Paired-delta SDs and wall times from a round's records.
+
+    Per task and stage, for every candidate with at least two seeds: the sample SD of its paired deltas over the
+    seeds; the stage's SD pools them (variances weighted by their degrees of freedom). A stage where every candidate
+    ran one seed has no such estimate: it borrows the task's seed-check SD (the spread of single deltas across
+    candidates would include their real differences). Wall time per stage: the median over the stage's ok runs."""
+    from orchestrator.paths import RoundPaths
+    from orchestrator.records import Ledger, LedgerError
+
+    paths = RoundPaths(Path(round_dir))
+    if not paths.records.is_file():
+        raise UserError(f"--noise-from {round_dir}: no {paths.records.name} there (a finished round's folder)")
+    try:
+        recs = Ledger(paths.records).read()
+    except LedgerError as e:
+        raise UserError(f"--noise-from {round_dir}: {e}") from None
+    deltas: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    walls: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        if r.status != "ok":
+            continue
+        walls[r.stage].append(r.wall_s)
+        if r.delta is not None and r.candidate != BASELINE.name:
+            deltas[(r.task, r.stage, r.candidate)].append(r.delta)
+    pooled: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])  # sum (n-1) s^2, sum (n-1)
+    tasks_stages: set[tuple[str, str]] = set()
+    for (task, stage, _), ds in deltas.items():
+        tasks_stages.add((task, stage))
+        if len(ds) >= 2:
+            acc = pooled[(task, stage)]
+            acc[0] += (len(ds) - 1) * statistics.variance(ds)
+            acc[1] += len(ds) - 1
+    task_sd: dict[str, dict[str, float]] = defaultdict(dict)
+    notes = []
+    for (task, stage), (ss, df) in sorted(pooled.items()):
+        task_sd[task][stage] = math.sqrt(ss / df)
+        notes.append(f"{task} {stage}: SD {task_sd[task][stage]:.4g} pooled over candidates ({df:g} df)")
+    for task, stage in sorted(tasks_stages - set(pooled)):
+        own = task_sd.get(task, {})
+        if DECISION_STAGE in own:
+            notes.append(f"{task} {stage}: one seed per candidate; SD borrowed from {task} {DECISION_STAGE}")
+            own[stage] = own[DECISION_STAGE]
+        else:
+            notes.append(f"{task} {stage}: one seed per candidate and no seed check; no SD")
+    task_sd = {t: v for t, v in task_sd.items() if v}
+    if not task_sd:
+        raise UserError(f"--noise-from {round_dir}: no stage with two or more paired seeds per candidate")
+    stages = sorted({s for v in task_sd.values() for s in v})
+    stage_sd = {s: statistics.median(v[s] for v in task_sd.values() if s in v) for s in stages}
+    wall = {s: statistics.median(w) for s, w in walls.items() if w}
+    return MeasuredNoise(dict(task_sd), stage_sd, wall, notes)
+
+
+def model_from_noise(spec: Spec, noise: MeasuredNoise, **kw: Any) -> OutcomeModel:
+    """An outcome model with the measured SDs (per task where the spec's task labels match the round's) and wall
+    times (stages the round did not run: by steps relative to a stage it ran)."""
+    stages = dict(spec.stage_list())
+    sd = {s: noise.stage_sd.get(s, noise.stage_sd.get(DECISION_STAGE, max(noise.stage_sd.values())))
+          for s in stages}
+    known = {s: w for s, w in noise.wall_s.items() if s in stages}
+    walls = {}
+    for s, st in stages.items():
+        if s in known:
+            walls[s] = known[s]
+        else:
+            ref = next(iter(known), None) or next(iter(noise.wall_s))
+            ref_steps = stages[ref].steps if ref in stages else st.steps
+            walls[s] = noise.wall_s[ref] * st.steps / ref_steps
+    task_sd = {t: v for t, v in noise.task_sd.items() if t in spec.tasks}
+    return OutcomeModel(noise_sd=sd, wall_s=walls, task_noise_sd=task_sd, source="measured", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+def compare(protocols: Sequence[Protocol], model_for: Any, scenarios: Sequence[Scenario], replicates: int,
+            seed: int) -> list[ScenarioResult]:
+    """Every protocol under every scenario; `model_for(protocol)` gives the outcome model of each."""
+    return [simulate(p, model_for(p), s, replicates, seed) for p in protocols for s in scenarios]
+
+
+def med_unit(protocol: Protocol, model: OutcomeModel) -> float:
+    """Seconds of one med run (the cost unit); without a med stage, of the longest stage's run."""
+    stages = dict(protocol.spec.stage_list())
+    ref = "med" if "med" in stages else max(stages, key=lambda s: stages[s].steps)
+    return model.wall_s.get(ref, 1.0)
+
+
+def format_results(results: Sequence[ScenarioResult], units: Mapping[str, float]) -> str:
+    head = (f"{'protocol':<14} {'scenario':<16} {'P(confirm|null)':>17} {'family-wise':>15} {'power':>15} "
+            f"{'false share':>15} {'runs/cand':>11} {'med-eq/cand':>12}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        u = units.get(r.protocol, 1.0)
+        cost = Estimate(r.cost_per_candidate.value / u, (r.cost_per_candidate.se or 0.0) / u)
+        lines.append(f"{r.protocol:<14} {r.scenario.name:<16} {r.p_confirm_null.pct():>17} {r.fwer.pct():>15} "
+                     f"{r.power.pct():>15} {r.false_share.pct():>15} {r.runs_per_candidate.num():>11} "
+                     f"{cost.num():>12}")
+    return "\n".join(lines)
+
+
+def plot_power_cost(results: Sequence[ScenarioResult], units: Mapping[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.power.value is None:
+            continue
+        u = units.get(r.protocol, 1.0)
+        ax.errorbar(r.cost_per_candidate.value / u, r.power.value, yerr=r.power.se, fmt="o")
+        ax.annotate(f"{r.protocol} ({r.scenario.name})", (r.cost_per_candidate.value / u, r.power.value),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("cost per candidate (med-run equivalents, baselines included)")
+    ax.set_ylabel("P(confirm | real effect)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_command(spec_files: Sequence[str], noise_from: str | None, effects: Sequence[float], candidates: int,
+                replicates: int, seed: int, as_json: bool, png: str | None, threshold: float) -> str:
+    """`fsearch simulate`: the text (or JSON) it prints; writes the PNG when asked."""
+    import json
+    import time
+
+    from orchestrator.spec import find_spec_file, load_spec
+
+    protocols = []
+    for arg in spec_files:
+        spec = load_spec(find_spec_file(arg))
+        protocols.append(Protocol.from_spec(spec, name=Path(arg).stem))
+    if not protocols:
+        protocols = [default_protocol(candidates, threshold)]
+    noise = noise_from_round(noise_from) if noise_from else None
+
+    def model_for(p: Protocol) -> OutcomeModel:
+        return model_from_noise(p.spec, noise) if noise else OutcomeModel.uniform(p.spec)
+
+    n_max = max(len(p.spec.candidates(t)) for p in protocols for t in p.spec.tasks)
+    scenarios = [Scenario.null()] + [Scenario.one_real(n_max, e) for e in effects if e != 0]
+    t0 = time.perf_counter()
+    results = compare(protocols, model_for, scenarios, replicates, seed)
+    units = {p.name: med_unit(p, model_for(p)) for p in protocols}
+    if png:
+        plot_power_cost(results, units, Path(png))
+    if as_json:
+        return json.dumps({"replicates": replicates, "seed": seed,
+                           "noise": dataclasses.asdict(noise) if noise else "uniform: paired-delta SD 1 per stage",
+                           "med_run_s": units,
+                           "results": [r.as_dict() for r in results]}, indent=2)
+    out = [f"{replicates} replicates per row, seed {seed}; effects in SDs of the seed-check paired delta; "
+           f"{time.perf_counter() - t0:.1f} s"]
+    if noise:
+        out += ["noise from " + noise_from + ":"] + ["  " + n for n in noise.notes]
+        out.append("  wall s per stage (median): " + ", ".join(f"{s} {w:.1f}" for s, w in noise.wall_s.items()))
+    else:
+        out.append("noise: paired-delta SD 1 at every stage, the same effect at every stage; quick run = 0.4 med")
+    out += ["", format_results(results, units)]
+    if png:
+        out.append(f"\npower against cost: {png}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m orchestrator.simulate`: the default protocol, printed (for a quick look without the CLI)."""
+    print(run_command([], None, [0.5, 1.0], 8, 2000, 0, False, None, 0.0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
