@@ -17,7 +17,7 @@ Rules (orchestrator contract):
   can carry its delta when it is written).
 - A stage is complete when each of its runs has a record (a candidate that already failed or diverged in a gate stage
   skips its remaining seeds: it is pruned either way). Only then are candidates promoted:
-  mean over the stage's seeds of (candidate - matched baseline) >= the task's threshold.
+  mean over the stage's seeds of (candidate - matched baseline) >= the task's threshold (orchestrator.decisions).
 - quick: baseline + all candidates. med: baseline + quick survivors. long: baseline + the med survivor with the
   highest med delta. seedcheck: baseline + finalists (the survivors of the last gate stage, best delta first, at
   most max_finalists), paired per seed. A task with no survivors after a gate stage is done.
@@ -35,7 +35,8 @@ from typing import Any, Iterable, Literal, Mapping
 from model.candidates import BASELINE, Candidate
 from orchestrator.runconfig import Fault, LearningRates, ModelSource, RunConfig
 from orchestrator.runkey import RunKey, candidate_digest, short_hash
-from orchestrator.spec import GATE_STAGES, Spec
+from orchestrator.decisions import is_gate, rank_by_delta, run_decision, screen, select_finalists
+from orchestrator.spec import Spec
 
 TaskStatus = Literal["running", "needs_probe", "done", "failed"]
 CandidateStatus = Literal["active", "pruned", "survivor", "finalist", "stopped"]
@@ -45,15 +46,6 @@ StageStateKind = Literal["waiting", "running", "complete", "failed", "skipped"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # one run
-# Metrics are means of per-example scores, so two runs with the same number of correct cells can differ in the last
-# bits (0.22916666666666663 vs ...674). A delta within this of the threshold counts as meeting it.
-THRESHOLD_TOLERANCE = 1e-9
-
-
-def meets_threshold(delta: float, threshold: float) -> bool:
-    return delta >= threshold - THRESHOLD_TOLERANCE
-
-
 @dataclass(frozen=True)
 class RunUnit:
     """One run the scheduler may start: its key, resolved candidate and everything its RunConfig needs."""
@@ -265,19 +257,15 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
     """
     if status == "ok" and value is None:
         status = "failed"
-    bad = {"failed": "failed", "diverged": "diverged"}.get(status)
+    bad = status in ("failed", "diverged")
     if unit.is_baseline:
-        return Judgement(None, None, None, unit.threshold, bad or "baseline")  # type: ignore[arg-type]
+        return Judgement(None, None, None, unit.threshold, run_decision(True, status, unit.stage, unit.stage_seeds,
+                                                                        None, unit.threshold))
     key = unit.baseline_key
     base = next((r for r in records if _get(r, "run_key") == key), None)
     base_value = _get(base, "value") if base is not None and _get(base, "status") == "ok" else None
     delta = value - base_value if (value is not None and base_value is not None and not bad) else None
-    if bad:
-        decision = bad
-    elif delta is not None and unit.stage in GATE_STAGES and unit.stage_seeds == 1:
-        decision = "promote" if meets_threshold(delta, unit.threshold) else "prune"
-    else:
-        decision = "recorded"
+    decision = run_decision(False, status, unit.stage, unit.stage_seeds, delta, unit.threshold)
     return Judgement(key, base_value, delta, unit.threshold, decision)  # type: ignore[arg-type]
 
 
@@ -369,14 +357,14 @@ class _TaskPlanner:
         gate_delta: dict[str, float] = {}  # candidate -> mean delta at the last gate stage
         for i, (name, st) in enumerate(stages):
             if name == "long":
-                ranked = _ranked(members, gate_delta)
-                stage_members = ranked[:1]
-                self.state.long_pick = ranked[0].name
-            elif name == "seedcheck" and not any(n in GATE_STAGES for n, _ in stages[:i]):
+                stage_members = self._by_name(members, rank_by_delta([c.name for c in members], gate_delta)[:1])
+                self.state.long_pick = stage_members[0].name
+            elif name == "seedcheck" and not any(is_gate(n) for n, _ in stages[:i]):
                 stage_members = members  # a comparison round: every candidate, spec order, none pruned
                 self.state.finalists = [c.name for c in stage_members]
             elif name == "seedcheck":
-                stage_members = _ranked(members, gate_delta)[: self.spec.stages.seedcheck.max_finalists]
+                stage_members = self._by_name(members, select_finalists(
+                    [c.name for c in members], gate_delta, self.spec.stages.seedcheck.max_finalists))
                 self.state.finalists = [c.name for c in stage_members]
                 for c in members:
                     if c not in stage_members:
@@ -392,7 +380,7 @@ class _TaskPlanner:
                 self.out.stages += [StageProgress(self.label, n, "waiting" if self.state.status == "running"
                                                   else "skipped") for n, _ in stages[i + 1:]]
                 return
-            if name in GATE_STAGES:
+            if is_gate(name):
                 members = [c for c in stage_members if outcome[c.name][0] == "promote"]
                 gate_delta = {c.name: outcome[c.name][1] for c in members}
                 if not members:
@@ -415,7 +403,7 @@ class _TaskPlanner:
         seeds = sorted(seeds)
         row = StageProgress(self.label, name, "running")
         self.out.stages.append(row)
-        gate = name in GATE_STAGES
+        gate = is_gate(name)
         baselines = {s: self.unit(BASELINE, name, s) for s in seeds}
         base_rec = {s: self.record(u) for s, u in baselines.items()}
         units = {(c.name, s): self.unit(c, name, s) for c in members for s in seeds}
@@ -455,24 +443,16 @@ class _TaskPlanner:
                     failure = failure or f"seed {s}: {why}"
                 else:
                     deltas[s] = _get(r, "value") - _get(base_rec[s], "value")
-            ok = [d for d in deltas.values() if d is not None]
-            mean = sum(ok) / len(ok) if ok and failure is None else None
+            judged = screen(name, seeds, deltas, failure, self.task.threshold)
+            # the planner's stage decisions say "recorded" for every stage that does not screen
+            decision = judged.decision if gate else "recorded"
+            mean, reason = judged.mean_delta, judged.reason
             self.state.candidates[c.name].deltas[name] = mean
-            if gate:
-                if failure is not None:
-                    decision, reason = "prune", f"{name} {failure}"
-                elif meets_threshold(mean, self.task.threshold):
-                    decision, reason = "promote", f"{name} delta {mean:+.4g} >= threshold {self.task.threshold:g}"
-                else:
-                    decision, reason = "prune", f"{name} delta {mean:+.4g} < threshold {self.task.threshold:g}"
-                if decision == "prune":
-                    row.pruned += 1
-                    self._set(c.name, "pruned", f"pruned at {reason}")
-                else:
-                    row.promoted += 1
-            else:
-                decision = "recorded"
-                reason = f"{name} {failure}" if failure else f"{name} mean delta {mean:+.4g} over {len(ok)} seeds"
+            if decision == "prune":
+                row.pruned += 1
+                self._set(c.name, "pruned", f"pruned at {reason}")
+            elif decision == "promote":
+                row.promoted += 1
             outcome[c.name] = (decision, mean)
             self.out.decisions.append(StageDecision(self.label, name, c.name, decision, deltas, mean,  # type: ignore
                                                     self.task.threshold, reason))
@@ -492,10 +472,11 @@ class _TaskPlanner:
     def _finish(self, reason: str) -> None:
         self.state.status, self.state.reason = "done", reason
 
+    @staticmethod
+    def _by_name(members: list[Candidate], names: list[str]) -> list[Candidate]:
+        by_name = {c.name: c for c in members}
+        return [by_name[n] for n in names]
+
     def _last_gate(self, i: int) -> str:
-        return next(n for n, _ in reversed(self.spec.stage_list()[:i]) if n in GATE_STAGES)
+        return next(n for n, _ in reversed(self.spec.stage_list()[:i]) if is_gate(n))
 
-
-def _ranked(members: list[Candidate], delta: Mapping[str, float]) -> list[Candidate]:
-    """Best delta first; ties keep spec order (sorted is stable)."""
-    return sorted(members, key=lambda c: -delta.get(c.name, -math.inf))

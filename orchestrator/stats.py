@@ -13,7 +13,8 @@ Pure Python (math, fractions, bisect, random); no numpy or scipy at run time (sc
   exact conditional null distribution of R+ given those ranks (for data without ties or zeros this is the classical
   exact distribution).
 - Holm's step-down adjustment of a family of p-values.
-- DecisionRule: confirmed / inconclusive / rejected for a finalist, with the rule as text for the report.
+
+The seed check's decision made from these statistics is orchestrator.decisions.SeedCheckRule.
 
 Orientation: d_s = candidate_s - baseline_s with higher = better; "greater" alternatives test "candidate better".
 """
@@ -77,14 +78,6 @@ def _ibeta_parts(a: float, b: float, x: float, one_minus_x: float) -> float:
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
     return 1.0 - math.exp(log_front) * _betacf(b, a, one_minus_x) / b
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    if not (a > 0 and b > 0):
-        raise ValueError(f"incomplete beta needs a, b > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"incomplete beta needs 0 <= x <= 1, got {x}")
-    return _ibeta_parts(a, b, x, 1.0 - x)
 
 
 def t_sf(t: float, df: float) -> float:
@@ -375,80 +368,3 @@ def paired_stats(deltas: Sequence[float], confidence: float = 0.95) -> PairedSta
         wilcoxon_r_plus=w_g.r_plus, p_wilcoxon_greater=w_g.p_value, p_wilcoxon_two_sided=w_2.p_value,
         wins=sum(v > 0 for v in d), ties=sum(v == 0 for v in d), losses=sum(v < 0 for v in d), effect_size=eff,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the decision
-# ---------------------------------------------------------------------------------------------------------------------
-Label = Literal["confirmed", "inconclusive", "rejected"]
-
-
-@dataclass(frozen=True)
-class DecisionRule:
-    """Seed-check decision for every finalist of a round (see `text()` for the rule in words)."""
-
-    alpha: float = 0.05  # family-wise error level (Holm) and level of the sign-flip veto
-    confidence: float = 0.95  # the reported t-interval
-    min_pairs: int = 2  # fewer paired seeds: no interval, always inconclusive
-
-    def holm_family(self, stats: Sequence[PairedStats | None]) -> list[float]:
-        """Holm-adjusted two-sided t p-values of the round's finalists; a finalist without one counts as p = 1."""
-        raw = [s.p_t_two_sided if s is not None and s.p_t_two_sided is not None else 1.0 for s in stats]
-        return holm(raw)
-
-    def decide(self, s: PairedStats | None, threshold: float, p_holm: float) -> tuple[Label, str]:
-        if s is None or s.n < self.min_pairs or s.ci_low is None or s.ci_high is None:
-            n = 0 if s is None else s.n
-            return "inconclusive", f"only {n} paired seed(s); the rule needs at least {self.min_pairs}"
-        if s.ci_high < threshold:
-            return "rejected", f"95% interval upper bound {s.ci_high:+.4g} < threshold {threshold:g}"
-        failed = []
-        if not s.ci_low > 0:
-            failed.append(f"interval lower bound {s.ci_low:+.4g} <= 0")
-        if not p_holm < self.alpha:
-            failed.append(f"Holm-adjusted t p {p_holm:.4g} >= {self.alpha:g}")
-        if not s.p_sign_flip_greater < self.alpha:
-            failed.append(f"one-sided sign-flip p {s.p_sign_flip_greater:.4g} >= {self.alpha:g}")
-        if not s.mean >= threshold:
-            failed.append(f"mean {s.mean:+.4g} < threshold {threshold:g}")
-        if failed:
-            return "inconclusive", "; ".join(failed)
-        return "confirmed", "all four conditions hold"
-
-    def min_seeds_for_sign_flip(self) -> int:
-        """Smallest n whose best one-sided sign-flip p (2^-n) is below alpha."""
-        n = 1
-        while 2.0 ** -n >= self.alpha:
-            n += 1
-        return n
-
-    def text(self, m: int) -> str:
-        pct = f"{self.confidence:.0%}"
-        return "\n".join([
-            f"For each finalist, d_s = candidate_s - baseline_s on every seed s where both the candidate and its "
-            f"matched baseline (same task, stage, seed, batch, steps, eval cadence, n_val, data seed) finished with "
-            f"a value; higher is better. Statistics: mean, sample SD, the t-based {pct} interval "
-            f"mean ± t(n-1, {(1 + self.confidence) / 2:g})·SD/√n, the paired t-test, the exact sign-flip test "
-            f"(all 2^n sign patterns of the deltas, statistic sum(d)) and the exact Wilcoxon signed-rank test.",
-            "",
-            f"- **confirmed** when all four hold: (1) the {pct} t-interval lies above zero; (2) the Holm-adjusted "
-            f"two-sided paired-t p-value is below {self.alpha:g}, the family being all m = {m} finalist(s) of the "
-            f"round across tasks (for m = 1 this is the same statement as (1): the interval stays above zero after "
-            f"Holm correction); (3) the exact one-sided sign-flip p-value (H1: candidate better) is below "
-            f"{self.alpha:g}, a distribution-free veto; (4) the mean delta reaches the task's threshold.",
-            f"- **rejected** when the {pct} t-interval's upper bound is below the task's threshold: the seeds rule "
-            f"out a gain of the size the task asks for (every candidate credibly worse than its baseline included).",
-            f"- **inconclusive** otherwise, and whenever fewer than {self.min_pairs} seeds are paired: more seeds "
-            f"are needed before anything is claimed.",
-            "",
-            f"Why this rule: the smallest sign-flip p-value with n seeds is 2^-n (one-sided) or 2^(1-n) "
-            f"(two-sided); with 5 seeds that is 1/32 = 0.031 and 2/32 = 0.0625. A two-sided sign-flip test can "
-            f"therefore never pass at {self.alpha:g} with 5 seeds, and Holm over m ≥ 2 sign-flip p-values could "
-            f"never pass either (the first Holm level is {self.alpha:g}/m ≤ 0.025 < 1/32). The multiplicity "
-            f"correction is therefore applied to the t-test's p-values, which are continuous, and the exact "
-            f"sign-flip test acts as a one-sided veto at {self.alpha:g}, which needs at least "
-            f"{self.min_seeds_for_sign_flip()} seeds (at 5 seeds: every paired delta positive). Sign-flip p-values "
-            f"are exact for n ≤ {SIGN_FLIP_EXACT_MAX_N} (Monte Carlo with a fixed seed above). Wilcoxon p-values "
-            f"are reported for robustness and do not enter the decision. A rejection needs no multiplicity "
-            f"correction (it claims no gain).",
-        ])

@@ -8,7 +8,8 @@ from typing import Callable
 
 import pytest
 
-from orchestrator.planner import RunUnit, judge, meets_threshold, plan, stage_table
+from orchestrator.decisions import meets_threshold
+from orchestrator.planner import RunUnit, judge, plan, stage_table
 from orchestrator.records import Record, utc_now
 from orchestrator.runconfig import RunConfig
 from orchestrator.runkey import RunKey, parse_run_key, short_hash

@@ -10,8 +10,8 @@ import pytest
 import scipy.stats as ss
 
 from orchestrator import stats
-from orchestrator.stats import (DecisionRule, holm, paired_stats, sign_flip_test, t_cdf, t_ppf, t_sf,
-                                wilcoxon_signed_rank)
+from orchestrator.decisions import SeedCheckRule
+from orchestrator.stats import holm, paired_stats, sign_flip_test, t_cdf, t_ppf, t_sf, wilcoxon_signed_rank
 
 REL = 1e-9
 
@@ -210,7 +210,7 @@ def test_holm_matches_step_down_definition():
 
 # --- decision rule -------------------------------------------------------------------------------------------------
 def test_decision_rule():
-    rule = DecisionRule()
+    rule = SeedCheckRule()
     good = paired_stats([0.03, 0.05, 0.04, 0.06, 0.045])
     p = rule.holm_family([good])[0]
     assert rule.decide(good, 0.01, p)[0] == "confirmed"

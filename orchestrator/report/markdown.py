@@ -1,0 +1,203 @@
+"""report.md: the round's results per task (matched baselines, each stage's candidates with deltas and decisions,
+the seed-check table, noise, compute per stage and what pruning saved) and the decision rule, from the summary."""
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.decisions import SEEDCHECK
+from orchestrator.report.build import seed_key
+from orchestrator.report.formatting import markdown_table, number_or_dash, p_value, seconds
+
+# what makes two runs "one configuration" for the repeats check (_Builder.repeats), in words
+_SAME_CONFIGURATION = ("(same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed "
+                       "and device)")
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    s = summary
+    lines = [f"# Round `{s['round']}`: report", ""]
+    lines += [f"Derived from `records.jsonl` ({s['records_file']['count']} records, sha256 "
+              f"`{s['records_file']['sha256'][:16]}`)"
+              + (f" and `spec.yaml` (sha256 `{s['spec_file']['sha256'][:16]}`)" if s["spec_file"] else "")
+              + f". Every number below is recomputed by `fsearch report {s['round']} --check`, which fails on any "
+              f"mismatch or missing record.", ""]
+    if s["problems"]:
+        lines += ["## Integrity problems", "", "The records contradict each other; the numbers below cannot be "
+                  "trusted until these are resolved:", ""]
+        lines += [f"- {p['message']}" for p in s["problems"]] + [""]
+    rep = s["repeats"]
+    if rep["differing"]:
+        lines += ["## Not reproducible", "", f"{rep['differing']} of {len(rep['groups'])} configurations that ran in "
+                  f"more than one stage {_SAME_CONFIGURATION} gave different final metrics. A run should be a "
+                  "measurement: find the nondeterminism (or the code change during the round) before trusting any "
+                  "number below.", ""]
+        lines += markdown_table(["task", "candidate", "seed", "runs", "values"],
+                        [[f"`{g['task']}`", g["candidate"], g["seed"], ", ".join(f"`{k}`" for k in g["run_keys"]),
+                          ", ".join(number_or_dash(v, ".6g") for v in g["values"])] for g in rep["groups"] if not g["identical"]])
+        lines.append("")
+    lines += ["## Decision rule (seed check)", "", s["rule"]["text"], ""]
+    comparison = s.get("kind") == "comparison"
+    if comparison:
+        lines += ["A comparison round: the seed check is its only stage. Every candidate of every task runs on every "
+                  "seed against the matched baseline of that seed (same stage, seed, batch and budget); nothing is "
+                  "screened or pruned; the task's threshold enters only the decision rule above.", ""]
+    else:
+        lines += ["Screening stages (quick, med, long): a candidate is promoted when its mean delta over the stage's "
+                  "seeds (candidate − matched baseline of the same stage and seed) reaches the task's threshold; a "
+                  "failed or diverged candidate run is pruned. These are screens, not significance tests.", ""]
+    lines += ["## Summary", ""]
+    rows = []
+    for label, t in s["tasks"].items():
+        fin = t["seedcheck"]["finalists"]
+        count = {lab: sum(f["decision"] == lab for f in fin.values()) for lab in ("confirmed", "inconclusive",
+                                                                                   "rejected")}
+        rows.append([f"`{label}`", t["task_kind"], t["metric"], f"{t['threshold']:g}", t["status"],
+                     ", ".join(t["stages"]) or "—", len(t["candidates"]), len(fin),
+                     count["confirmed"], count["inconclusive"], count["rejected"]])
+    lines += markdown_table(["task", "kind", "metric", "threshold", "status", "stages run", "candidates", "finalists",
+                     "confirmed", "inconclusive", "rejected"], rows)
+    c = s["compute"]
+    if comparison:
+        cost = (f"Compute (sum of run wall times): spent {seconds(c['spent_wall_s'])} s; the whole round (every "
+                f"candidate and the baseline on every seed, nothing pruned) costs about {seconds(c['full_wall_s'])} s.")
+    else:
+        cost = (f"Compute (sum of run wall times): spent {seconds(c['spent_wall_s'])} s; running every candidate "
+                f"through every stage would have cost about {seconds(c['full_wall_s'])} s; pruning saved about "
+                f"{seconds(c['saved_wall_s'])} s"
+                + (f" ({c['saved_fraction']:.0%})." if c["saved_fraction"] is not None else "."))
+    lines += ["", cost
+              + (f" No estimate for {', '.join(c['tasks_without_estimate'])} (a stage that never ran and no finished "
+                 f"run to take a time per step from); those tasks are left out of the estimate and the saving."
+                 if c["tasks_without_estimate"] else ""), ""]
+    if rep["groups"] and not rep["differing"]:
+        lines += [f"Reproducibility: {len(rep['groups'])} configuration(s) ran in more than one stage "
+                  f"{_SAME_CONFIGURATION}; every repeat gave bit-identical final metrics.", ""]
+    for label, t in s["tasks"].items():
+        lines += _task_markdown(label, t, s)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    lines = [f"## Task `{label}`", "",
+             f"Kind `{t['task_kind']}`, decision metric final `val_{t['metric']}` (higher is better), threshold "
+             f"{t['threshold']:g}; candidates: {', '.join(t['candidates']) or '—'}. Status: {t['status']}.", ""]
+    lines += ["### Matched baselines", ""]
+    rows = []
+    for stage, st in t["stages"].items():
+        for b in st["baselines"].values():
+            rows.append([stage, b["seed"], f"`{b['run_key']}`", b["status"], number_or_dash(b["value"]), number_or_dash(b["val_loss"]),
+                         f"{b['steps']}/{st['budget_steps']}", f"{b['batch_size']} ({b['micro_batch']})",
+                         seconds(b["wall_s"])])
+    lines += markdown_table(["stage", "seed", "run", "status", t["metric"], "val_loss", "steps/budget",
+                     "batch (micro)", "wall s"], rows) if rows else ["No baseline records."]
+    lines.append("")
+    for stage, st in t["stages"].items():
+        seeds = ", ".join(str(x) for x in st["seeds"])
+        lines += [f"### Stage `{stage}`", "",
+                  f"{st['budget_steps']} steps, eval every {st['eval_every']}, batch {st['batch_size']}, "
+                  f"n_val {st['n_val']}, seeds {seeds}.", ""]
+        rows = []
+        for name, cand in st["candidates"].items():
+            for sk, r in cand["seeds"].items():
+                rows.append([name, r["seed"], f"`{r['run_key']}`", r["status"], number_or_dash(r["value"]),
+                             number_or_dash(r["baseline_value"]), number_or_dash(r["delta"], "+.4f"), r["record_decision"]])
+            if len(st["seeds"]) > 1 and stage != SEEDCHECK:
+                rows.append([f"**{name}**", "mean", "", "", "", "", number_or_dash(cand["mean_delta"], "+.4f"),
+                             f"**{cand['stage_decision']}**"])
+        if rows:
+            lines += markdown_table(["candidate", "seed", "run", "status", t["metric"], "baseline", "delta",
+                             "decision"], rows)
+        else:
+            lines.append("No candidate records.")
+        if stage != SEEDCHECK:
+            kept = [n for n, c in st["candidates"].items() if c["stage_decision"] == "promote"]
+            pruned = [n for n, c in st["candidates"].items() if c["stage_decision"] == "prune"]
+            lines += ["", f"Promoted: {', '.join(kept) or 'none'}. Pruned: {', '.join(pruned) or 'none'}."]
+        lines.append("")
+    fin = t["seedcheck"]["finalists"]
+    if fin:
+        seeds = t["seedcheck"]["seeds"]
+        lines += ["### Seed check", "",
+                  f"Paired deltas over seeds {', '.join(str(x) for x in seeds)}; Holm family: all "
+                  f"{s['rule']['family_size']} finalist(s) of the round.", ""]
+        alpha = s["rule"]["alpha"]
+        if 2.0 ** -len(seeds) >= alpha:
+            need = next(n for n in range(1, 64) if 2.0 ** -n < alpha)
+            lines += [f"**With {len(seeds)} seeds no finalist can be confirmed:** the one-sided sign-flip p-value "
+                      f"cannot go below 2^-{len(seeds)} = {2.0 ** -len(seeds):.4g} ≥ {alpha:g}; at least {need} "
+                      f"seeds are needed.", ""]
+        rows = []
+        for name, f in fin.items():
+            per_seed = " ".join(number_or_dash(f["deltas"].get(seed_key(x)), "+.4f") for x in seeds)
+            ci = "—" if f.get("ci_low") is None else f"[{f['ci_low']:+.4f}, {f['ci_high']:+.4f}]"
+            rows.append([name, f["n"], per_seed, number_or_dash(f.get("mean"), "+.4f"), ci, number_or_dash(f.get("sd")),
+                         f"{f.get('wins', 0)}/{f['n']}", p_value(f.get("p_t_two_sided")), p_value(f["p_t_holm"]),
+                         p_value(f.get("p_sign_flip_greater")), p_value(f.get("p_sign_flip_two_sided")),
+                         p_value(f.get("p_wilcoxon_greater")), f"**{f['decision']}**"])
+        lines += markdown_table(["candidate", "n", "delta per seed", "mean", "95% t-interval", "sd", "wins",
+                         "p t (2-sided)", "p t Holm", "p sign-flip (1-sided)", "p sign-flip (2-sided)",
+                         "p Wilcoxon (1-sided)", "decision"], rows)
+        lines.append("")
+        for name, f in fin.items():
+            extra = ""
+            if f["excluded"]:
+                extra = " Excluded seeds: " + "; ".join(
+                    f"{e['seed']} ({e['reason']}{', ' + e['run_key'] if e.get('run_key') else ''})"
+                    for e in f["excluded"]) + "."
+            exact = "" if f.get("sign_flip_exact", True) else " Sign-flip p is a Monte Carlo estimate (fixed seed)."
+            lines.append(f"- `{name}`: {f['decision']} — {f['reason']}.{extra}{exact}")
+        lines.append("")
+    lines += _noise_markdown(t)
+    if t["failed_runs"]:
+        lines += ["### Failed runs", ""]
+        lines += markdown_table(["run", "stage", "candidate", "seed", "status", "error"],
+                        [[f"`{r['run_key']}`", r["stage"], r["candidate"], r["seed"], r["status"],
+                          f"{r['error_kind'] or '-'}: {r['error_message'] or '-'}"] for r in t["failed_runs"]])
+        lines.append("")
+    comp = t["compute"]
+    lines += ["### Compute", ""]
+    rows = [[stage, c["runs"], seconds(c["wall_s"]), seconds(c["mean_wall_s"]), c["full_runs"], seconds(c["full_wall_s"]),
+             c["estimate_basis"]] for stage, c in comp["stages"].items()]
+    lines += markdown_table(["stage", "runs", "wall s", "mean s/run", "runs if nothing pruned", "wall s if nothing pruned",
+                     "estimate from"], rows)
+    if s.get("kind") == "comparison":
+        lines += ["", f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
+                  f"baseline on every seed (a comparison round: nothing pruned): about {seconds(comp['full_wall_s'])} s.",
+                  ""]
+    else:
+        lines += ["", f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
+                  f"baseline through every stage: about {seconds(comp['full_wall_s'])} s; pruning saved about "
+                  f"{seconds(comp['saved_wall_s'])} s"
+                  + (f" ({comp['saved_fraction']:.0%})." if comp["saved_fraction"] is not None else "."), ""]
+    plots = [p for p in s["plots"] if p["task"] == label]
+    if plots:
+        lines += ["### Plots", ""]
+        for p in plots:
+            lines += [f"![{p['kind']} {label}]({p['file']})", "", f"*{p['caption']}*", ""]
+    return lines
+
+
+def _noise_markdown(t: dict[str, Any]) -> list[str]:
+    n = t.get("noise")
+    if not n:
+        return []
+    parts = []
+    if n["baseline_sd"] is not None:
+        parts.append(f"over the seed check's {n['baseline_n']} seeds the baseline's {t['metric']} has a standard "
+                     f"deviation of {n['baseline_sd']:.4f}")
+    if n["delta_sd"]:
+        parts.append("the paired deltas' standard deviation is " + ", ".join(
+            f"{sd:.4f} ({name})" for name, sd in n["delta_sd"].items()))
+    text = (f"Seed-to-seed noise at the seed check's budget ({t['stages'][SEEDCHECK]['budget_steps']} steps): "
+            + "; ".join(parts) + ".")
+    if n["single_seed_spread"] is not None:
+        text += (f" A single seed's delta therefore lands within about ±{n['single_seed_spread']:.4f} of the "
+                 f"candidate's true effect (95%), against a threshold of {t['threshold']:g}.")
+    if n["screens_noisy"]:
+        text += (f" **The single-seed screens of this task ({', '.join(n['single_seed_screens'])}) are mostly seed "
+                 f"noise at this threshold**: a candidate with no effect passes one with probability about "
+                 f"{n['null_pass_probability']:.0%} (normal approximation, largest paired SD). Give the screens more "
+                 f"seeds, or a threshold that matches this spread.")
+    return ["### Noise", "", text, ""]
+
+

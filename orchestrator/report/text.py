@@ -1,0 +1,84 @@
+"""summary.txt: the round's results in the original system's text formats (its round summary, then its multi-seed
+paired format), from the summary."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestrator.decisions import SEEDCHECK
+from orchestrator.report.build import seed_key
+from orchestrator.report.formatting import (mean_or_none, number_or_dash, p_value, percent, percentage_points,
+                                            population_sd)
+
+TEXT_RULE_WIDTH = 108  # the original's `=`/`-` rules
+
+
+def render_text(summary: dict[str, Any]) -> str:
+    s = summary
+    out = [f"# fsearch round {s['round']}: the original's summary formats (R22-R27 round format, then the "
+           f"multi-seed paired format)",
+           "# acc = final val_<metric> on the fixed validation set (the task's decision metric), loss = final "
+           "val_loss, both from the same (final) eval;",
+           "# d_acc = candidate - matched baseline of the SAME stage and seed (never the quick baseline); "
+           "[KEEP|PRUNE] = promotion at that stage;",
+           "# stages with several seeds show means over seeds; seedcheck decisions follow report.md's rule."]
+    if s["repeats"]["differing"]:
+        out.append(f"# NOT REPRODUCIBLE: {s['repeats']['differing']} configuration(s) that ran in more than one stage "
+                   f"gave different final metrics (report.md lists them)")
+    for label, t in s["tasks"].items():
+        out += ["=" * TEXT_RULE_WIDTH, f"[{label}]"]
+        if t["status"].startswith("failed") or not t["stages"]:
+            out.append("  baseline failed or missing" + (f": {t['status']}" if t["status"] != "ok" else ""))
+        for stage, st in t["stages"].items():
+            if stage == SEEDCHECK:
+                continue
+            bvals = [b["value"] for b in st["baselines"].values() if b["value"] is not None]
+            blosses = [b["val_loss"] for b in st["baselines"].values() if b["val_loss"] is not None]
+            if not bvals:
+                continue  # the task's failure line above says why
+            out.append(f"  baseline {stage}: acc={percent(mean_or_none(bvals))} loss={number_or_dash(mean_or_none(blosses))} "
+                       f"bsz={st['batch_size']}")
+            cands = sorted(st["candidates"].items(),
+                           key=lambda kv: -math.inf if kv[1]["mean_delta"] is None else -kv[1]["mean_delta"])
+            if stage != "quick":
+                out.append(f"  {stage} confirmed:")
+            for name, c in cands:
+                vals = [r["value"] for r in c["seeds"].values() if r["value"] is not None]
+                losses = [r["val_loss"] for r in c["seeds"].values() if r["val_loss"] is not None]
+                tag = {"promote": "KEEP", "prune": "PRUNE"}.get(c["stage_decision"], c["stage_decision"].upper())
+                loss_part = f" loss={number_or_dash(mean_or_none(losses))}" if stage != "quick" else ""
+                out.append(f"    {name:24s} d_acc={percentage_points(c['mean_delta'])} acc={percent(mean_or_none(vals))}{loss_part} [{tag}]")
+        sc = t["stages"].get(SEEDCHECK)
+        for name, f in t["seedcheck"]["finalists"].items():
+            out.append(f"  seedcheck {name}:")
+            for seed in t["seedcheck"]["seeds"]:
+                r = sc["candidates"][name]["seeds"].get(seed_key(seed)) if sc else None
+                if r is None:
+                    out.append(f"    seed={seed}: missing")
+                    continue
+                out.append(f"    seed={seed}: baseline={percent(r['baseline_value'])} fs={percent(r['value'])} "
+                           f"d_acc={percentage_points(r['delta'])}")
+            out.append(f"    mean d_acc={percentage_points(f.get('mean'))}, positive_seeds={f.get('wins', 0)}/{f['n']}")
+            ci = "n/a" if f.get("ci_low") is None else f"[{percentage_points(f['ci_low'])}, {percentage_points(f['ci_high'])}]"
+            out.append(f"    95% CI {ci} p_t_holm={p_value(f['p_t_holm'])} "
+                       f"p_signflip_1sided={p_value(f.get('p_sign_flip_greater'))} decision={f['decision'].upper()}")
+        out.append("-" * TEXT_RULE_WIDTH)
+    for label, t in s["tasks"].items():
+        sc = t["stages"].get(SEEDCHECK)
+        for name, f in t["seedcheck"]["finalists"].items():
+            filt = {"round": s["round"], "task": label, "stage": SEEDCHECK, "candidate": name, "metric": t["metric"],
+                    "steps": sc["budget_steps"], "bsz": sc["batch_size"], "seeds": t["seedcheck"]["seeds"]}
+            rows = [r for r in sc["candidates"][name]["seeds"].values() if r["delta"] is not None]
+            d = [r["delta"] for r in rows]
+            dl = [r["delta_loss"] for r in rows if r["delta_loss"] is not None]
+            sign = (sum(x > 0 for x in d), sum(x == 0 for x in d), sum(x < 0 for x in d))
+            out += ["", f"filter: {filt!r}", "-" * TEXT_RULE_WIDTH,
+                    f"pairs={len(d)} mean d_acc={number_or_dash(mean_or_none(d), '+.4f')} std={number_or_dash(population_sd(d))} | "
+                    f"mean d_loss={number_or_dash(mean_or_none(dl), '+.4f')} std={number_or_dash(population_sd(dl))} | "
+                    f"sign(+/0/-)={sign[0]}/{sign[1]}/{sign[2]}"]
+            for r in rows:
+                out.append(f"  seed={r['seed']} d_acc={r['delta']:+.4f} (no={r['baseline_value']:.4f} "
+                           f"fs={r['value']:.4f}) d_loss={number_or_dash(r['delta_loss'], '+.4f')}")
+    return "\n".join(out) + "\n"
+
+
