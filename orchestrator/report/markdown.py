@@ -8,7 +8,7 @@ from orchestrator.decisions import SEEDCHECK
 from orchestrator.report.build import seed_key
 from orchestrator.report.formatting import markdown_table, number_or_dash, p_value, seconds
 
-# what makes two runs "one configuration" for the repeats check (_Builder.repeats), in words
+# what makes two runs "one configuration" for the repeats check (build.CONFIGURATION_FIELDS), in words
 _SAME_CONFIGURATION = ("(same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed "
                        "and device)")
 
@@ -32,8 +32,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "measurement: find the nondeterminism (or the code change during the round) before trusting any "
                   "number below.", ""]
         lines += markdown_table(["task", "candidate", "seed", "runs", "values"],
-                        [[f"`{g['task']}`", g["candidate"], g["seed"], ", ".join(f"`{k}`" for k in g["run_keys"]),
-                          ", ".join(number_or_dash(v, ".6g") for v in g["values"])] for g in rep["groups"] if not g["identical"]])
+                                [[f"`{g['task']}`", g["candidate"], g["seed"],
+                                  ", ".join(f"`{k}`" for k in g["run_keys"]),
+                                  ", ".join(number_or_dash(v, ".6g") for v in g["values"])]
+                                 for g in rep["groups"] if not g["identical"]])
         lines.append("")
     lines += ["## Decision rule (seed check)", "", s["rule"]["text"], ""]
     comparison = s.get("kind") == "comparison"
@@ -81,99 +83,118 @@ def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str
     lines = [f"## Task `{label}`", "",
              f"Kind `{t['task_kind']}`, decision metric final `val_{t['metric']}` (higher is better), threshold "
              f"{t['threshold']:g}; candidates: {', '.join(t['candidates']) or '—'}. Status: {t['status']}.", ""]
-    lines += ["### Matched baselines", ""]
-    rows = []
+    lines += _baselines_markdown(t)
     for stage, st in t["stages"].items():
-        for b in st["baselines"].values():
-            rows.append([stage, b["seed"], f"`{b['run_key']}`", b["status"], number_or_dash(b["value"]), number_or_dash(b["val_loss"]),
-                         f"{b['steps']}/{st['budget_steps']}", f"{b['batch_size']} ({b['micro_batch']})",
-                         seconds(b["wall_s"])])
-    lines += markdown_table(["stage", "seed", "run", "status", t["metric"], "val_loss", "steps/budget",
-                     "batch (micro)", "wall s"], rows) if rows else ["No baseline records."]
-    lines.append("")
-    for stage, st in t["stages"].items():
-        seeds = ", ".join(str(x) for x in st["seeds"])
-        lines += [f"### Stage `{stage}`", "",
-                  f"{st['budget_steps']} steps, eval every {st['eval_every']}, batch {st['batch_size']}, "
-                  f"n_val {st['n_val']}, seeds {seeds}.", ""]
-        rows = []
-        for name, cand in st["candidates"].items():
-            for sk, r in cand["seeds"].items():
-                rows.append([name, r["seed"], f"`{r['run_key']}`", r["status"], number_or_dash(r["value"]),
-                             number_or_dash(r["baseline_value"]), number_or_dash(r["delta"], "+.4f"), r["record_decision"]])
-            if len(st["seeds"]) > 1 and stage != SEEDCHECK:
-                rows.append([f"**{name}**", "mean", "", "", "", "", number_or_dash(cand["mean_delta"], "+.4f"),
-                             f"**{cand['stage_decision']}**"])
-        if rows:
-            lines += markdown_table(["candidate", "seed", "run", "status", t["metric"], "baseline", "delta",
-                             "decision"], rows)
-        else:
-            lines.append("No candidate records.")
-        if stage != SEEDCHECK:
-            kept = [n for n, c in st["candidates"].items() if c["stage_decision"] == "promote"]
-            pruned = [n for n, c in st["candidates"].items() if c["stage_decision"] == "prune"]
-            lines += ["", f"Promoted: {', '.join(kept) or 'none'}. Pruned: {', '.join(pruned) or 'none'}."]
-        lines.append("")
-    fin = t["seedcheck"]["finalists"]
-    if fin:
-        seeds = t["seedcheck"]["seeds"]
-        lines += ["### Seed check", "",
-                  f"Paired deltas over seeds {', '.join(str(x) for x in seeds)}; Holm family: all "
-                  f"{s['rule']['family_size']} finalist(s) of the round.", ""]
-        alpha = s["rule"]["alpha"]
-        if 2.0 ** -len(seeds) >= alpha:
-            need = next(n for n in range(1, 64) if 2.0 ** -n < alpha)
-            lines += [f"**With {len(seeds)} seeds no finalist can be confirmed:** the one-sided sign-flip p-value "
-                      f"cannot go below 2^-{len(seeds)} = {2.0 ** -len(seeds):.4g} ≥ {alpha:g}; at least {need} "
-                      f"seeds are needed.", ""]
-        rows = []
-        for name, f in fin.items():
-            per_seed = " ".join(number_or_dash(f["deltas"].get(seed_key(x)), "+.4f") for x in seeds)
-            ci = "—" if f.get("ci_low") is None else f"[{f['ci_low']:+.4f}, {f['ci_high']:+.4f}]"
-            rows.append([name, f["n"], per_seed, number_or_dash(f.get("mean"), "+.4f"), ci, number_or_dash(f.get("sd")),
-                         f"{f.get('wins', 0)}/{f['n']}", p_value(f.get("p_t_two_sided")), p_value(f["p_t_holm"]),
-                         p_value(f.get("p_sign_flip_greater")), p_value(f.get("p_sign_flip_two_sided")),
-                         p_value(f.get("p_wilcoxon_greater")), f"**{f['decision']}**"])
-        lines += markdown_table(["candidate", "n", "delta per seed", "mean", "95% t-interval", "sd", "wins",
-                         "p t (2-sided)", "p t Holm", "p sign-flip (1-sided)", "p sign-flip (2-sided)",
-                         "p Wilcoxon (1-sided)", "decision"], rows)
-        lines.append("")
-        for name, f in fin.items():
-            extra = ""
-            if f["excluded"]:
-                extra = " Excluded seeds: " + "; ".join(
-                    f"{e['seed']} ({e['reason']}{', ' + e['run_key'] if e.get('run_key') else ''})"
-                    for e in f["excluded"]) + "."
-            exact = "" if f.get("sign_flip_exact", True) else " Sign-flip p is a Monte Carlo estimate (fixed seed)."
-            lines.append(f"- `{name}`: {f['decision']} — {f['reason']}.{extra}{exact}")
-        lines.append("")
+        lines += _stage_markdown(stage, st, t["metric"])
+    lines += _seedcheck_markdown(t, s["rule"])
     lines += _noise_markdown(t)
     if t["failed_runs"]:
         lines += ["### Failed runs", ""]
         lines += markdown_table(["run", "stage", "candidate", "seed", "status", "error"],
-                        [[f"`{r['run_key']}`", r["stage"], r["candidate"], r["seed"], r["status"],
-                          f"{r['error_kind'] or '-'}: {r['error_message'] or '-'}"] for r in t["failed_runs"]])
+                                [[f"`{r['run_key']}`", r["stage"], r["candidate"], r["seed"], r["status"],
+                                  f"{r['error_kind'] or '-'}: {r['error_message'] or '-'}"] for r in t["failed_runs"]])
         lines.append("")
-    comp = t["compute"]
-    lines += ["### Compute", ""]
-    rows = [[stage, c["runs"], seconds(c["wall_s"]), seconds(c["mean_wall_s"]), c["full_runs"], seconds(c["full_wall_s"]),
-             c["estimate_basis"]] for stage, c in comp["stages"].items()]
-    lines += markdown_table(["stage", "runs", "wall s", "mean s/run", "runs if nothing pruned", "wall s if nothing pruned",
-                     "estimate from"], rows)
-    if s.get("kind") == "comparison":
-        lines += ["", f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
-                  f"baseline on every seed (a comparison round: nothing pruned): about {seconds(comp['full_wall_s'])} s.",
-                  ""]
-    else:
-        lines += ["", f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the "
-                  f"baseline through every stage: about {seconds(comp['full_wall_s'])} s; pruning saved about "
-                  f"{seconds(comp['saved_wall_s'])} s"
-                  + (f" ({comp['saved_fraction']:.0%})." if comp["saved_fraction"] is not None else "."), ""]
+    lines += _compute_markdown(t, comparison=s.get("kind") == "comparison")
     plots = [p for p in s["plots"] if p["task"] == label]
     if plots:
         lines += ["### Plots", ""]
         for p in plots:
             lines += [f"![{p['kind']} {label}]({p['file']})", "", f"*{p['caption']}*", ""]
+    return lines
+
+
+def _baselines_markdown(t: dict[str, Any]) -> list[str]:
+    rows = []
+    for stage, st in t["stages"].items():
+        for b in st["baselines"].values():
+            rows.append([stage, b["seed"], f"`{b['run_key']}`", b["status"], number_or_dash(b["value"]),
+                         number_or_dash(b["val_loss"]), f"{b['steps']}/{st['budget_steps']}",
+                         f"{b['batch_size']} ({b['micro_batch']})", seconds(b["wall_s"])])
+    table = markdown_table(["stage", "seed", "run", "status", t["metric"], "val_loss", "steps/budget",
+                            "batch (micro)", "wall s"], rows) if rows else ["No baseline records."]
+    return ["### Matched baselines", "", *table, ""]
+
+
+def _stage_markdown(stage: str, st: dict[str, Any], metric: str) -> list[str]:
+    seeds = ", ".join(str(x) for x in st["seeds"])
+    lines = [f"### Stage `{stage}`", "",
+             f"{st['budget_steps']} steps, eval every {st['eval_every']}, batch {st['batch_size']}, "
+             f"n_val {st['n_val']}, seeds {seeds}.", ""]
+    rows = []
+    for name, cand in st["candidates"].items():
+        for r in cand["seeds"].values():
+            rows.append([name, r["seed"], f"`{r['run_key']}`", r["status"], number_or_dash(r["value"]),
+                         number_or_dash(r["baseline_value"]), number_or_dash(r["delta"], "+.4f"),
+                         r["record_decision"]])
+        if len(st["seeds"]) > 1 and stage != SEEDCHECK:
+            rows.append([f"**{name}**", "mean", "", "", "", "", number_or_dash(cand["mean_delta"], "+.4f"),
+                         f"**{cand['stage_decision']}**"])
+    if rows:
+        lines += markdown_table(["candidate", "seed", "run", "status", metric, "baseline", "delta", "decision"], rows)
+    else:
+        lines.append("No candidate records.")
+    if stage != SEEDCHECK:
+        kept = [n for n, c in st["candidates"].items() if c["stage_decision"] == "promote"]
+        pruned = [n for n, c in st["candidates"].items() if c["stage_decision"] == "prune"]
+        lines += ["", f"Promoted: {', '.join(kept) or 'none'}. Pruned: {', '.join(pruned) or 'none'}."]
+    lines.append("")
+    return lines
+
+
+def _seedcheck_markdown(t: dict[str, Any], rule: dict[str, Any]) -> list[str]:
+    fin = t["seedcheck"]["finalists"]
+    if not fin:
+        return []
+    seeds = t["seedcheck"]["seeds"]
+    lines = ["### Seed check", "",
+             f"Paired deltas over seeds {', '.join(str(x) for x in seeds)}; Holm family: all "
+             f"{rule['family_size']} finalist(s) of the round.", ""]
+    alpha = rule["alpha"]
+    if 2.0 ** -len(seeds) >= alpha:
+        need = next(n for n in range(1, 64) if 2.0 ** -n < alpha)
+        lines += [f"**With {len(seeds)} seeds no finalist can be confirmed:** the one-sided sign-flip p-value "
+                  f"cannot go below 2^-{len(seeds)} = {2.0 ** -len(seeds):.4g} ≥ {alpha:g}; at least {need} "
+                  f"seeds are needed.", ""]
+    rows = []
+    for name, f in fin.items():
+        per_seed = " ".join(number_or_dash(f["deltas"].get(seed_key(x)), "+.4f") for x in seeds)
+        ci = "—" if f.get("ci_low") is None else f"[{f['ci_low']:+.4f}, {f['ci_high']:+.4f}]"
+        rows.append([name, f["n"], per_seed, number_or_dash(f.get("mean"), "+.4f"), ci,
+                     number_or_dash(f.get("sd")), f"{f.get('wins', 0)}/{f['n']}", p_value(f.get("p_t_two_sided")),
+                     p_value(f["p_t_holm"]), p_value(f.get("p_sign_flip_greater")),
+                     p_value(f.get("p_sign_flip_two_sided")), p_value(f.get("p_wilcoxon_greater")),
+                     f"**{f['decision']}**"])
+    lines += markdown_table(["candidate", "n", "delta per seed", "mean", "95% t-interval", "sd", "wins",
+                             "p t (2-sided)", "p t Holm", "p sign-flip (1-sided)", "p sign-flip (2-sided)",
+                             "p Wilcoxon (1-sided)", "decision"], rows)
+    lines.append("")
+    for name, f in fin.items():
+        extra = ""
+        if f["excluded"]:
+            extra = " Excluded seeds: " + "; ".join(
+                f"{e['seed']} ({e['reason']}{', ' + e['run_key'] if e.get('run_key') else ''})"
+                for e in f["excluded"]) + "."
+        exact = "" if f.get("sign_flip_exact", True) else " Sign-flip p is a Monte Carlo estimate (fixed seed)."
+        lines.append(f"- `{name}`: {f['decision']} — {f['reason']}.{extra}{exact}")
+    lines.append("")
+    return lines
+
+
+def _compute_markdown(t: dict[str, Any], comparison: bool) -> list[str]:
+    comp = t["compute"]
+    rows = [[stage, c["runs"], seconds(c["wall_s"]), seconds(c["mean_wall_s"]), c["full_runs"],
+             seconds(c["full_wall_s"]), c["estimate_basis"]] for stage, c in comp["stages"].items()]
+    lines = ["### Compute", ""]
+    lines += markdown_table(["stage", "runs", "wall s", "mean s/run", "runs if nothing pruned",
+                             "wall s if nothing pruned", "estimate from"], rows)
+    spent = f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the baseline"
+    if comparison:
+        lines += ["", f"{spent} on every seed (a comparison round: nothing pruned): about "
+                      f"{seconds(comp['full_wall_s'])} s.", ""]
+    else:
+        lines += ["", f"{spent} through every stage: about {seconds(comp['full_wall_s'])} s; pruning saved about "
+                      f"{seconds(comp['saved_wall_s'])} s"
+                  + (f" ({comp['saved_fraction']:.0%})." if comp["saved_fraction"] is not None else "."), ""]
     return lines
 
 

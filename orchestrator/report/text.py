@@ -30,39 +30,62 @@ def render_text(summary: dict[str, Any]) -> str:
         if t["status"].startswith("failed") or not t["stages"]:
             out.append("  baseline failed or missing" + (f": {t['status']}" if t["status"] != "ok" else ""))
         for stage, st in t["stages"].items():
-            if stage == SEEDCHECK:
-                continue
-            bvals = [b["value"] for b in st["baselines"].values() if b["value"] is not None]
-            blosses = [b["val_loss"] for b in st["baselines"].values() if b["val_loss"] is not None]
-            if not bvals:
-                continue  # the task's failure line above says why
-            out.append(f"  baseline {stage}: acc={percent(mean_or_none(bvals))} loss={number_or_dash(mean_or_none(blosses))} "
-                       f"bsz={st['batch_size']}")
-            cands = sorted(st["candidates"].items(),
-                           key=lambda kv: -math.inf if kv[1]["mean_delta"] is None else -kv[1]["mean_delta"])
-            if stage != "quick":
-                out.append(f"  {stage} confirmed:")
-            for name, c in cands:
-                vals = [r["value"] for r in c["seeds"].values() if r["value"] is not None]
-                losses = [r["val_loss"] for r in c["seeds"].values() if r["val_loss"] is not None]
-                tag = {"promote": "KEEP", "prune": "PRUNE"}.get(c["stage_decision"], c["stage_decision"].upper())
-                loss_part = f" loss={number_or_dash(mean_or_none(losses))}" if stage != "quick" else ""
-                out.append(f"    {name:24s} d_acc={percentage_points(c['mean_delta'])} acc={percent(mean_or_none(vals))}{loss_part} [{tag}]")
-        sc = t["stages"].get(SEEDCHECK)
-        for name, f in t["seedcheck"]["finalists"].items():
-            out.append(f"  seedcheck {name}:")
-            for seed in t["seedcheck"]["seeds"]:
-                r = sc["candidates"][name]["seeds"].get(seed_key(seed)) if sc else None
-                if r is None:
-                    out.append(f"    seed={seed}: missing")
-                    continue
-                out.append(f"    seed={seed}: baseline={percent(r['baseline_value'])} fs={percent(r['value'])} "
-                           f"d_acc={percentage_points(r['delta'])}")
-            out.append(f"    mean d_acc={percentage_points(f.get('mean'))}, positive_seeds={f.get('wins', 0)}/{f['n']}")
-            ci = "n/a" if f.get("ci_low") is None else f"[{percentage_points(f['ci_low'])}, {percentage_points(f['ci_high'])}]"
-            out.append(f"    95% CI {ci} p_t_holm={p_value(f['p_t_holm'])} "
-                       f"p_signflip_1sided={p_value(f.get('p_sign_flip_greater'))} decision={f['decision'].upper()}")
+            if stage != SEEDCHECK:
+                out += _round_format_stage(stage, st)
+        out += _round_format_seedcheck(t)
         out.append("-" * TEXT_RULE_WIDTH)
+    out += _paired_format(s)
+    return "\n".join(out) + "\n"
+
+
+def _round_format_stage(stage: str, st: dict[str, Any]) -> list[str]:
+    """One screening stage in the original's round format: the baseline, then candidates best delta first."""
+    out: list[str] = []
+    bvals = [b["value"] for b in st["baselines"].values() if b["value"] is not None]
+    blosses = [b["val_loss"] for b in st["baselines"].values() if b["val_loss"] is not None]
+    if not bvals:
+        return out  # the task's failure line above says why
+    out.append(f"  baseline {stage}: acc={percent(mean_or_none(bvals))} "
+               f"loss={number_or_dash(mean_or_none(blosses))} "
+               f"bsz={st['batch_size']}")
+    cands = sorted(st["candidates"].items(),
+                   key=lambda kv: -math.inf if kv[1]["mean_delta"] is None else -kv[1]["mean_delta"])
+    if stage != "quick":
+        out.append(f"  {stage} confirmed:")
+    for name, c in cands:
+        vals = [r["value"] for r in c["seeds"].values() if r["value"] is not None]
+        losses = [r["val_loss"] for r in c["seeds"].values() if r["val_loss"] is not None]
+        tag = {"promote": "KEEP", "prune": "PRUNE"}.get(c["stage_decision"], c["stage_decision"].upper())
+        loss_part = f" loss={number_or_dash(mean_or_none(losses))}" if stage != "quick" else ""
+        out.append(f"    {name:24s} d_acc={percentage_points(c['mean_delta'])} "
+                   f"acc={percent(mean_or_none(vals))}{loss_part} [{tag}]")
+    return out
+
+
+def _round_format_seedcheck(t: dict[str, Any]) -> list[str]:
+    """The task's seed-check finalists in the original's round format."""
+    out: list[str] = []
+    sc = t["stages"].get(SEEDCHECK)
+    for name, f in t["seedcheck"]["finalists"].items():
+        out.append(f"  seedcheck {name}:")
+        for seed in t["seedcheck"]["seeds"]:
+            r = sc["candidates"][name]["seeds"].get(seed_key(seed)) if sc else None
+            if r is None:
+                out.append(f"    seed={seed}: missing")
+                continue
+            out.append(f"    seed={seed}: baseline={percent(r['baseline_value'])} fs={percent(r['value'])} "
+                       f"d_acc={percentage_points(r['delta'])}")
+        out.append(f"    mean d_acc={percentage_points(f.get('mean'))}, positive_seeds={f.get('wins', 0)}/{f['n']}")
+        ci = "n/a" if f.get("ci_low") is None else \
+            f"[{percentage_points(f['ci_low'])}, {percentage_points(f['ci_high'])}]"
+        out.append(f"    95% CI {ci} p_t_holm={p_value(f['p_t_holm'])} "
+                   f"p_signflip_1sided={p_value(f.get('p_sign_flip_greater'))} decision={f['decision'].upper()}")
+    return out
+
+
+def _paired_format(s: dict[str, Any]) -> list[str]:
+    """Every finalist in the original's multi-seed paired format (filter line, pair statistics, one line a seed)."""
+    out: list[str] = []
     for label, t in s["tasks"].items():
         sc = t["stages"].get(SEEDCHECK)
         for name, f in t["seedcheck"]["finalists"].items():
@@ -73,12 +96,11 @@ def render_text(summary: dict[str, Any]) -> str:
             dl = [r["delta_loss"] for r in rows if r["delta_loss"] is not None]
             sign = (sum(x > 0 for x in d), sum(x == 0 for x in d), sum(x < 0 for x in d))
             out += ["", f"filter: {filt!r}", "-" * TEXT_RULE_WIDTH,
-                    f"pairs={len(d)} mean d_acc={number_or_dash(mean_or_none(d), '+.4f')} std={number_or_dash(population_sd(d))} | "
+                    f"pairs={len(d)} mean d_acc={number_or_dash(mean_or_none(d), '+.4f')} "
+                    f"std={number_or_dash(population_sd(d))} | "
                     f"mean d_loss={number_or_dash(mean_or_none(dl), '+.4f')} std={number_or_dash(population_sd(dl))} | "
                     f"sign(+/0/-)={sign[0]}/{sign[1]}/{sign[2]}"]
             for r in rows:
                 out.append(f"  seed={r['seed']} d_acc={r['delta']:+.4f} (no={r['baseline_value']:.4f} "
                            f"fs={r['value']:.4f}) d_loss={number_or_dash(r['delta_loss'], '+.4f')}")
-    return "\n".join(out) + "\n"
-
-
+    return out
