@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orchestrator.fileio import write_text_atomic
+from orchestrator.paths import RoundPaths
 from orchestrator.records import Ledger, Record, record_columns
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -26,9 +28,7 @@ def export_records(records: list[Record], fmt: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = rows(records)
     if fmt == "jsonl":
-        with open(out, "w") as f:
-            for row in data:
-                f.write(json.dumps(row) + "\n")
+        write_text_atomic(out, "".join(json.dumps(row) + "\n" for row in data))
         return out
     import pandas as pd
 
@@ -60,10 +60,11 @@ def sync_mirror(round_dir: Path, storage_url: str, round_name: str) -> list[Reco
     except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials
         raise StudyError(f"storage: cannot read round {round_name}'s records from {_safe_url(storage_url)}: "
                          f"{' '.join(str(e).split())[:300]}") from None
-    return Ledger(Path(round_dir) / "records.jsonl").append_missing(stored or [])
+    return Ledger(RoundPaths(Path(round_dir)).records).append_missing(stored or [])
 
 
 def export_round(round_dir: Path, fmt: str, out: Path | None = None) -> Path:
-    records = Ledger(Path(round_dir) / "records.jsonl").read()
-    out = out or Path(round_dir) / "export" / f"records.{fmt}"
+    paths = RoundPaths(Path(round_dir))
+    records = Ledger(paths.records).read()
+    out = out or paths.export / f"records.{fmt}"
     return export_records(records, fmt, Path(out))
