@@ -49,7 +49,7 @@ def sync_mirror(round_dir: Path, storage_url: str, round_name: str) -> list[Reco
     """Append to <round>/records.jsonl the records a PostgreSQL round's database has and the file lacks (recorded by
     workers of other hosts, or while no worker of this host ran); returns those appended. Nothing for SQLite, where
     the file is the truth."""
-    from orchestrator.study import StudyError, _safe_url, is_shared_storage
+    from orchestrator.study import StudyError, is_shared_storage, redact_url
 
     if not is_shared_storage(storage_url):
         return []
@@ -58,7 +58,7 @@ def sync_mirror(round_dir: Path, storage_url: str, round_name: str) -> list[Reco
     try:
         stored = read_records(storage_url, round_name)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials
-        raise StudyError(f"storage: cannot read round {round_name}'s records from {_safe_url(storage_url)}: "
+        raise StudyError(f"storage: cannot read round {round_name}'s records from {redact_url(storage_url)}: "
                          f"{' '.join(str(e).split())[:300]}") from None
     return Ledger(RoundPaths(Path(round_dir)).records).append_missing(stored or [])
 

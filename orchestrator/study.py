@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,24 +38,27 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from orchestrator.errors import UserError
+from orchestrator.fileio import write_text_atomic
+from orchestrator.paths import STORAGE, STUDY_DB
 from orchestrator.records import Record
 from orchestrator.spec import STAGE_ORDER
 
 SQLITE_TIMEOUT_S = 60.0
 PG_CREATE_LOCK = 0x66736562  # pg_advisory_lock key held while Optuna creates its tables and the study
-STORAGE_FILE = "storage.json"  # <round>/storage.json: the storage URL the round last ran with (no password)
+STORAGE_FILE = STORAGE  # <round>/storage.json: the storage URL the round last ran with (no password)
 SPEC_ATTR = "spec_yaml"  # study user attribute: the spec text the round runs (workers on other hosts read it)
 STAGES = STAGE_ORDER  # the stage param's choices: every stage a spec can have, so they never change
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class StudyError(Exception):
+class StudyError(UserError):
     """A user-facing problem with the round's study (bad storage URL, spec incompatible with the started study)."""
 
 
 def default_storage_url(round_dir: str | Path) -> str:
-    return f"sqlite:///{Path(round_dir).resolve() / 'study.db'}"
+    return f"sqlite:///{Path(round_dir).resolve() / STUDY_DB}"
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -79,7 +81,7 @@ def require_shared_storage(url: str, what: str) -> None:
     """`what` (e.g. "fsearch worker") needs a shared storage: one line naming the problem otherwise."""
     if not is_shared_storage(url):
         raise StudyError(f"{what} needs a PostgreSQL storage (--storage postgresql://USER@HOST:PORT/DB), not "
-                         f"{_safe_url(url)}: SQLite serves a single scheduler (no row locks across processes, "
+                         f"{redact_url(url)}: SQLite serves a single scheduler (no row locks across processes, "
                          f"'database is locked' under concurrent writers, unsafe on NFS)")
 
 
@@ -113,7 +115,7 @@ def open_storage(url: str) -> RDBStorage:
     except ImportError as e:
         raise StudyError(f"storage: {url.split(':', 1)[0]} needs a driver that is not installed ({e})") from None
     except Exception as e:  # sqlalchemy errors: bad URL, unreachable server
-        raise StudyError(f"storage: cannot open {_safe_url(url)}: {str(e).splitlines()[0]}") from None
+        raise StudyError(f"storage: cannot open {redact_url(url)}: {str(e).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager
@@ -128,7 +130,7 @@ def _creation_lock(url: str):
         engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool)
         conn = engine.connect()
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URL
-        raise StudyError(f"storage: cannot open {_safe_url(url)}: {str(e).splitlines()[0]}") from None
+        raise StudyError(f"storage: cannot open {redact_url(url)}: {str(e).splitlines()[0]}") from None
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": PG_CREATE_LOCK})
         yield
@@ -140,7 +142,7 @@ def _creation_lock(url: str):
             engine.dispose()
 
 
-def _safe_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without a password."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -192,9 +194,7 @@ def save_storage_url(round_dir: str | Path, url: str) -> SavedStorage | None:
     text = json.dumps({"url": saved.url, "password_removed": saved.password_removed}, indent=1) + "\n"
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers of a host may write it
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return saved
 
 
@@ -446,7 +446,7 @@ def stored_spec_text(url: str, name: str) -> str | None:
         text = " ".join(str(e).split())
         if "does not exist" in text or "no such table" in text:
             return None
-        raise StudyError(f"storage: cannot read {_safe_url(url)}: {text[:300]}") from None
+        raise StudyError(f"storage: cannot read {redact_url(url)}: {text[:300]}") from None
     return None if study is None else study.study_attr(SPEC_ATTR)
 
 

@@ -1,0 +1,179 @@
+"""Worker processes: starting one (its own process group, its environment, dying with the scheduler), waiting for it
+under a time limit, and killing what an interrupted attempt left behind. Torch-free: torch is only located, never
+imported.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.faults import KILL_ENV
+from orchestrator.paths import PROGRESS, RUN_CONFIG, WORKER_PID
+from orchestrator.round_errors import SchedulerError
+
+WORKER_CMD_ENV = "FSEARCH_WORKER_CMD"
+POLL_S = 0.2  # how often the scheduler looks at the worker (exit, progress.json)
+TERM_GRACE_S = 5.0  # after SIGTERM to a worker's process group, wait this long before SIGKILL
+
+
+def worker_command(cmd: str | list[str] | None = None) -> list[str]:
+    """The worker command: an argument, else $FSEARCH_WORKER_CMD, else this interpreter's `-m worker`."""
+    if isinstance(cmd, list):
+        return list(cmd)
+    text = cmd or os.environ.get(WORKER_CMD_ENV)
+    if text:
+        parts = shlex.split(text)
+        if not parts:
+            raise SchedulerError(f"{WORKER_CMD_ENV} is empty")
+        return parts
+    return [sys.executable, "-m", "worker"]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when the scheduler dies (no orphaned GPU jobs)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class WorkerProcess:
+    """A worker subprocess in its own process group (session); stdout and stderr go to `log_path`."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.argv = argv
+        self.log_path = log_path
+        parent = os.getpid()
+
+        def preexec() -> None:
+            _die_with_parent()
+            if os.getppid() != parent:  # the scheduler died before prctl took effect
+                os._exit(1)
+
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=preexec, env=env, cwd=cwd)
+        self.pid = self.proc.pid
+        self.started = time.time()
+        self.timed_out = False
+
+    def wait(self, time_limit_s: float, poll: Callable[[], None] | None = None, poll_s: float = POLL_S,
+             term_grace_s: float = TERM_GRACE_S) -> int:
+        """Wait for exit; past the time limit, SIGTERM then SIGKILL the whole group. Returns the exit code
+        (negative: killed by that signal)."""
+        deadline = self.started + time_limit_s
+        while True:
+            try:
+                code = self.proc.wait(timeout=max(0.0, min(poll_s, deadline - time.time())))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if poll is not None:
+                poll()
+            if time.time() >= deadline:
+                self.timed_out = True
+                self.signal_group(signal.SIGTERM)
+                try:
+                    code = self.proc.wait(timeout=term_grace_s)
+                except subprocess.TimeoutExpired:
+                    self.signal_group(signal.SIGKILL)
+                    code = self.proc.wait()
+                break
+        self.signal_group(signal.SIGKILL)  # whatever the worker left in its group (data loaders, grandchildren)
+        return code
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def bytecode_cache_dir(env: dict[str, str]) -> str | None:
+    """A writable bytecode folder for the workers when torch is installed read-only without bytecode, else None.
+
+    Python caches compiled modules next to their source; where it cannot (a read-only image without .pyc files), each
+    worker compiles torch's modules again: about 5 s of every run's start-up in a profile on an H100 machine. The
+    worker's environment then points PYTHONPYCACHEPREFIX at a per-user cache, unless the user set it or turned
+    bytecode writing off. Finds torch without importing it."""
+    if env.get("PYTHONPYCACHEPREFIX") or env.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    compiled = pkg / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"
+    if compiled.exists() or os.access(pkg, os.W_OK):
+        return None
+    cache_home = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache_home) / "fsearch" / "pycache")
+
+
+def worker_environment(devices: str | None = None) -> dict[str, str]:
+    """The worker's environment: ours, minus the scheduler's kill hook, unbuffered output, this checkout importable,
+    a writable bytecode cache where torch's install has none (bytecode_cache_dir), and CUDA_VISIBLE_DEVICES when
+    devices are given."""
+    env = dict(os.environ)
+    env.pop(KILL_ENV, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    pycache = bytecode_cache_dir(env)
+    if pycache:
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def start_worker(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> "WorkerProcess":
+    """WorkerProcess, with a worker command that cannot start turned into one clear line."""
+    try:
+        return WorkerProcess(argv, log_path, env=env)
+    except OSError as e:
+        raise SchedulerError(f"the worker command cannot start ({shlex.join(argv[:3])} ...): {e.strerror or e}") \
+            from None
+
+
+def kill_leftover_worker(attempt_dir: Path) -> None:
+    """A worker of an interrupted attempt that is somehow still alive (its pid file names it and its command line
+    names its run file): kill its process group before the run starts again."""
+    pid_file = attempt_dir / WORKER_PID
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return
+    if str(attempt_dir / RUN_CONFIG) in cmdline:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
