@@ -21,10 +21,19 @@ import sys
 import time
 from contextlib import nullcontext
 
+import torch
+
+from model.config import preset
+from model.fs_config import FSConfig
+from model.future_seed import FSGates
+from model.init import init_weights
+from model.optim import AdamW
+from model.rwkv7 import RWKV7
+from tasks.base import Example
+from worker.batches import Batch, forward_answer_logits, token_losses
+
 
 def _fs_config(kind: str):
-    from model.fs_config import FSConfig
-
     if kind == "off":
         return None
     # the heaviest library shape: every layer seeded, gradients through the seed, trainable gate
@@ -35,23 +44,11 @@ class TrainBench:
     """One configuration of the benchmark: its model, FS gates, optimizer and batch, and its training step."""
 
     def __init__(self, preset_name: str, kernel: str, fs_kind: str, batch: int, prompt_len: int, answer_len: int,
-                 device: str, compiled: bool = False):
-        import torch
-
-        from model.config import preset
-        from model.future_seed import FSGates
-        from model.init import init_weights
-        from model.optim import AdamW
-        from model.rwkv7 import RWKV7
-        from worker.batches import Batch, forward_answer_logits, token_losses
-        from tasks.base import Example
-
-        self._torch, self._worker_fns = torch, (forward_answer_logits, token_losses)
-
+                 device: str, compiled: bool = False, cuda_graphs: bool = False):
         self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
-                     "prompt_len": prompt_len, "answer_len": answer_len, "compile": compiled}
+                     "prompt_len": prompt_len, "answer_len": answer_len, "compile": compiled, "cuda_graphs": cuda_graphs}
         cfg = preset(preset_name)
-        model = RWKV7(cfg, kernel=kernel, compile_backend="inductor" if compiled else None)
+        model = RWKV7(cfg, kernel=kernel, compile_backend="inductor" if compiled else None, cuda_graphs=cuda_graphs)
         init_weights(model, seed=0)
         self.model = model.to(device).float()
         self.fs = _fs_config(fs_kind)
@@ -67,7 +64,8 @@ class TrainBench:
         self.cuda = device.startswith("cuda")
 
     def step(self) -> None:
-        torch, (forward_answer_logits, token_losses) = self._torch, self._worker_fns
+        if self.model.cuda_graphs:  # a new step: the graphs' outputs of the last one are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext():
             logits, _ = forward_answer_logits(self.model, self.batch, self.fs, self.gates, self.fs is not None)
@@ -78,11 +76,81 @@ class TrainBench:
 
     def resident_bytes(self) -> int:
         """Bytes this configuration keeps between steps: parameters, gradients, optimizer state."""
-        import torch
-
         tensors = [p for p in self.params] + [p.grad for p in self.params if p.grad is not None]
         tensors += [t for st in self.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+PEER_KERNEL = "fla-model"
+
+
+class PeerUnavailable(Exception):
+    """The peer model cannot run here (fla's models not installed, or no GPU for its Triton kernels)."""
+
+
+class FlaModelBench:
+    """The peer: fla's own RWKV7ForCausalLM (fused Triton token shift, LoRAs, norms and chunk_rwkv7) at the preset's
+    shape, doing the same work as a TrainBench step: the prompt and the answer inputs in one pass, logits and
+    cross-entropy on the answer positions only, fp32 master weights, bf16 autocast, the project's AdamW, clip 1.0."""
+
+    def __init__(self, preset_name: str, batch: int, prompt_len: int, answer_len: int, device: str):
+        if not device.startswith("cuda"):
+            raise PeerUnavailable("fla's RWKV7ForCausalLM runs on CUDA only")
+        try:
+            from fla.models import RWKV7Config, RWKV7ForCausalLM
+        except ImportError as e:
+            raise PeerUnavailable(f"fla's models are not installed (pip install flash-linear-attention): {e}") from None
+
+        cfg = preset(preset_name)
+        self.meta = {"bench": "train_peer", "preset": preset_name, "kernel": PEER_KERNEL, "fs": "off", "batch": batch,
+                     "prompt_len": prompt_len, "answer_len": answer_len, "compile": False}
+        peer_cfg = RWKV7Config(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, head_dim=cfg.head_size,
+                               intermediate_size=cfg.ffn_dim, decay_low_rank_dim=cfg.d_decay,
+                               a_low_rank_dim=cfg.d_aaa, v_low_rank_dim=cfg.d_mv, gate_low_rank_dim=cfg.d_gate,
+                               vocab_size=cfg.vocab_size, use_cache=False)
+        self.model = RWKV7ForCausalLM(peer_cfg).to(device).float().train()
+        self.params = list(self.model.parameters())
+        self.opt = AdamW([{"params": self.params, "lr": 1e-4, "weight_decay": 0.01}])
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=g)
+        self.answer = torch.randint(1, cfg.vocab_size, (batch, answer_len), generator=g).to(device)
+        # the answer pass reads the answer shifted by one: prompt + answer[:-1] in, answer_len logits out
+        self.ids = torch.cat([prompt.to(device), self.answer[:, :-1]], dim=1)
+        self.tokens = batch * (prompt_len + answer_len)
+        self.cuda = True
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = self.model(input_ids=self.ids, logits_to_keep=self.answer.shape[1], use_cache=False).logits
+        V = logits.shape[-1]
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), self.answer.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+    def resident_bytes(self) -> int:
+        tensors = self.params + [p.grad for p in self.params if p.grad is not None]
+        tensors += [t for st in self.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """fsearch's tokens/s over the peer's, for every timed fsearch row of one group (one prompt length and compile
+    setting, timed interleaved with the peer), and peak memory over the peer's."""
+    peers = [r for r in rows if r.get("bench") == "train_peer" and "tokens_per_s" in r]
+    if not peers:
+        return []
+    peer = peers[0]
+    out = []
+    for r in rows:
+        if r.get("bench") != "train" or "tokens_per_s" not in r:
+            continue
+        mem = (r["peak_mem_gib"] / peer["peak_mem_gib"]) if r.get("peak_mem_gib") and peer.get("peak_mem_gib") else None
+        out.append({"bench": "peer_ratio", "prompt_len": r["prompt_len"], "kernel": r["kernel"], "fs": r["fs"],
+                    "compile": r["compile"], "peer": peer["kernel"], "over_peer": r["tokens_per_s"] / peer["tokens_per_s"],
+                    "mem_over_peer": mem})
+    return out
 
 
 def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) -> list[dict]:
@@ -90,8 +158,6 @@ def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) 
     drift (clocks, allocator growth, a first-configuration effect) spreads over all of them instead of biasing the
     one timed first. Each configuration's peak memory is taken on its first timed step as if it were alone: the
     device's peak during that step minus what the other configurations keep resident."""
-    import torch
-
     cuda = benches[0].cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     first: list[float | None] = [None] * len(benches)
@@ -142,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the FS variants of a kernel, alternating order")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
-                    help="torch.compile the blocks around the WKV kernel (spec: defaults.compile)")
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "graphs"],
+                    help="torch.compile the blocks around the WKV kernel (spec: defaults.compile); graphs: compiled "
+                         "and replayed as CUDA graphs (torch.compile mode reduce-overhead)")
+    ap.add_argument("--peer", default=PEER_KERNEL, choices=[PEER_KERNEL, "none"],
+                    help="time fla's RWKV7ForCausalLM in every group too (same shape, batch, tokens and work)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
 
@@ -164,22 +231,33 @@ def main(argv: list[str] | None = None) -> int:
         return {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
                 "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
-    compile_modes = list(dict.fromkeys(c == "on" for c in args.compile))
+    compile_modes = list(dict.fromkeys((c != "off", c == "graphs") for c in args.compile))
+    peer_note_printed = False
     for T in args.prompt_len:
-        for kernel, compiled in ((k, c) for k in args.kernels for c in compile_modes):
+        for kernel, (compiled, graphs) in ((k, c) for k in args.kernels for c in compile_modes):
             # the FS variants of one kernel are timed together, interleaved: the FS overhead is a small difference
             group, failed = [], []
             for fs_kind in args.fs:
                 try:
                     group.append(TrainBench(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, device,
-                                            compiled))
+                                            compiled, graphs))
                 except Exception as e:  # a backend that is not installed is reported, not fatal
-                    failed.append({**error_row(kernel, fs_kind, T, e), "compile": compiled})
+                    failed.append({**error_row(kernel, fs_kind, T, e), "compile": compiled, "cuda_graphs": graphs})
+            if args.peer != "none" and group:
+                try:
+                    group.append(FlaModelBench(args.preset, args.batch, T, args.answer_len, device))
+                except PeerUnavailable as e:  # optional: one line, once
+                    if not peer_note_printed:
+                        emit({"bench": "train_peer", "kernel": args.peer, "skipped": str(e)})
+                        peer_note_printed = True
             try:
                 timed = time_group(group, args.steps, args.warmup, args.rounds) if group else []
             except Exception as e:  # e.g. out of memory: every configuration of the group gets the error
-                timed = [{**error_row(b.meta["kernel"], b.meta["fs"], T, e), "compile": compiled} for b in group]
+                timed = [{**error_row(b.meta["kernel"], b.meta["fs"], T, e), "compile": compiled,
+                          "cuda_graphs": graphs} for b in group]
             for row in timed + failed:
+                emit(row)
+            for row in peer_ratios(timed):
                 emit(row)
             del group
             if device.startswith("cuda"):
@@ -191,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def ratios(rows: list[dict]) -> list[dict]:
     """triton over fla (same FS and compile setting), the FS overhead (same kernel and compile setting) and the
-    speed-up of compiling (same kernel and FS), from the timed rows."""
-    by = {(r["prompt_len"], r["kernel"], r["fs"], r["compile"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    speed-up of compiling (same kernel and FS), from the timed rows; compile is "graphs" for CUDA-graph rows."""
+    by = {(r["prompt_len"], r["kernel"], r["fs"], "graphs" if r.get("cuda_graphs") else r["compile"]): r["tokens_per_s"]
+          for r in rows if "tokens_per_s" in r and r["bench"] == "train"}
     out = []
     for (T, kernel, fs, compiled), tps in by.items():
         if kernel == "triton" and (T, "fla", fs, compiled) in by:

@@ -117,3 +117,49 @@ def test_one_set_of_graphs_serves_every_layer(make_config, make_model, make_toke
         _train_pass(model, make_tokens(2, 20, cfg.vocab_size), torch.tensor([0, 3]), fs_on=True)
         counts.append(_graph_count() - before)
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_give_the_compiled_models_numbers_bit_for_bit(make_config, make_model, make_tokens):
+    """model.cuda_graphs replays the compiled segments as CUDA graphs: the same kernels on the same inputs, so the
+    outputs, states and gradients equal the compiled model's without graphs exactly, on every step (the first steps
+    run the graphs' warm-up and recording, later ones replay), and stay within bf16 tolerance of the eager model."""
+    cfg = make_config(n_layer=4, n_embd=128, head_size=64, d_decay=32, d_aaa=32, d_mv=32, d_gate=32)
+    models = {}
+    for name, backend, graphs in (("eager", None, False), ("compiled", "inductor", False),
+                                  ("graphs", "inductor", True)):
+        m = make_model(cfg, seed=5, kernel="auto").cuda().train()
+        m.compile_backend, m.cuda_graphs = backend, graphs
+        models[name] = m
+    idx = make_tokens(4, 96, cfg.vocab_size, seed=1).cuda()
+    pad = torch.tensor([0, 3, 40, 7], device="cuda")
+
+    def run(m):
+        torch.compiler.cudagraph_mark_step_begin()
+        for p in m.parameters():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = _train_pass(m, idx, pad, True)
+        torch.cuda.synchronize()
+        return out
+
+    want_eager, want = run(models["eager"]), run(models["compiled"])
+    for step in range(3):
+        got = run(models["graphs"])
+        for a, b in zip(got[:2], want[:2]):
+            assert torch.equal(a, b), f"step {step}: logits differ from the compiled model's"
+        for s, t in zip(want[2], got[2]):
+            assert torch.equal(s.wkv, t.wkv) and torch.equal(s.att_shift, t.att_shift), f"step {step}: states"
+        assert got[3].keys() == want[3].keys()
+        for name in want[3]:
+            assert torch.equal(got[3][name], want[3][name]), f"step {step}: gradient of {name}"
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    # against eager under bf16 autocast, the compiled model's own bound (fused kernels round differently)
+    assert rel(got[0], want_eager[0]) < 2e-2 and rel(got[1], want_eager[1]) < 2e-2
+    for name in want_eager[3]:
+        if want_eager[3][name].norm() > 0:
+            assert rel(got[3][name], want_eager[3][name]) < 5e-2, name
