@@ -14,6 +14,12 @@ import statistics
 import sys
 import time
 
+import torch
+
+from model.config import BYTE_VOCAB, ModelConfig
+from model.init import init_weights
+from model.rwkv7 import RWKV7
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fsearch bench model", description=__doc__.splitlines()[0])
@@ -31,12 +37,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    import torch
-
-    from model.config import BYTE_VOCAB, ModelConfig
-    from model.init import init_weights
-    from model.rwkv7 import RWKV7
-
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -15,9 +15,16 @@ from typing import Any, Iterator
 
 import torch
 
+from model.checkpoint import load_any
+from model.future_seed import FSGates
+from model.init import init_weights
+from model.optim import AdamW  # torch.optim.AdamW's update without torch.optim's start-up imports
+from model.rwkv7 import RWKV7
+from model.tokenizers import get_tokenizer
 from orchestrator.decisions import lower_is_better
 from orchestrator.fileio import finite_json, write_json_atomic
 from orchestrator.runconfig import EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult
+from tasks import DataUnavailable, TaskError, get_task
 from worker.batches import Batch, forward_answer_logits, token_losses
 from worker.errors import RunError
 
@@ -56,7 +63,7 @@ class Run:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # CPU kernels are deterministic for a fixed thread count (the determinism test checks it); not calling
-        # torch.use_deterministic_algorithms also saves the 1.2 s it spends importing torch._inductor
+        # torch.use_deterministic_algorithms also spares the worker's start-up the import of torch._inductor
 
         self.model = self.build_model()
         self.tok = self.build_tokenizer()
@@ -64,8 +71,6 @@ class Run:
         self.fs = cfg.fs if cfg.mode == "prompt_fs" else None
         self.gates = None
         if self.fs is not None:
-            from model.future_seed import FSGates
-
             try:
                 warnings = self.fs.check_for_model(self.model.cfg.n_layer)
             except ValueError as e:
@@ -80,14 +85,9 @@ class Run:
         src = self.cfg.model
         try:
             if src.preset is not None:
-                from model.init import init_weights
-                from model.rwkv7 import RWKV7
-
                 model = RWKV7(src.build_config(), kernel=self.cfg.kernel)  # the preset with the spec's shape
                 init_weights(model, seed=src.init_seed)
             else:
-                from model.checkpoint import load_any
-
                 model = load_any(src.checkpoint, kernel=self.cfg.kernel)
         except (ValueError, FileNotFoundError) as e:
             raise RunError("config", f"model: {str(e).splitlines()[0]}") from None
@@ -96,8 +96,6 @@ class Run:
         return model.to(self.device).float()
 
     def build_tokenizer(self):
-        from model.tokenizers import get_tokenizer
-
         tok = get_tokenizer(self.model.cfg.tokenizer)
         if tok.vocab_size > self.model.cfg.vocab_size:
             raise RunError("config", f"tokenizer {tok.name} has {tok.vocab_size} ids but the model's vocabulary is "
@@ -105,8 +103,6 @@ class Run:
         return tok
 
     def build_task(self):
-        from tasks import DataUnavailable, TaskError, get_task
-
         cfg = self.cfg
         try:
             task = get_task(cfg.task_kind, cfg.task_params, self.tok, cfg.data_seed)
@@ -140,8 +136,6 @@ class Run:
             groups += [g for g in self.gates.param_groups() if g["lr"] > 0]
         for g in groups:
             g["base_lr"] = g["lr"]
-        from model.optim import AdamW  # torch.optim.AdamW's update without its start-up imports (3.7 s on a GPU host)
-
         return AdamW(groups, betas=lr.betas, eps=1e-8)
 
     # training -------------------------------------------------------------------------------------------------------

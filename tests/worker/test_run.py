@@ -122,13 +122,16 @@ def test_unknown_task_param_is_config_error(tmp_path):
 
 def test_baseline_never_calls_future_seed(tmp_path, monkeypatch):
     import model.future_seed as fsmod
+    import model.rwkv7 as rwkv7_mod
+    import worker.run as run_mod
 
     def boom(*a, **k):
         raise AssertionError("future_seed called in a baseline run")
 
-    monkeypatch.setattr(fsmod, "future_seed", boom)
-    for name in ("FSGates",):
-        monkeypatch.setattr(fsmod, name, boom)
+    for mod in (fsmod, rwkv7_mod):
+        monkeypatch.setattr(mod, "future_seed", boom)
+    for mod in (fsmod, run_mod):
+        monkeypatch.setattr(mod, "FSGates", boom)
     assert run_worker(make_config(tmp_path, "base")) == EXIT_OK
     assert run_worker(make_config(tmp_path, "twice", candidate="read_twice")) == EXIT_OK
     # the same patch does break an FS run (so the test above can fail)
