@@ -116,12 +116,13 @@ SCREEN_RULE: ScreenRule = DeltaThresholdRule()
 
 
 def screen(stage: str, seeds: Sequence[int], deltas: Mapping[int, float | None], failure: str | None,
-           threshold: float, rule: ScreenRule = SCREEN_RULE) -> ScreenDecision:
+           threshold: float, rule: ScreenRule | None = None) -> ScreenDecision:
     """One candidate's decision at `stage` from its paired deltas so far (seed -> delta, None where its run or the
     matched baseline has no value) and `failure` (why one of its runs failed, None if none did).
 
     A failed or diverged candidate run prunes it at a screening stage (and leaves no mean); a stage with a seed still
-    missing is pending; a complete screening stage is decided by `rule`. Outside screening stages nothing is decided
+    missing is pending; a complete screening stage is decided by `rule` (None: the module's SCREEN_RULE, looked up at
+    each call, so a rule plugged in there reaches the planner and the report alike). Outside screening stages nothing is decided
     here: long is recorded, seedcheck goes to SeedCheckRule."""
     ok = {s: d for s, d in deltas.items() if d is not None}
     mean = mean_delta(list(ok.values())) if failure is None else None
@@ -134,20 +135,20 @@ def screen(stage: str, seeds: Sequence[int], deltas: Mapping[int, float | None],
         return ScreenDecision(stage, "prune", None, threshold, f"{stage} {failure}")
     if any(s not in ok for s in seeds):
         return ScreenDecision(stage, "pending", mean, threshold, f"{stage} waiting for {len(seeds) - len(ok)} seed(s)")
-    return rule.decide(stage, {s: ok[s] for s in seeds}, threshold)
+    return (rule or SCREEN_RULE).decide(stage, {s: ok[s] for s in seeds}, threshold)
 
 
 def run_decision(is_baseline: bool, status: str, stage: str, stage_seeds: int, delta: float | None,
                  threshold: float | None) -> RunDecisionKind:
     """The decision one run's record carries. Baselines: "baseline"; failed/diverged runs: their status; a candidate
-    of a one-seed screening stage: that stage's decision (promote/prune by the threshold, as the stage decision will
+    of a one-seed screening stage: that stage's decision (SCREEN_RULE on its one delta, as the stage decision will
     be); otherwise "recorded" (a multi-seed stage decides on the mean; long and seedcheck are decided later)."""
     if status in ("failed", "diverged"):
         return status  # type: ignore[return-value]
     if is_baseline:
         return "baseline"
     if delta is not None and threshold is not None and is_gate(stage) and stage_seeds == 1:
-        return "promote" if meets_threshold(delta, threshold) else "prune"
+        return SCREEN_RULE.decide(stage, {0: delta}, threshold).decision  # type: ignore[return-value]
     return "recorded"
 
 

@@ -552,3 +552,32 @@ def test_noise_below_the_threshold_is_only_reported(tmp_path):
     section = md[md.index("## Task `sudoku4`"):md.index("## Task `kv_last`")]
     assert "Seed-to-seed noise at the seed check's budget (80 steps): " in section and "mostly seed noise" not in section
     assert check_report(rb.dir) == []
+
+
+def test_planner_and_report_take_the_screen_decision_from_one_place(tmp_path, monkeypatch):
+    """A screening rule plugged into orchestrator.decisions changes the planner's promotions, the records' decisions
+    and the report's stage decisions alike: the report re-derives nothing, and agrees with the planner exactly."""
+    from orchestrator import decisions
+
+    class PromoteEverything:
+        def decide(self, stage, deltas, threshold):
+            mean = decisions.mean_delta(list(deltas.values()))
+            return decisions.ScreenDecision(stage, "promote", mean, threshold, "promoted by the test rule")
+
+    def values(task, stage, cand, seed):  # candidates the table has no value for do worse than the baseline
+        try:
+            return value_of(task, stage, cand, seed)
+        except KeyError:
+            return value_of(task, stage, "baseline", seed) - 0.01
+
+    monkeypatch.setattr(decisions, "SCREEN_RULE", PromoteEverything())
+    rb = RoundBuilder(tmp_path)
+    rb.run_all(values)
+    s = build_summary(load_round(rb.dir))
+    assert s["problems"] == []
+    quick = s["tasks"]["sudoku4"]["stages"]["quick"]["candidates"]
+    measured = [c for c in quick.values() if c["mean_delta"] is not None]  # a failed run is pruned by any rule
+    assert measured and all(c["stage_decision"] == "promote" for c in measured)
+    assert any(c["mean_delta"] < s["tasks"]["sudoku4"]["threshold"] for c in measured)
+    p = plan(rb.spec, rb.records)
+    assert all(d.decision == "promote" for d in p.decisions if d.stage == "quick" and d.mean_delta is not None)
