@@ -15,14 +15,12 @@ Any other code or a signal (killed, time limit) is classified by the scheduler a
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+from model.config import ModelConfig, preset, with_shape
 from model.fs_config import FSConfig
-
-if TYPE_CHECKING:
-    from model.config import ModelConfig
 
 ErrorKind = Literal["oom", "diverged", "data", "config", "crash", "timeout"]
 Status = Literal["ok", "diverged", "failed"]
@@ -100,11 +98,9 @@ class ModelSource(BaseModel):
             data.pop("shape", None)
         return data
 
-    def build_config(self) -> "ModelConfig":
+    def build_config(self) -> ModelConfig:
         """The ModelConfig a from-scratch run builds: the preset with the shape overrides applied. ValueError (one
         line) for an unknown preset or a shape that does not fit; for a checkpoint source, which has no config here."""
-        from model.config import preset, with_shape
-
         if self.preset is None:
             raise ValueError("model: a checkpoint's configuration is read from the checkpoint")
         return with_shape(preset(self.preset), self.shape.overrides() if self.shape is not None else None)
