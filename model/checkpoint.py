@@ -75,7 +75,7 @@ def _tokenizer_for_vocab(vocab: int) -> str:
 
 # BlinkDL .pth ----------------------------------------------------------------------------------------------------
 def config_from_blinkdl(state: dict[str, Tensor], tokenizer: str | None = None) -> ModelConfig:
-    """Infer the ModelConfig from BlinkDL tensor shapes (seed_system.md §1.1)."""
+    """Infer the ModelConfig from BlinkDL tensor shapes."""
     V, C = _shape(state, "emb.weight")
     layers = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not layers:

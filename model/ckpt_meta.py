@@ -162,7 +162,7 @@ def _read_torch_pickle(path: Path) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------------
 def blinkdl_meta(shapes: dict[str, tuple[int, ...]], path: Path | str = "<state dict>") -> dict[str, Any]:
-    """Model size from BlinkDL RWKV-7 state-dict key names and shapes (reference/seed_system.md §1.1)."""
+    """Model size from BlinkDL RWKV-7 state-dict key names and shapes."""
 
     def need(key: str) -> tuple[int, ...]:
         if key not in shapes:

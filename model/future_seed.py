@@ -1,6 +1,6 @@
 """Future-Seed: the seed state a block's WKV recurrence starts from, built from the previous block's final state.
 
-Semantics (reference/seed_system.md §1.5, options in model/fs_config.py). For a seeded block i
+Semantics (the original's, docs/original.md; options in model/fs_config.py). For a seeded block i
 (i >= max(1, fs.layer_start)), given the previous block's final WKV state S_{i-1} [B, H, D, D] of the same forward:
 
     base = stopgrad(S_{i-1}) if fs.detach else S_{i-1}

@@ -1,8 +1,8 @@
-"""The main branch's infill tasks (seed_system.md §3.11, §7), recast as prompt -> answer tasks.
+"""The main branch's infill tasks (docs/original.md), recast as prompt -> answer tasks.
 
 On the main branch a string like `L=...|M=...|R=...` was filled in place: the span M was masked and a causal
 scan had to predict it before reading R. Without Future-Seed the scan had no access to R at all, so "FS off vs
-on" was partly "no access vs access" (§6.9). Here the worker trains prompt -> answer, so the known parts, in their
+on" was partly "no access vs access". Here the worker trains prompt -> answer, so the known parts, in their
 original left-to-right order, form the context and the masked span is the answer, introduced by the trigger `M=`.
 Everything the answer needs is in the prompt, so a baseline can solve these tasks too; the question Future-Seed
 answers here is one of reading order: whether deeper layers that start from a summary of the whole prompt read the
@@ -21,7 +21,7 @@ from tasks.base import Example, register
 from tasks.synthetic.common import (BASE36, DIGITS, Problem, SyntheticParams, SyntheticTask, char_and_exact,
                                     fixed_width, random_digits)
 
-DEFAULT_LENGTH = 16  # span length of the §7 headline runs
+DEFAULT_LENGTH = 16  # span length of the main branch's headline runs
 
 
 class RightCopyParams(SyntheticParams):
@@ -127,7 +127,7 @@ class KVSortOrderTask(SyntheticTask):
     Layout `order_items`: context `O={order};{items}|`, trigger `M=`, answer the items sorted by the position of
     their key in `order`. `order` is a random permutation of the 36 characters 0-9a-z; the n keys are distinct
     characters in random order. An item is the key alone (keys_only) or `k:v` with a random digit v; items are
-    joined by ',' (sep) or concatenated. Defaults follow the §7 headline (n=20, keys only, no separator).
+    joined by ',' (sep) or concatenated. Defaults follow the main branch's headline (n=20, keys only, no separator).
 
     Metrics: `item_acc` (items in the right slot), `key_valid` (the predicted keys are a permutation of the given
     keys), `key_order` (the keys are in the right order, values ignored), `exact`.

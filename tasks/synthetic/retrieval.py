@@ -1,4 +1,4 @@
-"""Key-value tasks of the post-training branch's tasks.py (seed_system.md §3.10): retrieval and kvsort."""
+"""Key-value tasks of the original post-training branch's synthetic set (docs/original.md): retrieval and kvsort."""
 from __future__ import annotations
 
 import random

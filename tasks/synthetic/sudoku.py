@@ -1,4 +1,4 @@
-"""Sudoku completion (seed_system.md §3.2): a solved board with some cells masked; the answer is the whole board."""
+"""Sudoku completion: a solved board with some cells masked; the answer is the whole board."""
 from __future__ import annotations
 
 import functools

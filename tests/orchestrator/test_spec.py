@@ -366,7 +366,7 @@ def test_synthetic_table_study_validates_with_its_data():
         assert spec.stages.seedcheck.max_finalists >= len(names)
         if task.task != "kvsort_order":
             assert task.params["length"] == 16
-    # the original's L2/e128/h32 for rightcopy/constr (§7): the spec's model, the preset reshaped
+    # the original's L2/e128/h32 for rightcopy/constr: the spec's model, the preset reshaped
     cfg = spec.model.build_config()
     assert (cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.tokenizer) == (2, 128, 32, "byte")
 
