@@ -13,8 +13,11 @@ from optuna.trial import TrialState
 
 from orchestrator.records import Ledger
 from orchestrator.runconfig import EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM
-from orchestrator.scheduler import (KillPoints, SchedulerError, WorkerProcess, classify, fault_for, halve_micro_batch,
-                                    parse_faults, worker_command)
+from orchestrator.errors import UserError
+from orchestrator.faults import KillPoints, RoundEvents, fault_for, parse_faults
+from orchestrator.outcomes import classify, halve_micro_batch
+from orchestrator.processes import WorkerProcess, worker_command
+from orchestrator.scheduler import RoundLocked, SchedulerError
 from orchestrator.study import default_storage_url
 
 TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes")
@@ -147,6 +150,31 @@ def test_summary_and_plain_display(write_spec, fake_env, round_runner):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # pieces
+
+class PointsSeen(RoundEvents):
+    """An observer that keeps every point the loop reports, with the run key it reached it for."""
+
+    def __init__(self):
+        self.points: list[str] = []
+
+    def reached(self, point, **context):
+        self.points.append(point)
+        if point == "torn_record":
+            assert {"ledger", "record"} <= set(context)  # what the kill point needs to leave half a line
+
+
+def test_the_loop_reports_each_moment_of_a_run_to_its_observer(write_spec, fake_env, round_runner):
+    seen = PointsSeen()
+    _, records = round_runner(write_spec(), events=seen)
+    per_run = ["claim", "spawn", "outcome", "torn_record", "record", "tell"]
+    points = [p for p in seen.points if p != "run"]  # "run" only when a poll finds progress.json: timing-dependent
+    # 3 quick runs, the stage change, 4 seedcheck runs: in the order KILL_POINTS lists them
+    assert points == per_run * 3 + ["stage"] + per_run * 4 and len(records) == 7
+
+
+def test_scheduler_errors_are_user_errors():
+    assert issubclass(SchedulerError, UserError) and issubclass(RoundLocked, SchedulerError)
+
 
 def test_halve_micro_batch_keeps_a_divisor_of_the_batch():
     assert halve_micro_batch(16, 16) == 8
