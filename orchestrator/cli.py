@@ -39,6 +39,7 @@ from orchestrator.processes import read_progress, start_worker, worker_command, 
 from orchestrator.progress import format_summary, format_table, make_display, rich_table, round_status
 from orchestrator.report import check_report, write_report
 from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
+from orchestrator.simulate import run_command as simulate_protocol
 from orchestrator.spec import Spec, find_spec_file, load_spec, parse_spec_text, validate_spec
 from tasks import task_class
 
@@ -115,8 +116,8 @@ def remember_storage(round_dir: Path, url: str) -> None:
 
     saved = save_storage_url(round_dir, url)
     if saved is not None and saved.password_removed:
-        click.echo(f"note: {RoundPaths(round_dir).storage} keeps the storage URL without its password; status, export and "
-                   f"report read the password from PGPASSWORD or ~/.pgpass (or take --storage URL)", err=True)
+        click.echo(f"note: {RoundPaths(round_dir).storage} keeps the storage URL without its password; status, export "
+                   f"and report read the password from PGPASSWORD or ~/.pgpass (or take --storage URL)", err=True)
 
 
 def storage_url_for(spec: Spec, round_dir: Path, override: str | None = None) -> str:
@@ -493,8 +494,9 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     if outcome.kind in ("ok", "diverged") and res is not None:
         metric = res.primary_metric or "tok_acc"
         v = res.final.get("val_" + metric)
+        val_loss = res.final.get("val_loss", float("nan"))
         click.echo(f"{outcome.kind}: {task_kind} {cand.name} s{seed}: {res.steps}/{steps} steps, "
-                   f"val_{metric}={'-' if v is None else f'{v:.4f}'}, val_loss={res.final.get('val_loss', float('nan')):.4f}, "
+                   f"val_{metric}={'-' if v is None else f'{v:.4f}'}, val_loss={val_loss:.4f}, "
                    f"{res.wall_s:.1f} s, {res.tokens_per_s:.0f} tok/s -> {run_dir}")
         if outcome.kind == "diverged":
             sys.exit(1)
@@ -561,13 +563,12 @@ def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | 
 def simulate_cmd(spec_args: tuple[str, ...], noise_from: str | None, effects: str, candidates: int,
                  threshold: float, replicates: int, seed: int, as_json: bool, png: str | None) -> None:
     """A protocol's error rates and cost: the real planner and seed-check rule on synthetic outcomes (no GPU)."""
-    from orchestrator.simulate import run_command
-
     try:
         effect_list = [float(e) for e in effects.split(",") if e.strip()]
     except ValueError:
         raise UserError(f"--effects {effects!r}: a comma list of numbers") from None
-    click.echo(run_command(spec_args, noise_from, effect_list, candidates, replicates, seed, as_json, png, threshold))
+    click.echo(simulate_protocol(spec_args, noise_from, effect_list, candidates, replicates, seed, as_json, png,
+                                 threshold))
 
 
 # the benchmarks are torch-side: imported by name only when one runs
