@@ -3,8 +3,11 @@
 A step is exactly what the worker does: prompt pass (Future-Seed on or off), answer pass seeded with the prompt's
 final states, token-weighted cross-entropy over the answer, backward, gradient clipping, AdamW on fp32 master
 weights, under bf16 autocast on CUDA; with `--compile on` the blocks' work around the WKV kernel is torch.compile'd,
-as a spec's `compile: on` does (`--compile off on` measures both). Swept over kernels (triton, fla when installed,
-torch) and FS off / on.
+as a spec's `compile: on` does (`--compile off on` measures both; `graphs`: compiled and replayed as CUDA graphs).
+Swept over kernels (triton, fla when installed, torch) and FS off / on. Every group is timed together with the peer,
+fla's own RWKV7ForCausalLM at the same shape doing the same work (`--peer none` leaves it out; where fla's models or
+CUDA are missing, one line says it was skipped), and each fsearch row's tokens/s and peak memory over the peer's are
+printed (`peer_ratio` lines).
 Tokens counted = prompt + answer tokens of the batch. The FS variants of one kernel stay in memory together and
 are timed in alternating rounds (time_group), so that the FS overhead, a difference of a few percent, is not
 buried under drift between configurations timed one after the other. Output: one JSON line per configuration
@@ -135,6 +138,28 @@ class FlaModelBench:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def profile_step(bench, steps: int = 2, top: int = 12) -> dict:
+    """Where a step's time goes, from torch.profiler over `steps` steps: wall time per step, the GPU's busy time per
+    step (sum of kernel durations), kernel launches per step, and the kernels taking the most GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            bench.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / steps / 1e3
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.device_time / steps / 1e3
+    return {**bench.meta, "bench": "train_profile", "step_ms": wall * 1e3, "gpu_busy_ms": busy,
+            "launches_per_step": len(kernels) / steps,
+            "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:top])}
+
+
 def peer_ratios(rows: list[dict]) -> list[dict]:
     """fsearch's tokens/s over the peer's, for every timed fsearch row of one group (one prompt length and compile
     setting, timed interleaved with the peer), and peak memory over the peer's."""
@@ -215,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="time fla's RWKV7ForCausalLM in every group too (same shape, batch, tokens and work)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile each configuration (CUDA only)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -259,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                 emit(row)
             for row in peer_ratios(timed):
                 emit(row)
+            if args.profile and device.startswith("cuda") and all("tokens_per_s" in r for r in timed):
+                for b in group:
+                    emit(profile_step(b))
             del group
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
