@@ -51,7 +51,6 @@ class Candidate(BaseModel):
 
 
 BASELINE = Candidate(name="baseline", mode="baseline")
-READ_TWICE = Candidate(name="read_twice", mode="read_twice")
 
 
 def library_names() -> list[str]:

@@ -48,7 +48,7 @@ from model.tokenizers import get_tokenizer
 from orchestrator import paths
 from orchestrator.errors import UserError, one_line
 from orchestrator.runconfig import LearningRates, ModelSource
-from orchestrator.runkey import NAME_PATTERN, canonical_json, short_hash
+from orchestrator.runkey import NAME_PATTERN, canonical_json
 from tasks import TaskError, get_task, task_class
 from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
 
@@ -693,18 +693,3 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
         get_task(task.task, task.params, get_tokenizer(tokenizer), spec.defaults.data_seed).check_available()
     except TaskError as e:  # DataUnavailable is a TaskError
         check.errors.append(f"{where}: {e}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the resolved spec, as stored in the round folder
-def resolved_spec(spec: Spec) -> dict[str, Any]:
-    """The spec with every default filled in and every candidate resolved (what the round actually runs)."""
-    data = spec.model_dump(mode="json")
-    for label in spec.tasks:
-        data["tasks"][label]["resolved_candidates"] = [c.model_dump(mode="json") for c in spec.candidates(label)]
-    return data
-
-
-def spec_hash(spec: Spec) -> str:
-    """Digest of the resolved spec: equal for specs that run the same round."""
-    return short_hash(resolved_spec(spec), 12)
