@@ -82,6 +82,9 @@ class Record(BaseModel):
     device: str | None = None
     compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
     sandbox: str | None = None  # "enforced" or "unsafe": how model-written code was executed (spec defaults.sandbox)
+    # what the run's seed varied: "data_order", and "init" where a from-scratch model's initialisation followed it
+    # (None: recorded before the field existed, when every from-scratch seed shared init seed 0)
+    seed_controls: list[str] | None = None
     run_dir: str
     finished_at: str  # ISO-8601 UTC
     best_val_loss: float | None = None  # the original's field names, taken from `best` (the same eval)

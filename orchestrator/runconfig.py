@@ -69,7 +69,10 @@ class ModelSource(BaseModel):
 
     preset: str | None = None
     checkpoint: str | None = None
-    init_seed: int = 0  # from-scratch initialisation seed: identical for a candidate and its baseline
+    # from-scratch initialisation seed, identical for a candidate and its baseline. Absent: the run's seed, so that
+    # seeds differ in their initialisation as well as their data order; a number fixes one initialisation for every
+    # seed. A checkpoint's weights are its own (init does not apply).
+    init_seed: int | None = None
     shape: ModelShape | None = None  # from-scratch only: overrides of the preset's shape (part of the run key)
 
     @model_validator(mode="before")
@@ -91,12 +94,29 @@ class ModelSource(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_absent_shape(self, handler: Any) -> dict[str, Any]:
-        # no `shape` key unless one is given: run keys (which hash this dump) of specs without overrides stay what
-        # they were before shapes existed
+        # run keys hash this dump. No `shape` key unless one is given: keys of specs without overrides stay what they
+        # were before shapes existed. A fixed init seed dumps as it always did (init_seed: N); a checkpoint dumps the
+        # old default 0 (its keys hold); a preset whose init follows the run seed has no `init_seed` key, a new key
+        # for a different run.
         data = handler(self)
         if self.shape is None:
             data.pop("shape", None)
+        if self.init_seed is None:
+            if self.checkpoint is not None:
+                data["init_seed"] = 0
+            else:
+                data.pop("init_seed", None)
         return data
+
+    def init_seed_for(self, run_seed: int) -> int | None:
+        """The seed that initialises a from-scratch model in a run of seed `run_seed` (None for a checkpoint)."""
+        if self.preset is None:
+            return None
+        return run_seed if self.init_seed is None else self.init_seed
+
+    def seed_controls(self) -> list[str]:
+        """What a run's seed varies: the data order always, the initialisation when it follows the seed."""
+        return ["data_order", "init"] if self.preset is not None and self.init_seed is None else ["data_order"]
 
     def build_config(self) -> ModelConfig:
         """The ModelConfig a from-scratch run builds: the preset with the shape overrides applied. ValueError (one
@@ -134,7 +154,7 @@ class RunConfig(BaseModel):
     n_val: int = 64
     n_test: int = 64
     data_seed: int = 0  # fixes validation and test sets, independent of `seed`
-    seed: int = 0  # training seed: batch order, and any dropout/noise
+    seed: int = 0  # training seed: batch order, any dropout/noise, and a from-scratch init unless model.init_seed
     batch_size: int  # effective batch (examples per optimizer step)
     micro_batch: int | None = None  # examples per forward; default = batch_size
     lr: LearningRates = Field(default_factory=LearningRates)
@@ -165,6 +185,15 @@ class RunConfig(BaseModel):
         if (self.mode == "prompt_fs") != (self.fs is not None):
             raise ValueError(f"mode {self.mode!r} {'needs' if self.mode == 'prompt_fs' else 'takes no'} fs configuration")
         return self
+
+    @property
+    def init_seed(self) -> int | None:
+        """The from-scratch initialisation seed of this run (None for a checkpoint)."""
+        return self.model.init_seed_for(self.seed)
+
+    @property
+    def seed_controls(self) -> list[str]:
+        return self.model.seed_controls()
 
     @property
     def grad_accum(self) -> int:

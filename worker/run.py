@@ -86,7 +86,7 @@ class Run:
         try:
             if src.preset is not None:
                 model = RWKV7(src.build_config(), kernel=self.cfg.kernel)  # the preset with the spec's shape
-                init_weights(model, seed=src.init_seed)
+                init_weights(model, seed=self.cfg.init_seed)  # the run's seed unless the spec fixes it
             else:
                 model = load_any(src.checkpoint, kernel=self.cfg.kernel)
         except (ValueError, FileNotFoundError) as e:

@@ -44,7 +44,7 @@ def test_comparison_round_with_the_real_worker(write_spec, monkeypatch, tmp_path
             assert r.delta == pytest.approx(r.value - base[r.seed].value)
     # the worker ran the reshaped model, and the shape is part of every run's configuration
     config = json.loads((rd / "runs" / records[0].run_key / "attempt-0" / "config.json").read_text())
-    assert config["model"] == {"preset": "tiny", "checkpoint": None, "init_seed": 0, "shape": SHAPE}
+    assert config["model"] == {"preset": "tiny", "checkpoint": None, "shape": SHAPE}  # init follows the seed
     p = plan(load_spec(path), records)
     assert p.finished and p.runnable == [] and p.tasks["rc"].finalists == ["scalar_l1_trainable", "read_twice"]
     assert all(c.status == "finalist" for c in p.tasks["rc"].candidates.values())

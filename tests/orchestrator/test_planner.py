@@ -495,7 +495,7 @@ def test_the_model_shape_and_a_task_model_are_part_of_the_run_identity():
     # without a shape the setup digest is what it was before shapes existed (recorded rounds resume)
     d = make_spec().defaults
     setup = short_hash({"task_kind": "sudoku", "task_params": {"base": 2},
-                        "model": {"preset": "tiny", "checkpoint": None, "init_seed": 0},
+                        "model": {"preset": "tiny", "checkpoint": None},  # the init follows the seed
                         "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test,
                         "eval_batch": d.eval_batch, "kernel": d.kernel, "precision": d.precision,
                         "cpu_threads": d.cpu_threads})
