@@ -72,28 +72,8 @@ buffer that _bwd_grads_kernel reads). At D=64, C=32: 256 + 256 + 128 = 640 B per
 against 768 B for the six bf16 inputs (896 B with state_stride 1). At D=128 (no reuse): 1024 B
 against 1536 B. tests/kernels/test_triton.py measures this with saved-tensor hooks.
 
-Measured (one run each, bf16, s0 in, sT out, all gradients incl. ds0 and a gradient on sT;
-triton.testing.do_bench medians; fla 0.6.0 chunk_rwkv7 with chunk 64 / safe_gate in the same run;
-torch = kernels.torch_chunked), `python -m kernels.bench`:
-  NVIDIA H200 (this version: state_stride 2, block-doubling inverse):
-    B8 T4096 H12 D64   fwd 0.790 ms                           fwd+bwd not timed yet
-  NVIDIA H200 (state_stride 2, Neumann inverse):
-    B8 T4096 H12 D64   fwd 0.775 ms (fla 0.922, torch 8.39)   fwd+bwd 3.02 ms
-  NVIDIA H100 80GB HBM3 (state_stride 1, the previous version):
-    B8 T4096 H12 D64   fwd 0.786 ms (fla 1.108, torch 9.43)   fwd+bwd 2.84 ms (fla 4.26, torch 28.1)
-    B2 T4096 H32 D128  fwd 1.73 ms                            fwd+bwd 12.2 ms
-    the previous version (fp32 intermediates, one gradient kernel) on the same card, same run:
-    B8 T4096 H12 D64   fwd 0.934 ms                           fwd+bwd 3.82 ms
-  NVIDIA H200 (previous version): B8 T4096 H12 D64 fwd 0.918 ms, fwd+bwd 3.48 ms (fla 0.921 / 3.67);
-    B2 T4096 H32 D128 fwd+bwd 42.4 ms.
-Per kernel in one fwd+bwd at B8 T4096 H12 D64 (H100, torch profiler, kernel time summed, partly
-overlapped): _fwd_chunk 0.71, _fwd_scan 0.51, _bwd_scan 0.28, _bwd_delta 0.69, _bwd_grads 1.07 ms.
-Measured alone on an H200: _fwd_chunk 0.54, _bwd_chunk 0.43, _bwd_delta 0.63 (209 registers, no
-spills), _bwd_grads 1.03 (BK=64; 255 registers, ~100 spilled; BK=32: 2.1 ms). What limits it now:
-_bwd_grads (register pressure: four [C, C] dA and four [C, K] accumulators plus the reloaded operands)
-and _bwd_delta, then _fwd_chunk (about 245 registers, two programs per SM, latency of the Neumann
-product chain); the scans are latency-bound (~2.7 µs per chunk step). At D=128 _bwd_delta and
-_bwd_grads spill heavily (about 4.5 and 3.8 ms); splitting their key dimension is the next step there.
+Timings against fla and the torch path, per card and per kernel, and what limits the kernels now:
+docs/kernel_bench.md (`fsearch bench kernel`).
 """
 from __future__ import annotations
 

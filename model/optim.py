@@ -1,9 +1,8 @@
 """AdamW on fp32 master weights, the same update as torch.optim.AdamW (no amsgrad), one tensor at a time or with
 torch's multi-tensor (`_foreach_*`) kernels.
 
-fsearch starts one worker process per run, and torch.optim's optimizers import torch._dynamo when they are built
-(about 1.2 s on the CPU machines, 3.7 s in a worker on an H100 machine), which a round of thirty short runs pays thirty
-times. This plain implementation of the same update avoids that; with `foreach` (the default) it launches one kernel
+fsearch starts one worker process per run, and torch.optim's optimizers import torch._dynamo when they are built,
+seconds of start-up that a round of thirty short runs pays thirty times. This plain implementation of the same update avoids that; with `foreach` (the default) it launches one kernel
 per operation for all the parameters that share a device, dtype and step count, as torch.optim.AdamW(foreach=True)
 does on a GPU. tests/model/test_optim.py checks both modes against torch.optim.AdamW.
 
