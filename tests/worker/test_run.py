@@ -195,7 +195,19 @@ def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, co
     assert a["compiled"] is b["compiled"] is half["compiled"] is compiled
     assert a["final"] == b["final"] and a["test"] == b["test"]
     assert (half["grad_accum"], half["micro_batch"]) == (2, 4)
-    rel = 1e-4 if device == "cpu" else 2e-2  # bf16 autocast on CUDA: the two orders round differently
+    # Both runs see the same 8 examples per optimizer step; only the summation order differs (two halves of 4 added
+    # in fp32, and matrix products whose kernels tile 4 rows differently from 8). On the CPU everything is fp32:
+    # ~1e-7 per operation, and 1e-4 leaves room for 6 steps of AdamW, whose per-parameter normalisation passes a
+    # relative gradient change on to the update. Under bf16 autocast every activation and matmul output keeps 8
+    # significant bits: one rounding moves a value by up to 2^-8 = 0.39% (about 0.2% on average), and a different
+    # fp32 accumulation order flips some roundings by a whole bf16 step. A bound from first principles would have to
+    # follow these flips through 6 steps of training into the validation loss (an fp32 mean over 16 examples'
+    # tokens, which averages independent flips down), so the CUDA bound is set from a measurement: the test prints
+    # the observed relative difference (pytest -m gpu -s ... -k accumulates); 2e-2 is about five bf16 roundings.
+    rel_diff = abs(half["final"]["val_loss"] - a["final"]["val_loss"]) / abs(a["final"]["val_loss"])
+    print(f"\n[{device} compile={compile_}] two micro-batches vs one batch: final val_loss "
+          f"{half['final']['val_loss']:.9g} vs {a['final']['val_loss']:.9g}, relative difference {rel_diff:.3e}")
+    rel = 1e-4 if device == "cpu" else 2e-2
     assert half["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=rel)
 
 
