@@ -14,22 +14,54 @@ planner acted on instead of working it out a second time.
     select_finalists(names, deltas, limit)     the seed check's finalists after the last screening stage
     SeedCheckRule                              the seed check's confirmed / inconclusive / rejected rule
     lower_is_better(metric)                    orientation of a metric
+    HalvingRule / halving_rung(...)            a multi-seed screen: successive halving over seeds (rungs)
+    is_chance_tie(...)                         candidate and baseline both at the task's chance level
+    worst_value(metric, observed)              what a failed or diverged candidate seed counts as
+    SequentialCheckRule                        the sequential seed check on fresh seeds (confirmed / rejected /
+                                               inconclusive / continue), Pocock boundary, Bonferroni over finalists
+    split_finalists(...)                       FS finalists and controls, each with its own quota
 
 Everything here is pure (no I/O, no clock): the same inputs give the same decision.
+
+The protocol in words (the default; a spec may pin the original's rules, see README "Protocol and statistics"):
+
+- Screening stages (quick, med) with `screen: {rule: halving}` run in rungs of seeds (cumulative counts, e.g. 1, 3,
+  7). Synchronously, after every run of a rung has a record: a candidate whose seeds' one-sided t upper bound (level
+  `drop_p`) lies below the threshold is dropped; of the rest the best `keep` share by mean paired delta (ties in spec
+  order, at least one) goes on to the next rung; the last rung's survivors are promoted. A candidate and baseline
+  both at the task's chance level on every seed is a tie at chance: no evidence, never promoted.
+- A failed or diverged candidate seed is never dropped: its value counts as the metric's worst value (0 for a rate,
+  whose scale starts at 0; for a lower-is-better metric, the worst value observed in that stage), so its delta is
+  as bad as the stage allows. A baseline seed that failed for good removes that seed's pair from every candidate of
+  the stage, and the reason says so; a rule that then has fewer pairs than it needs cannot promote or confirm.
+- The seed check (`rule: sequential`) runs on fresh seeds (`seedcheck.seeds`, by default offset past every
+  screening seed, so no seed that selected a candidate takes part in confirming it) and decides on the held-out
+  test metric (selection used validation). At planned looks n_1 < ... < n_K paired seeds it computes the one-sided
+  paired t statistic of d_s = candidate_s - baseline_s. Confirmed when the one-sided p <= c and the mean reaches the
+  threshold, where c is the Pocock constant nominal level for the t statistic at those looks
+  (stats.pocock_t_level) for alpha / m, m the round's FS finalist slots (tasks x max_finalists, fixed before any
+  data: Bonferroni over finalists). Rejected when the one-sided upper bound at the same level lies below the
+  threshold; stopped for futility (inconclusive) when the mean delta is <= 0 at a look after the first; otherwise
+  more seeds, up to the last look, after which it is inconclusive. Stopping to reject or for futility makes no claim,
+  so it can only lower the error rate: P(any FS finalist confirmed | no candidate has an effect) <= alpha across
+  looks and finalists. Controls form their own family (alpha / controls' slots).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Mapping, Protocol, Sequence
 
 from orchestrator.spec import GATE_STAGES, STAGE_ORDER
-from orchestrator.stats import SIGN_FLIP_EXACT_MAX_N, PairedStats, holm
+from orchestrator.stats import SIGN_FLIP_EXACT_MAX_N, PairedStats, holm, pocock_t_level, sample_sd, t_ppf, t_sf
 
 __all__ = [
     "STAGE_ORDER", "GATE_STAGES", "SEEDCHECK", "LOWER_IS_BETTER", "THRESHOLD_TOLERANCE", "stage_rank", "is_gate",
     "mean_delta", "meets_threshold", "ScreenDecision", "ScreenRule", "DeltaThresholdRule", "SCREEN_RULE", "screen",
-    "run_decision", "rank_by_delta", "select_finalists", "SeedCheckRule", "lower_is_better",
+    "run_decision", "rank_by_delta", "select_finalists", "SeedCheckRule", "lower_is_better", "HalvingRule",
+    "halving_rung", "is_chance_tie", "worst_value", "SequentialCheckRule", "SequentialLook", "split_finalists",
+    "CHANCE_TOLERANCE",
 ]
 
 SEEDCHECK = "seedcheck"
@@ -247,3 +279,178 @@ class SeedCheckRule:
             f"are reported for robustness and do not enter the decision. A rejection needs no multiplicity "
             f"correction (it claims no gain).",
         ])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multi-seed screens: successive halving over seeds
+# ---------------------------------------------------------------------------------------------------------------------
+# A metric value within this of the task's chance level counts as chance (a model that outputs one constant token can
+# sit a little below the uniform guesser's level, e.g. 0.2344 against 0.25 on sudoku base 2).
+CHANCE_TOLERANCE = 0.02
+
+
+def is_chance_tie(candidate_values: Sequence[float], baseline_values: Sequence[float], chance: float | None,
+                  metric: str = "", tolerance: float = CHANCE_TOLERANCE) -> bool:
+    """Candidate and baseline both no better than chance (mean over the seeds): their delta is no evidence."""
+    if chance is None or not candidate_values or not baseline_values:
+        return False
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    at_chance = lambda vs: sign * (math.fsum(vs) / len(vs) - chance) <= tolerance  # noqa: E731
+    return at_chance(candidate_values) and at_chance(baseline_values)
+
+
+def worst_value(metric: str, observed: Sequence[float]) -> float:
+    """The value a failed or diverged candidate seed counts as: the worst the metric allows. Rates (every
+    higher-is-better metric of the task registry is a share in [0, 1]) start at 0; a lower-is-better metric has no
+    worst value, so the worst one observed in the stage (baselines included) is used."""
+    if lower_is_better(metric):
+        return max(observed) if observed else math.inf
+    return min(0.0, min(observed, default=0.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _critical_t(level: float, df: int) -> float:
+    return t_ppf(1.0 - level, df)
+
+
+def _upper_bound(deltas: Sequence[float], level: float) -> float:
+    """One-sided (1 - level) t upper bound of the mean; with every delta equal, the mean itself."""
+    n, mean = len(deltas), math.fsum(deltas) / len(deltas)
+    sd = sample_sd(deltas) or 0.0
+    return mean + (_critical_t(level, n - 1) * sd / math.sqrt(n) if n >= 2 else math.inf)
+
+
+@dataclass(frozen=True)
+class HalvingRule:
+    """Successive halving over seeds. At each rung (a cumulative number of seeds), after every run has a record:
+    drop a candidate whose one-sided (1 - drop_p) t upper bound of the mean delta lies below the threshold (needs two
+    seeds), then keep the best `keep` share of the rest by mean delta (ceil, at least one; ties in spec order). At the
+    last rung the kept candidates are promoted if their mean delta reaches the threshold. A tie at chance is pruned."""
+
+    keep: float = 0.5
+    drop_p: float = 0.1
+
+    def rung(self, stage: str, deltas: Mapping[str, Sequence[float]], threshold: float, last: bool,
+             chance_ties: frozenset[str] = frozenset()) -> dict[str, ScreenDecision]:
+        """Decisions of one rung for the candidates in `deltas` (spec order; each its deltas on the rung's seeds):
+        "promote" = on to the next rung (or, at the last rung, promoted), "prune" = out."""
+        out: dict[str, ScreenDecision] = {}
+        alive = []
+        for name, ds in deltas.items():
+            mean = mean_delta(ds)
+            if name in chance_ties:
+                out[name] = ScreenDecision(stage, "prune", mean, threshold,
+                                           f"{stage} tie at chance level over {len(ds)} seed(s): no evidence")
+            elif len(ds) >= 2 and _upper_bound(ds, self.drop_p) < threshold - THRESHOLD_TOLERANCE:
+                out[name] = ScreenDecision(stage, "prune", mean, threshold,
+                                           f"{stage} mean delta {mean:+.4g} over {len(ds)} seeds credibly below "
+                                           f"threshold {threshold:g} (one-sided {1 - self.drop_p:.0%} bound)")
+            else:
+                alive.append(name)
+        n_keep = max(1, math.ceil(self.keep * len(alive) - 1e-9)) if alive else 0
+        ranked = rank_by_delta(alive, {n: mean_delta(deltas[n]) for n in alive})
+        for rank, name in enumerate(ranked):
+            ds = deltas[name]
+            mean = mean_delta(ds)
+            if rank >= n_keep:
+                out[name] = ScreenDecision(stage, "prune", mean, threshold,
+                                           f"{stage} mean delta {mean:+.4g} over {len(ds)} seeds not among the best "
+                                           f"{n_keep} of {len(alive)} (halving, keep {self.keep:g})")
+            elif last and not (mean is not None and meets_threshold(mean, threshold)):
+                out[name] = ScreenDecision(stage, "prune", mean, threshold,
+                                           f"{stage} mean delta {mean:+.4g} over {len(ds)} seeds < threshold "
+                                           f"{threshold:g}")
+            else:
+                out[name] = ScreenDecision(stage, "promote", mean, threshold,
+                                           f"{stage} mean delta {mean:+.4g} over {len(ds)} seeds, rank {rank + 1} of "
+                                           f"{len(alive)}" + (" (halving)" if last else " (next rung)"))
+        return {name: out[name] for name in deltas}
+
+
+def halving_rungs(rungs: Sequence[int] | None, n_seeds: int) -> list[int]:
+    """The cumulative seed counts of a stage's rungs (None: one rung of every seed)."""
+    return sorted(set(rungs)) if rungs else [n_seeds]
+
+
+def halving_rung(rule: HalvingRule, stage: str, deltas: Mapping[str, Sequence[float]], threshold: float, last: bool,
+                 chance_ties: frozenset[str] = frozenset()) -> dict[str, ScreenDecision]:
+    return rule.rung(stage, deltas, threshold, last, chance_ties)
+
+
+def split_finalists(names: Sequence[str], deltas: Mapping[str, float | None], controls: frozenset[str] | set[str],
+                    max_finalists: int, max_controls: int) -> list[str]:
+    """The seed check's finalists: the best `max_finalists` FS candidates and, in their own quota, the best
+    `max_controls` controls (a control never takes an FS candidate's slot). FS first, each best delta first."""
+    fs = [n for n in names if n not in controls]
+    ctl = [n for n in names if n in controls]
+    return rank_by_delta(fs, deltas)[:max_finalists] + rank_by_delta(ctl, deltas)[:max_controls]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the sequential seed check
+# ---------------------------------------------------------------------------------------------------------------------
+SequentialLabel = Literal["confirmed", "inconclusive", "rejected", "continue"]
+
+
+@dataclass(frozen=True)
+class SequentialLook:
+    label: SequentialLabel
+    reason: str
+    n: int
+    mean: float | None
+    p_greater: float | None  # one-sided paired t p-value (H1: candidate better)
+    level: float  # the nominal level per look
+
+
+@dataclass(frozen=True)
+class SequentialCheckRule:
+    """Sequential paired-t check at planned looks with a Pocock constant nominal level (see the module docstring).
+    `family`: the number of finalist slots the error level is split over (Bonferroni)."""
+
+    looks: tuple[int, ...] = (4, 6, 8, 10, 12, 16)
+    alpha: float = 0.05
+    family: int = 1
+    futility_mean: float = 0.0  # stop (inconclusive) when the mean delta is <= this at a look
+
+    @property
+    def level(self) -> float:
+        return pocock_t_level(tuple(self.looks), self.alpha / max(1, self.family))
+
+    @property
+    def min_pairs(self) -> int:
+        return self.looks[0]
+
+    def next_look(self, n: int) -> int | None:
+        """The number of pairs of the first look after n pairs (None past the last look)."""
+        return next((k for k in self.looks if k > n), None)
+
+    def decide(self, deltas: Sequence[float], threshold: float) -> SequentialLook:
+        """The decision after the pairs `deltas` (the planner passes a look's worth: n is one of `looks`)."""
+        n, c = len(deltas), self.level
+        if n < self.looks[0]:
+            return SequentialLook("continue", f"{n} of {self.looks[0]} paired seeds of the first look", n,
+                                  mean_delta(deltas), None, c)
+        look = max(k for k in self.looks if k <= n)
+        mean = math.fsum(deltas) / n
+        sd = sample_sd(deltas) or 0.0
+        crit = _critical_t(c, n - 1)
+        if sd > 0:
+            t = mean / (sd / math.sqrt(n))
+            p: float | None = t_sf(t, n - 1) if t >= crit or n >= self.looks[-1] else None
+            passed = t >= crit
+        else:
+            p, passed = (0.0 if mean > 0 else 1.0), mean > 0
+        at = f"after {n} paired seeds (look {self.looks.index(look) + 1} of {len(self.looks)}, nominal level {c:.4g})"
+        if passed and meets_threshold(mean, threshold):
+            return SequentialLook("confirmed", f"confirmed {at}: one-sided t p {p:.3g} <= {c:.4g}, mean "
+                                               f"{mean:+.4g} >= threshold {threshold:g}", n, mean, p, c)
+        if mean + crit * sd / math.sqrt(n) < threshold - THRESHOLD_TOLERANCE:
+            return SequentialLook("rejected", f"rejected {at}: one-sided upper bound "
+                                              f"{mean + crit * sd / math.sqrt(n):+.4g} < threshold {threshold:g}",
+                                  n, mean, p, c)
+        if mean <= self.futility_mean:
+            return SequentialLook("inconclusive", f"stopped for futility {at}: mean delta {mean:+.4g} <= "
+                                                  f"{self.futility_mean:g}", n, mean, p, c)
+        if n >= self.looks[-1]:
+            return SequentialLook("inconclusive", f"no decision {at}, the last look: mean {mean:+.4g}", n, mean, p, c)
+        return SequentialLook("continue", f"more seeds {at}: mean {mean:+.4g}", n, mean, p, c)

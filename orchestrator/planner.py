@@ -28,15 +28,20 @@ Rules (orchestrator contract):
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
 from model.candidates import BASELINE, Candidate
 from orchestrator.runconfig import Fault, LearningRates, ModelSource, RunConfig
-from orchestrator.runkey import RunKey, candidate_digest, short_hash
-from orchestrator.decisions import is_gate, rank_by_delta, run_decision, screen, select_finalists
-from orchestrator.spec import Spec
+from orchestrator.runkey import RunKey, canonical_json, candidate_digest, short_hash
+from orchestrator.decisions import (HalvingRule, SequentialCheckRule, is_chance_tie, is_gate, rank_by_delta,
+                                    run_decision, screen, split_finalists, worst_value)
+from orchestrator.spec import Spec, ThresholdSD
+from orchestrator.stats import sample_sd
+from tasks import TaskError, task_class
 
 TaskStatus = Literal["running", "needs_probe", "done", "failed"]
 CandidateStatus = Literal["active", "pruned", "survivor", "finalist", "stopped"]
@@ -63,6 +68,7 @@ class RunUnit:
     precision: str = "auto"
     compile: bool = False
     cpu_threads: int = 1
+    sandbox: str = "enforced"  # how model-written code runs (Defaults.sandbox); recorded, not part of the key
     device: str = "auto"  # the spec's default; run_config(device=...) overrides
     round: str = "adhoc"
     time_limit_s: float = 3600.0
@@ -70,6 +76,7 @@ class RunUnit:
     threshold: float = 0.0
     metric: str | None = None  # None: the task's primary metric (RunResult.primary_metric)
     stage_seeds: int = 1  # how many seeds the unit's stage has (a stage decision averages over them)
+    screen_rule: str = "threshold"  # the stage's screening rule (a one-seed threshold stage decides per record)
 
     # the key's parts, by name
     @property
@@ -136,7 +143,7 @@ class RunUnit:
             batch_size=self.batch_size, micro_batch=micro_batch, lr=self.lr, loss=self.loss,  # type: ignore[arg-type]
             kernel=self.kernel, device=device or self.device, precision=self.precision,
             compile=self.compile,
-            cpu_threads=self.cpu_threads,  # type: ignore[arg-type]
+            cpu_threads=self.cpu_threads, sandbox=self.sandbox,  # type: ignore[arg-type]
             eval_batch=self.eval_batch, run_dir=str(run_dir), attempt=attempt, fault=fault,
         )
 
@@ -162,6 +169,15 @@ class StageDecision:
     mean_delta: float | None
     threshold: float
     reason: str
+    # the multi-seed rules (halving screen, sequential seed check) fill these:
+    label: str | None = None  # sequential seed check: confirmed / rejected / inconclusive
+    metric: str = "val"  # which metric the deltas are on: "val" (validation) or "test" (held-out test)
+    val_deltas: dict[int, float | None] = field(default_factory=dict)  # seed -> validation delta (test decisions)
+    removed_pairs: list[int] = field(default_factory=list)  # seeds whose baseline failed for good: pair removed
+    worst_seeds: list[int] = field(default_factory=list)  # failed/diverged candidate seeds counted as worst value
+    p_value: float | None = None  # sequential: one-sided paired t p-value at the deciding look
+    level: float | None = None  # sequential: nominal level per look (Pocock, Bonferroni over finalist slots)
+    control: bool = False
 
 
 @dataclass
@@ -187,6 +203,8 @@ class TaskState:
     candidates: dict[str, CandidateState] = field(default_factory=dict)
     long_pick: str | None = None
     finalists: list[str] = field(default_factory=list)
+    threshold: float | None = None  # the task's threshold (from the calibration when given in baseline SDs)
+    calibration: str = ""  # how a threshold in baseline SDs was measured
 
     def __str__(self) -> str:
         if self.status == "running":
@@ -265,7 +283,9 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
     base = next((r for r in records if _get(r, "run_key") == key), None)
     base_value = _get(base, "value") if base is not None and _get(base, "status") == "ok" else None
     delta = value - base_value if (value is not None and base_value is not None and not bad) else None
-    decision = run_decision(False, status, unit.stage, unit.stage_seeds, delta, unit.threshold)
+    # a halving stage decides by ranking the stage's candidates, never on one record
+    seeds = unit.stage_seeds if unit.screen_rule == "threshold" else 0
+    decision = run_decision(False, status, unit.stage, seeds, delta, unit.threshold)
     return Judgement(key, base_value, delta, unit.threshold, decision)  # type: ignore[arg-type]
 
 
@@ -274,6 +294,8 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
 def _get(record: Any, name: str) -> Any:
     if record is None:
         return None
+    if type(record) is dict:  # the common case, without the abstract Mapping check
+        return record.get(name)
     return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
 
 
@@ -284,12 +306,32 @@ def _index(records: Iterable[Any]) -> tuple[dict[str, Any], list[str]]:
         key = _get(r, "run_key")
         if key in index:
             warnings.append(f"run {key} has more than one record; the last one is used")
-        index[key] = r
+        # a record is looked at many times per plan: its failure (if any) is worked out once, in a copy
+        index[key] = {**r, "_failure": _failure_of(r)} if type(r) is dict else r
     return index, warnings
+
+
+def _chance_level(kind: str, params: Mapping[str, Any], metric: str | None) -> float | None:
+    """The task's chance level of the decision metric (None where the task does not know it)."""
+    return _chance_level_of(kind, canonical_json(dict(params)), metric)
+
+
+@functools.lru_cache(maxsize=256)
+def _chance_level_of(kind: str, params_json: str, metric: str | None) -> float | None:
+    try:
+        return task_class(kind).chance_level(json.loads(params_json), metric)
+    except (TaskError, KeyError, ValueError):
+        return None
 
 
 def _failure(record: Any) -> str | None:
     """Why a record is not a usable result (None if it is one)."""
+    if type(record) is dict and "_failure" in record:  # the planner's own note (see _index)
+        return record["_failure"]
+    return _failure_of(record)
+
+
+def _failure_of(record: Any) -> str | None:
     status = _get(record, "status")
     if status == "ok":
         v = _get(record, "value")
@@ -324,6 +366,10 @@ class _TaskPlanner:
             setup["compile"] = True
         self.setup = short_hash(setup)
         self.digests = {c.name: candidate_digest(c) for c in (BASELINE, *self.candidates)}
+        self.threshold: float | None = None if isinstance(self.task.threshold, ThresholdSD) else self.task.threshold
+        self.state.threshold = self.threshold
+        self.controls = spec.controls(label)
+        self.chance = _chance_level(self.task.task, self.task.params, self.task.metric)
 
     # units -------------------------------------------------------------------------------------------------------
     def unit(self, cand: Candidate, stage: str, seed: int) -> RunUnit:
@@ -334,10 +380,12 @@ class _TaskPlanner:
         return RunUnit(key=key, candidate=cand, task_kind=self.task.task, task_params=self.task.params,
                        model=self.model, lr=d.lr, loss=d.loss, n_test=d.n_test, eval_batch=d.eval_batch,
                        kernel=d.kernel, precision=d.precision, compile=d.compile, cpu_threads=d.cpu_threads,
+                       sandbox=d.sandbox,
                        device=d.device, round=spec.round,
                        time_limit_s=spec.stage_time_limit_s(stage),
                        retries=d.baseline_retries if cand.is_baseline else d.retries,
-                       threshold=self.task.threshold, metric=self.task.metric, stage_seeds=len(st.seeds))
+                       threshold=self.threshold or 0.0, metric=self.task.metric, stage_seeds=len(st.seeds),
+                       screen_rule=st.screen.rule if is_gate(stage) else "threshold")
 
     def record(self, unit: RunUnit) -> Any:
         rec = self.index.get(unit.run_key)
@@ -353,6 +401,10 @@ class _TaskPlanner:
             self.out.needs_probe.append(self.label)
             self.out.stages += [StageProgress(self.label, name, "waiting") for name, _ in stages]
             return
+        if self.threshold is None and not self.calibrate():
+            self.out.stages += [StageProgress(self.label, name, "waiting" if self.state.status == "running"
+                                              else "skipped") for name, _ in stages]
+            return
         members = list(self.candidates)  # survivors so far, spec order
         gate_delta: dict[str, float] = {}  # candidate -> mean delta at the last gate stage
         for i, (name, st) in enumerate(stages):
@@ -363,19 +415,25 @@ class _TaskPlanner:
                 stage_members = members  # a comparison round: every candidate, spec order, none pruned
                 self.state.finalists = [c.name for c in stage_members]
             elif name == "seedcheck":
-                stage_members = self._by_name(members, select_finalists(
-                    [c.name for c in members], gate_delta, self.spec.stages.seedcheck.max_finalists))
+                sc = self.spec.stages.seedcheck
+                stage_members = self._by_name(members, split_finalists(
+                    [c.name for c in members], gate_delta, self.controls, sc.max_finalists, sc.max_controls))
                 self.state.finalists = [c.name for c in stage_members]
                 for c in members:
                     if c not in stage_members:
-                        self._set(c.name, "pruned", f"not among the {len(stage_members)} best "
-                                                    f"{self._last_gate(i)} deltas (seedcheck.max_finalists)")
+                        quota = "seedcheck.max_controls" if c.name in self.controls else "seedcheck.max_finalists"
+                        self._set(c.name, "pruned", f"not among the best {self._last_gate(i)} deltas ({quota})")
             else:
                 stage_members = members
             for c in stage_members:
                 self.state.candidates[c.name].reached = name
             self.state.stage = name
-            outcome = self.walk_stage(name, st.seeds, stage_members)
+            if is_gate(name) and st.screen.rule == "halving":
+                outcome = self.walk_halving(name, st, stage_members)
+            elif name == "seedcheck" and st.rule == "sequential":
+                outcome = self.walk_sequential(name, st, stage_members)
+            else:
+                outcome = self.walk_stage(name, st.seeds, stage_members)
             if outcome is None:  # running, or the task failed
                 self.out.stages += [StageProgress(self.label, n, "waiting" if self.state.status == "running"
                                                   else "skipped") for n, _ in stages[i + 1:]]
@@ -385,7 +443,7 @@ class _TaskPlanner:
                 gate_delta = {c.name: outcome[c.name][1] for c in members}
                 if not members:
                     best = max((v[1] for v in outcome.values() if v[1] is not None), default=None)
-                    tail = f" (best delta {best:+.4g} < threshold {self.task.threshold:g})" if best is not None else ""
+                    tail = f" (best delta {best:+.4g}, threshold {self.threshold:g})" if best is not None else ""
                     self._finish(f"no candidate passed {name}{tail}")
                     self.out.stages += [StageProgress(self.label, n, "skipped") for n, _ in stages[i + 1:]]
                     return
@@ -443,10 +501,13 @@ class _TaskPlanner:
                     failure = failure or f"seed {s}: {why}"
                 else:
                     deltas[s] = _get(r, "value") - _get(base_rec[s], "value")
-            judged = screen(name, seeds, deltas, failure, self.task.threshold)
+            judged = screen(name, seeds, deltas, failure, self.threshold)
             # the planner's stage decisions say "recorded" for every stage that does not screen
             decision = judged.decision if gate else "recorded"
             mean, reason = judged.mean_delta, judged.reason
+            if decision == "promote" and self.chance_tie([recs[(c.name, s)] for s in seeds],
+                                                         [base_rec[s] for s in seeds]):
+                decision, reason = "prune", f"{name} tie at chance level ({self.chance:g}): no evidence"
             self.state.candidates[c.name].deltas[name] = mean
             if decision == "prune":
                 row.pruned += 1
@@ -455,7 +516,212 @@ class _TaskPlanner:
                 row.promoted += 1
             outcome[c.name] = (decision, mean)
             self.out.decisions.append(StageDecision(self.label, name, c.name, decision, deltas, mean,  # type: ignore
-                                                    self.task.threshold, reason))
+                                                    self.threshold, reason, control=c.name in self.controls))
+        return outcome
+
+    # the threshold in baseline SDs -------------------------------------------------------------------------------
+    def calibrate(self) -> bool:
+        """Measure a `threshold: {sd: x}` on the first stage's first calibration seeds (their baseline runs are the
+        matched baselines of those seeds too). True when the threshold is known; False while running or failed."""
+        th = self.task.threshold
+        assert isinstance(th, ThresholdSD)
+        name, st = self.spec.stage_list()[0]
+        seeds = list(st.seeds)[:th.calibration_seeds]
+        units = [self.unit(BASELINE, name, s) for s in seeds]
+        recs = [self.record(u) for u in units]
+        if any(r is None for r in recs):
+            self.state.stage = name
+            self.out.runnable += [u for u, r in zip(units, recs) if r is None]
+            return False
+        values = [_get(r, "value") for r in recs if _failure(r) is None]
+        sd = sample_sd(values)
+        if sd is None:
+            self._fail(f"threshold calibration: {len(values)} of {len(seeds)} {name} baseline seed(s) finished; "
+                       f"the SD needs two")
+            return False
+        self.threshold = self.state.threshold = th.sd * sd
+        self.state.calibration = (f"threshold {th.sd:g} x baseline SD {sd:.4g} = {self.threshold:.4g} "
+                                  f"({name} baseline, seeds {', '.join(map(str, seeds))})")
+        return True
+
+    # chance level ------------------------------------------------------------------------------------------------
+    def chance_tie(self, cand_recs: list[Any], base_recs: list[Any]) -> bool:
+        cand = [_get(r, "value") for r in cand_recs if r is not None and _failure(r) is None]
+        base = [_get(r, "value") for r in base_recs if r is not None and _failure(r) is None]
+        return is_chance_tie(cand, base, self.chance, self.task.metric or "")
+
+    # the successive-halving screen -------------------------------------------------------------------------------
+    def walk_halving(self, name: str, st: Any, members: list[Candidate]) \
+            -> dict[str, tuple[str, float | None]] | None:
+        """A halving stage rung by rung (synchronous: a rung is decided once every run of it has a record). A
+        baseline seed that failed for good removes that seed's pair for every candidate (said in the reasons); a
+        failed or diverged candidate seed counts as the metric's worst value."""
+        seeds = sorted(st.seeds)
+        sizes = st.screen.rung_sizes(len(seeds))
+        rule = HalvingRule(st.screen.keep, st.screen.drop_p)
+        row = StageProgress(self.label, name, "running", total=0)
+        self.out.stages.append(row)
+        base = {s: self.unit(BASELINE, name, s) for s in seeds}
+        base_rec = {s: self.record(u) for s, u in base.items()}
+        alive = list(members)
+        outcome: dict[str, tuple[str, float | None]] = {}
+        for r, size in enumerate(sizes):
+            rung = seeds[:size]
+            removed = [s for s in rung if base_rec[s] is not None and _failure(base_rec[s]) is not None]
+            ok = [s for s in rung if s not in removed]
+            units = {(c.name, s): self.unit(c, name, s) for c in alive for s in ok}
+            recs = {k: self.record(u) for k, u in units.items()}
+            row.total = len(rung) + sum(len(ok) for _ in alive) if r == len(sizes) - 1 else row.total
+            row.done = sum(x is not None for x in (*base_rec.values(), *recs.values()))
+            missing_base = [base[s] for s in ok if base_rec[s] is None]
+            missing = [u for k, u in units.items() if recs[k] is None and base_rec[u.seed] is not None]
+            if missing_base or missing:
+                row.total = max(row.total or 0, len(rung) + len(units))
+                self.out.runnable += missing_base + missing
+                return None
+            if not ok:
+                row.state = "failed"
+                self._fail(f"every baseline seed of {name} rung {r + 1} failed: "
+                           f"{_failure(base_rec[removed[0]])}")
+                return None
+            observed = [_get(base_rec[s], "value") for s in ok] + \
+                [_get(x, "value") for x in recs.values() if _failure(x) is None]
+            worst = worst_value(self.task.metric or "", observed)
+            deltas: dict[str, dict[int, float]] = {}
+            worst_seeds: dict[str, list[int]] = {}
+            for c in alive:
+                deltas[c.name], worst_seeds[c.name] = {}, []
+                for s in ok:
+                    rec = recs[(c.name, s)]
+                    v = _get(rec, "value") if _failure(rec) is None else worst
+                    if _failure(rec) is not None:
+                        worst_seeds[c.name].append(s)
+                        row.failed += 1
+                    deltas[c.name][s] = v - _get(base_rec[s], "value")
+            ties = frozenset(c.name for c in alive if not worst_seeds[c.name] and self.chance_tie(
+                [recs[(c.name, s)] for s in ok], [base_rec[s] for s in ok]))
+            last = r == len(sizes) - 1
+            judged = rule.rung(name, {c.name: list(deltas[c.name].values()) for c in alive}, self.threshold, last,
+                               ties)
+            note = f"; baseline seed(s) {', '.join(map(str, removed))} failed: pair(s) removed" if removed else ""
+            kept = []
+            for c in alive:
+                j = judged[c.name]
+                worst_note = (f"; seed(s) {', '.join(map(str, worst_seeds[c.name]))} failed or diverged: counted as "
+                              f"the worst value {worst:g}") if worst_seeds[c.name] else ""
+                reason = f"{j.reason} (rung {r + 1} of {len(sizes)}){worst_note}{note}"
+                if j.decision == "promote" and not last:
+                    kept.append(c)
+                    continue
+                decision = "promote" if j.decision == "promote" else "prune"
+                self.state.candidates[c.name].deltas[name] = j.mean_delta
+                if decision == "prune":
+                    row.pruned += 1
+                    self._set(c.name, "pruned", f"pruned at {reason}")
+                else:
+                    row.promoted += 1
+                outcome[c.name] = (decision, j.mean_delta)
+                self.out.decisions.append(StageDecision(
+                    self.label, name, c.name, decision, dict(deltas[c.name]), j.mean_delta, self.threshold, reason,
+                    removed_pairs=removed, worst_seeds=worst_seeds[c.name], control=c.name in self.controls))
+            alive = kept
+        row.state = "complete"
+        return {c.name: outcome[c.name] for c in members}
+
+    # the sequential seed check -----------------------------------------------------------------------------------
+    def sequential_rule(self, st: Any, control: bool) -> SequentialCheckRule:
+        """The rule of one finalist: the FS finalists' family is every task's FS finalist slots, the controls' their
+        own slots (Bonferroni; the slots are fixed by the spec before any data)."""
+        slots = len(self.spec.tasks) * (st.max_controls if control else st.max_finalists)
+        return SequentialCheckRule(tuple(st.looks), st.alpha, max(1, slots))
+
+    def check_value(self, rec: Any, metric: str) -> float | None:
+        """A seed-check record's decision value: its held-out test metric (or validation, `decide_on: val`)."""
+        if _failure(rec) is not None:
+            return None
+        if metric == "val":
+            return _get(rec, "value")
+        v = (_get(rec, "test") or {}).get(f"test_{_get(rec, 'metric')}")
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def walk_sequential(self, name: str, st: Any, finalists: list[Candidate]) \
+            -> dict[str, tuple[str, float | None]] | None:
+        """The sequential seed check: looks of paired fresh seeds, every finalist on the same seeds, until each is
+        confirmed, rejected or stopped (see orchestrator.decisions.SequentialCheckRule)."""
+        row = StageProgress(self.label, name, "running", total=0)
+        self.out.stages.append(row)
+        metric = st.decide_on or "test"
+        pool = list(st.seeds)
+        base = {s: self.unit(BASELINE, name, s) for s in pool}
+        base_rec = {s: self.record(u) for s, u in base.items()}
+        active = list(finalists)
+        done: dict[str, tuple[Any, dict[int, float], dict[int, float | None], list[int], list[int]]] = {}
+        for look in st.looks:
+            use: list[int] = []
+            removed: list[int] = []
+            for s in pool:
+                if len(use) == look:
+                    break
+                if base_rec[s] is not None and self.check_value(base_rec[s], metric) is None:
+                    removed.append(s)
+                else:
+                    use.append(s)
+            units = {(c.name, s): self.unit(c, name, s) for c in active for s in use}
+            recs = {k: self.record(u) for k, u in units.items()}
+            row.total = max(row.total or 0, len(use) + len(removed) + len(units))
+            row.done = sum(x is not None for x in (*base_rec.values(), *recs.values()))
+            missing_base = [base[s] for s in use if base_rec[s] is None]
+            missing = [u for k, u in units.items() if recs[k] is None and base_rec[u.seed] is not None]
+            if missing_base or missing:
+                self.out.runnable += missing_base + missing
+                return None
+            observed = [self.check_value(base_rec[s], metric) for s in use] + \
+                [v for x in recs.values() if (v := self.check_value(x, metric)) is not None]
+            worst = worst_value(self.task.metric or "", observed)  # type: ignore[arg-type]
+            still = []
+            for c in active:
+                deltas: dict[int, float] = {}
+                val: dict[int, float | None] = {}
+                worst_seeds = []
+                for s in use:
+                    rec = recs[(c.name, s)]
+                    v = self.check_value(rec, metric)
+                    if v is None:
+                        v = worst
+                        worst_seeds.append(s)
+                    deltas[s] = v - self.check_value(base_rec[s], metric)  # type: ignore[operator]
+                    bv, cv = _get(base_rec[s], "value"), _get(rec, "value")
+                    val[s] = cv - bv if _failure(rec) is None and bv is not None and cv is not None else None
+                rule = self.sequential_rule(st, c.name in self.controls)
+                if len(use) < look:
+                    lab = rule.decide(list(deltas.values()), self.threshold)
+                    lab = type(lab)("inconclusive", f"only {len(use)} paired seeds left after failed baselines; look "
+                                    f"{st.looks.index(look) + 1} needs {look}", lab.n, lab.mean, lab.p_greater,
+                                    lab.level)
+                else:
+                    lab = rule.decide(list(deltas.values()), self.threshold)
+                if lab.label == "continue":
+                    still.append(c)
+                else:
+                    done[c.name] = (lab, deltas, val, list(removed), worst_seeds)
+            active = still
+            if not active:
+                break
+        row.state = "complete"
+        outcome: dict[str, tuple[str, float | None]] = {}
+        for c in finalists:
+            lab, deltas, val, removed, worst_seeds = done[c.name]
+            reason = lab.reason
+            if worst_seeds:
+                reason += f"; seed(s) {', '.join(map(str, worst_seeds))} failed or diverged: counted as the worst value"
+            if removed:
+                reason += f"; baseline seed(s) {', '.join(map(str, removed))} failed: pair(s) removed"
+            self.state.candidates[c.name].deltas[name] = lab.mean
+            outcome[c.name] = ("recorded", lab.mean)
+            self.out.decisions.append(StageDecision(
+                self.label, name, c.name, "recorded", dict(deltas), lab.mean, self.threshold, reason, label=lab.label,
+                metric=metric, val_deltas=val, removed_pairs=removed, worst_seeds=worst_seeds, p_value=lab.p_greater,
+                level=lab.level, control=c.name in self.controls))
         return outcome
 
     # state helpers -----------------------------------------------------------------------------------------------

@@ -85,9 +85,48 @@ def protocol_spec(n_candidates: int = 8, quick_seeds: int = 1, med_seeds: int = 
     }
 
 
+def original_protocol(n_candidates: int = 8, threshold: float = 0.0) -> Protocol:
+    """The original's protocol (ports pin it): 1-seed quick, 1-seed med (threshold rule), 5-seed fixed check
+    repeating the med run on seed 0, <= 3 finalists."""
+    return Protocol.from_spec(parse_spec(protocol_spec(n_candidates, threshold=threshold)), name="original")
+
+
+# The default protocol, chosen with this simulator (README "Protocol and statistics"): successive halving over quick
+# seeds, then the sequential check on fresh seeds for the one best FS candidate.
+DEFAULT_QUICK_RUNGS = (1, 3, 7)
+DEFAULT_MAX_FINALISTS = 1
+
+
+def search_spec(n_candidates: int = 8, rungs: Sequence[int] = DEFAULT_QUICK_RUNGS, keep: float = 0.5,
+                drop_p: float = 0.1, looks: Sequence[int] | None = None, alpha: float = 0.05,
+                max_finalists: int = DEFAULT_MAX_FINALISTS, threshold: float = 0.0, med_seeds: int = 0,
+                med_rungs: Sequence[int] | None = None) -> dict:
+    """The data of a one-task spec with the multi-seed rules: a halving quick screen over max(rungs) seeds, an
+    optional med stage (`med_seeds` > 0, halving over its seeds), and the sequential seed check (spec defaults where
+    `looks` is None)."""
+    cands = [{"name": f"c{i}", "fs": {"layer_start": 1, "alpha_init": round(-3.0 + 0.25 * i, 4)}}
+             for i in range(n_candidates)]
+    stages: dict[str, Any] = {
+        "quick": {"steps": 180, "eval_every": 180, "seeds": list(range(max(rungs))),
+                  "screen": {"rule": "halving", "keep": keep, "rungs": list(rungs), "drop_p": drop_p}},
+    }
+    if med_seeds:
+        stages["med"] = {"steps": 650, "eval_every": 650, "seeds": list(range(med_seeds)),
+                         "screen": {"rule": "halving", "keep": keep, "rungs": list(med_rungs or [med_seeds]),
+                                    "drop_p": drop_p}}
+    stages["seedcheck"] = {"steps": 650, "eval_every": 650, "max_finalists": max_finalists, "alpha": alpha,
+                           "rule": "sequential"}
+    if looks is not None:
+        stages["seedcheck"]["looks"] = list(looks)
+    return {"round": "simulated", "model": {"preset": "tiny"}, "stages": stages,
+            "tasks": {"t": {"task": "sudoku", "params": {"base": 2}, "batch": 8, "threshold": threshold,
+                            "candidates": cands}}}
+
+
 def default_protocol(n_candidates: int = 8, threshold: float = 0.0) -> Protocol:
-    """Today's default: 1-seed quick, 1-seed med, 5-seed check repeating the med run on seed 0, <= 3 finalists."""
-    return Protocol.from_spec(parse_spec(protocol_spec(n_candidates, threshold=threshold)), name="default")
+    """The default protocol: halving over 1 -> 3 -> 7 quick seeds (keep half), then the sequential check (looks
+    from the spec schema) on fresh seeds for the best FS candidate, deciding on the held-out test metric."""
+    return Protocol.from_spec(parse_spec(search_spec(n_candidates, threshold=threshold)), name="default")
 
 
 @dataclass(frozen=True)
@@ -201,13 +240,16 @@ class _Synthesiser:
 
 
 def seedcheck_decisions(p: planner.Plan, rule: SeedCheckRule) -> dict[tuple[str, str], str]:
-    """The report's seed-check decision for every finalist of a finished plan: paired statistics over the seeds with
-    a delta, Holm over all the round's finalists, then the rule."""
-    finals = [d for d in p.decisions if d.stage == DECISION_STAGE]
+    """The report's seed-check decision for every finalist of a finished plan: the sequential check's own label
+    where the plan has one; for the fixed check, paired statistics over the seeds with a delta, Holm over all the
+    round's fixed-check finalists, then the rule."""
+    labelled = {(d.task, d.candidate): d.label for d in p.decisions if d.stage == DECISION_STAGE and d.label}
+    finals = [d for d in p.decisions if d.stage == DECISION_STAGE and not d.label]
     st = [paired_stats([v for v in d.deltas.values() if v is not None], rule.confidence)
           if any(v is not None for v in d.deltas.values()) else None for d in finals]
     adjusted = rule.holm_family(st)
-    return {(d.task, d.candidate): rule.decide(s, d.threshold, q)[0] for d, s, q in zip(finals, st, adjusted)}
+    return {**labelled,
+            **{(d.task, d.candidate): rule.decide(s, d.threshold, q)[0] for d, s, q in zip(finals, st, adjusted)}}
 
 
 def run_replicate(protocol: Protocol, model: OutcomeModel, scenario: Scenario, rng: random.Random,
@@ -226,7 +268,9 @@ def run_replicate(protocol: Protocol, model: OutcomeModel, scenario: Scenario, r
             raise RuntimeError(f"the planner stopped without finishing: {p.task_state}")
         for unit in p.runnable:
             status, value = synth.outcome(unit)
-            records.append({"run_key": unit.run_key, "status": status, "value": value})
+            # the held-out test metric is the validation value: evaluation noise is part of the paired-delta SD
+            records.append({"run_key": unit.run_key, "status": status, "value": value, "metric": "m",
+                            "test": {"test_m": value}})
             wall += model.wall_s.get(unit.stage, 1.0)
             stage_runs[unit.stage] += 1
     raise RuntimeError("the planner did not finish")
@@ -256,13 +300,50 @@ def memoized_pure_functions() -> Iterator[None]:
             q = quantiles[(p, df)] = t_ppf(p, df)
         return q
 
+    # a planner's run unit is a function of its spec, task, candidate, stage, seed, batch and threshold
+    make_unit = planner._TaskPlanner.unit
+    units: dict[tuple, tuple[Any, planner.RunUnit]] = {}
+
+    def unit(self: Any, cand: Any, stage: str, seed: int) -> planner.RunUnit:
+        key = (id(self.spec), self.label, cand.name, stage, seed, self.batch, self.threshold)
+        hit = units.get(key)
+        if hit is None or hit[0] is not self.spec:
+            hit = units[key] = (self.spec, make_unit(self, cand, stage, seed))
+        return hit[1]
+
+    hash_of = planner.short_hash
+    hashes: dict[str, str] = {}
+
+    def short_hash(obj: Any, n: int = 16) -> str:
+        text = repr((obj, n))
+        h = hashes.get(text)
+        if h is None:
+            h = hashes[text] = hash_of(obj, n)
+        return h
+
+    digest_of = planner.candidate_digest
+    cand_digests: dict[tuple, str] = {}
+
+    def candidate_digest(c: Any) -> str:
+        key = (c.name, c.mode, repr(c.fs))
+        h = cand_digests.get(key)
+        if h is None:
+            h = cand_digests[key] = digest_of(c)
+        return h
+
     RunKey.digest = property(digest)  # type: ignore[assignment]
     stats.t_ppf = cached_t_ppf
+    planner._TaskPlanner.unit = unit  # type: ignore[method-assign]
+    planner.short_hash = short_hash  # type: ignore[assignment]
+    planner.candidate_digest = candidate_digest  # type: ignore[assignment]
     try:
         yield
     finally:
         RunKey.digest = digest_attr  # type: ignore[assignment]
         stats.t_ppf = t_ppf
+        planner._TaskPlanner.unit = make_unit  # type: ignore[method-assign]
+        planner.short_hash = hash_of  # type: ignore[assignment]
+        planner.candidate_digest = digest_of  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------------------------------------------

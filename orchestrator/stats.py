@@ -21,6 +21,7 @@ Orientation: d_s = candidate_s - baseline_s with higher = better; "greater" alte
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -368,3 +369,55 @@ def paired_stats(deltas: Sequence[float], confidence: float = 0.95) -> PairedSta
         wilcoxon_r_plus=w_g.r_plus, p_wilcoxon_greater=w_g.p_value, p_wilcoxon_two_sided=w_2.p_value,
         wins=sum(v > 0 for v in d), ties=sum(v == 0 for v in d), losses=sum(v < 0 for v in d), effect_size=eff,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# group-sequential boundary
+# ---------------------------------------------------------------------------------------------------------------------
+POCOCK_REPLICATES = 40_000
+
+
+@functools.lru_cache(maxsize=64)
+def pocock_t_level(looks: tuple[int, ...], alpha: float, replicates: int = POCOCK_REPLICATES, seed: int = 0) -> float:
+    """The constant nominal one-sided level c of a Pocock-type boundary for the one-sample t statistic at the planned
+    looks (cumulative numbers of paired deltas, ascending): under a true mean of zero and normal deltas, the chance
+    that any look has t_sf(T_n, n - 1) <= c is `alpha`.
+
+    The t statistic's null distribution does not depend on the SD, so the level is a constant of (looks, alpha); it
+    is found by Monte Carlo (`replicates` null sequences from a fixed seed: the same inputs give the same level) and
+    bisection on c. A futility or rejection stop only ends a sequence early without a claim, so it can only lower
+    the error rate: the boundary is computed without them (non-binding stops). One look gives c = alpha exactly."""
+    if not looks or any(n < 2 for n in looks) or list(looks) != sorted(set(looks)):
+        raise ValueError(f"looks must be ascending counts >= 2, got {looks}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if len(looks) == 1:
+        return alpha
+    rng = random.Random(f"pocock/{seed}")
+    t_paths = []
+    for _ in range(replicates):
+        s = ss = 0.0
+        path = []
+        i = 0
+        for n in looks:
+            while i < n:
+                x = rng.gauss(0.0, 1.0)
+                s += x
+                ss += x * x
+                i += 1
+            var = (ss - s * s / n) / (n - 1)
+            path.append(s / math.sqrt(var * n) if var > 0 else math.inf)
+        t_paths.append(path)
+
+    def crossing(c: float) -> float:
+        crit = [t_ppf(1.0 - c, n - 1) for n in looks]
+        return sum(any(t >= q for t, q in zip(path, crit)) for path in t_paths) / replicates
+
+    lo, hi = alpha / len(looks), alpha  # Bonferroni over looks is valid (too strict); alpha per look is too loose
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if crossing(mid) > alpha:
+            hi = mid
+        else:
+            lo = mid
+    return lo

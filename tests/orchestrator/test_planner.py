@@ -19,8 +19,9 @@ BASE = {
     "round": "t",
     "model": {"preset": "tiny"},
     "stages": {
-        "quick": {"steps": 10, "eval_every": 5, "seeds": [0]},
-        "med": {"steps": 20, "eval_every": 5, "seeds": [0]},
+        # the original's rules (these tests pin them; test_protocol.py tests the multi-seed ones)
+        "quick": {"steps": 10, "eval_every": 5, "seeds": [0], "screen": {"rule": "threshold"}},
+        "med": {"steps": 20, "eval_every": 5, "seeds": [0], "screen": {"rule": "threshold"}},
         "seedcheck": {"steps": 20, "eval_every": 10, "seeds": [0, 1, 2, 3, 4], "max_finalists": 2},
     },
     "tasks": {

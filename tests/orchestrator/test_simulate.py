@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator import decisions, planner
 from orchestrator.records import Ledger
-from orchestrator.simulate import (OutcomeModel, Protocol, Scenario, default_protocol, memoized_pure_functions,
+from orchestrator.simulate import (OutcomeModel, Protocol, Scenario, default_protocol, original_protocol, memoized_pure_functions,
                                    noise_from_round, run_replicate, simulate)
 from orchestrator.spec import parse_spec
 
@@ -30,7 +30,7 @@ def _close(measured, reference: float, trials: int, z: float = 3.5) -> None:
 def test_reproduces_todays_default_protocol():
     """1-seed quick, 1-seed med, 5-seed check repeating the med run on seed 0, 8 candidates, <= 3 finalists, per-seed
     delta = effect + N(0, 1) at every stage: P(confirm | null) 0.43% per candidate, 3.1% family-wise, 20% at +1 SD."""
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     null = simulate(protocol, model, Scenario.null(), replicates=500, seed=11)
     real = simulate(protocol, model, Scenario.one_real(8, 1.0), replicates=500, seed=12)
@@ -42,7 +42,7 @@ def test_reproduces_todays_default_protocol():
 
 @pytest.mark.slow
 def test_reproduces_todays_default_protocol_at_half_sd():
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     half = simulate(protocol, model, Scenario.one_real(8, 0.5), replicates=4000, seed=13)
     _close(half.power, 0.044, 4000)
@@ -57,7 +57,7 @@ def _promotion(monkeypatch, always: bool) -> None:
 
 
 def test_drives_the_real_planner(monkeypatch):
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     base = simulate(protocol, model, Scenario.one_real(8, 2.0), replicates=60, seed=3)
     assert 0 < base.p_finalist_null.value < 1
@@ -76,7 +76,7 @@ def test_drives_the_real_planner(monkeypatch):
 def test_seedcheck_decision_follows_the_rule(monkeypatch):
     """The seed-check decision comes from the rule object: a rule that needs more pairs than the check has
     confirms nothing."""
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     strict = Protocol(protocol.name, protocol.spec, type(protocol.rule)(min_pairs=6))
     r = simulate(strict, model, Scenario.one_real(8, 3.0), replicates=40, seed=5)
@@ -84,7 +84,7 @@ def test_seedcheck_decision_follows_the_rule(monkeypatch):
 
 
 def test_seed_check_repeats_the_med_training_on_seed_zero():
-    protocol = default_protocol()
+    protocol = original_protocol()
     for identical in (True, False):
         model = OutcomeModel.uniform(protocol.spec, repeats_identical=identical)
         for rep in range(20):
@@ -96,7 +96,7 @@ def test_seed_check_repeats_the_med_training_on_seed_zero():
 
 
 def test_memoised_pure_functions_change_no_result():
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     plain = [run_replicate(protocol, model, Scenario.one_real(8, 1.0), random.Random(i)) for i in range(8)]
     with memoized_pure_functions():
@@ -106,7 +106,7 @@ def test_memoised_pure_functions_change_no_result():
 
 
 def test_same_seed_same_result_and_costs_count_baselines():
-    protocol = default_protocol()
+    protocol = original_protocol()
     model = OutcomeModel.uniform(protocol.spec)
     a = simulate(protocol, model, Scenario.null(), replicates=30, seed=7)
     b = simulate(protocol, model, Scenario.null(), replicates=30, seed=7)
