@@ -230,7 +230,9 @@ class RoundLoop:
         first = int(attrs.get("attempt") or 0) + 1 if attrs.get("run_dir") else 0  # an attempt was started
         for d in sorted(runs_dir.glob("attempt-*")):
             kill_leftover_worker(d)
-        self.display.message(f"resuming {unit.run_key} (trial {number}, {len(log.history)} earlier attempt(s))")
+        finished = len(log.history)
+        self.display.message(f"resuming {unit.run_key} (trial {number}): {finished} finished and "
+                             f"{max(0, first - finished)} interrupted earlier attempt(s); next is attempt {first}")
         return RunStart(number, log, micro_batch, first)
 
     def run_attempts(self, unit: Any, runs_dir: Path, start: RunStart) -> tuple[RunConfig, Outcome, Path]:

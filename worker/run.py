@@ -106,6 +106,8 @@ class Run:
         cfg = self.cfg
         try:
             task = get_task(cfg.task_kind, cfg.task_params, self.tok, cfg.data_seed)
+            if hasattr(task, "sandbox_mode"):  # the task runs model-written code: in the spec's sandbox mode
+                task.sandbox_mode = cfg.sandbox
         except DataUnavailable as e:
             raise RunError("data", str(e)) from None
         except TaskError as e:
@@ -268,6 +270,7 @@ class Run:
         train_wall = time.time() - self.t_train
         self.progress(self.steps_done, loss, force=True)
         result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
+                           sandbox=cfg.sandbox if hasattr(self.task, "sandbox_mode") else None,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
                            device=self.device_name(), compiled=cfg.compile, train_tokens=self.train_tokens,
                            tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
