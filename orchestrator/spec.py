@@ -56,6 +56,9 @@ STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
 COMPARISON_STAGES = ("seedcheck",)  # the stages of a comparison round (no screening, nothing pruned)
 MAX_SEED = 2**32 - 1  # numpy's and most RNGs' limit
+DEFAULT_LOOKS = (4, 6, 8, 10, 12, 16)  # the sequential seed check's looks (paired seeds), chosen with `fsearch simulate`
+SEQUENTIAL_SEED_OFFSET = 1000  # the sequential seed check's default seed pool starts here (fresh seeds)
+SPARE_SEEDS = 2  # pool seeds past the last look, used when a baseline seed fails for good
 MIN_SEEDCHECK_SEEDS = 5  # 2**-5 = 0.031: the fewest paired seeds for which an exact sign test can reach p < 0.05
 SPEC_SUFFIXES = (".yaml", ".yml")
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -152,21 +155,91 @@ class Stage(_Strict):
         return v
 
 
+class ScreenSpec(_Strict):
+    """How a screening stage (quick, med) decides: `halving` (successive halving over the stage's seeds, the
+    default) or `threshold` (the original system's rule: promote when the mean paired delta reaches the threshold).
+    See orchestrator.decisions."""
+
+    rule: Literal["halving", "threshold"] = "halving"
+    keep: float = Field(0.5, gt=0.0, le=1.0)  # halving: share of a rung's candidates kept for the next rung
+    rungs: list[int] | None = None  # halving: cumulative seeds per rung; default 1, 3, 7, ... capped at the seeds
+    drop_p: float = Field(0.1, gt=0.0, lt=0.5)  # halving: drop when the one-sided t upper bound < threshold
+
+    def rung_sizes(self, n_seeds: int) -> list[int]:
+        """The cumulative seed counts of the stage's rungs (the threshold rule: one rung of every seed)."""
+        if self.rule == "threshold":
+            return [n_seeds]
+        if self.rungs:
+            return sorted(set(self.rungs))
+        sizes = [1]
+        while sizes[-1] < n_seeds:
+            sizes.append(min(n_seeds, 2 * sizes[-1] + 1))
+        return sizes
+
+
+class GateStage(Stage):
+    screen: ScreenSpec = Field(default_factory=ScreenSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen_default(cls, data: Any) -> Any:
+        """Without `screen`: halving over a stage's seeds; a one-seed stage (every spec written for the original
+        screen) keeps the threshold rule, there being nothing to halve over."""
+        if isinstance(data, dict) and "screen" not in data:
+            seeds = data.get("seeds", [0])
+            many = isinstance(seeds, list) and len(seeds) > 1
+            return {**data, "screen": {"rule": "halving" if many else "threshold"}}
+        return data
+
+
 class LongStage(Stage):
     pick: Literal["best_med"] = "best_med"  # the med survivor with the highest med delta
 
 
 class SeedcheckStage(Stage):
+    # fixed: the listed seeds (default 0-4), the original's check; sequential: a pool the looks draw from in order
+    # (default: SEQUENTIAL_SEED_OFFSET onwards, past every screening seed)
     seeds: list[int] = Field(default_factory=lambda: list(range(MIN_SEEDCHECK_SEEDS)), min_length=1)
-    max_finalists: int = Field(3, ge=1)
+    max_finalists: int = Field(3, ge=1)  # FS finalists per task
     allow_few_seeds: bool = False  # accept < 5 seeds (a demonstration; no sign test can reach p < 0.05)
+    # sequential (default in a screening round) or fixed (default in a comparison round, and the original's rule)
+    rule: Literal["sequential", "fixed"] | None = None
+    looks: list[int] = Field(default_factory=lambda: list(DEFAULT_LOOKS), min_length=1)  # cumulative paired seeds
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)  # sequential: one-sided family-wise error over looks and finalists
+    max_controls: int = Field(1, ge=0)  # control finalists per task (their own quota)
+    decide_on: Literal["test", "val"] | None = None  # default: test (sequential), val (fixed)
+
+    @field_validator("looks")
+    @classmethod
+    def _looks(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or v[0] < 2:
+            raise ValueError(f"looks must be ascending paired-seed counts >= 2, got {v}")
+        return v
 
 
 class Stages(_Strict):
-    quick: Stage | None = None  # the screen; without it (and without med/long) the round is a comparison round
-    med: Stage | None = None
+    quick: GateStage | None = None  # the screen; without it (and without med/long) the round is a comparison round
+    med: GateStage | None = None
     long: LongStage | None = None
     seedcheck: SeedcheckStage | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seedcheck_defaults(cls, data: Any) -> Any:
+        """The seed check's defaults that depend on the spec: the rule (fixed when the spec lists the seeds, as
+        every spec written for the original's check does, and in a comparison round, where no seed selects
+        anything; sequential otherwise), the metric it decides on, the sequential rule's fresh seed pool."""
+        if not isinstance(data, dict) or not isinstance(data.get("seedcheck"), dict):
+            return data
+        sc = dict(data["seedcheck"])
+        comparison = not any(data.get(n) is not None for n in STAGE_ORDER if n != "seedcheck")
+        sc.setdefault("rule", "fixed" if comparison or "seeds" in sc else "sequential")
+        sc.setdefault("decide_on", "test" if sc["rule"] == "sequential" else "val")
+        if sc["rule"] == "sequential" and "seeds" not in sc:
+            looks = sc.get("looks", DEFAULT_LOOKS)
+            last = looks[-1] if isinstance(looks, (list, tuple)) and looks and isinstance(looks[-1], int) else 0
+            sc["seeds"] = list(range(SEQUENTIAL_SEED_OFFSET, SEQUENTIAL_SEED_OFFSET + last + SPARE_SEEDS))
+        return {**data, "seedcheck": sc}
 
 
 class CandidateSpec(_Strict):
@@ -175,13 +248,35 @@ class CandidateSpec(_Strict):
     name: str
     preset: str | None = None  # library name this candidate starts from
     fs: dict[str, Any] | None = None  # explicit FS fields (override the preset's and the defaults')
+    control: bool | None = None  # a control (own finalist quota); default: true for read_twice, else false
+
+
+class ThresholdSD(_Strict):
+    """A threshold in units of the baseline's seed-to-seed SD, measured on the quick stage's first
+    `calibration_seeds` baseline runs (which are also the matched baselines of those seeds)."""
+
+    sd: float = Field(ge=0.0)
+    calibration_seeds: int = Field(3, ge=2)
 
 
 class TaskSpec(_Strict):
     task: str  # registry name (tasks.task_names())
     params: dict[str, Any] = Field(default_factory=dict)
     batch: int | Literal["auto"]  # effective batch, or the GPU probe's largest micro-batch
-    threshold: float = Field(ge=0.0)  # promote if delta >= threshold (delta = candidate - matched baseline)
+    # the smallest effect worth having (delta = candidate - matched baseline): absolute, or {sd: x} baseline SDs
+    threshold: float | ThresholdSD
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        """A number is checked here (one message, not one per form of the union)."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise ValueError(f"Input should be a finite number (got {v})")
+            if v < 0:
+                raise ValueError("Input should be greater than or equal to 0")
+            return float(v)
+        return v
     metric: str | None = None  # default: the task's primary metric
     model: ModelSource | None = None  # default: the round's `model` (a task may train another shape or checkpoint)
     candidates: list[CandidateSpec] = Field(min_length=1)
@@ -220,6 +315,7 @@ class Spec(_Strict):
     tasks: dict[str, TaskSpec] = Field(min_length=1)
 
     _candidates: dict[str, tuple[Candidate, ...]] = PrivateAttr(default_factory=dict)
+    _controls: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -228,6 +324,9 @@ class Spec(_Strict):
         if errors:
             raise _StructureError(errors)
         self._candidates = {label: tuple(_resolve_task_candidates(self, label)) for label in self.tasks}
+        self._controls = {label: frozenset(c.name for item, c in zip(t.candidates, self._candidates[label])
+                                           if (item.control if item.control is not None else c.mode == "read_twice"))
+                          for label, t in self.tasks.items()}
         return self
 
     # derived views ---------------------------------------------------------------------------------------------
@@ -252,6 +351,13 @@ class Spec(_Strict):
     def stage_list(self) -> list[tuple[str, Stage]]:
         """The spec's stages in execution order."""
         return [(name, getattr(self.stages, name)) for name in STAGE_ORDER if getattr(self.stages, name) is not None]
+
+    def is_control(self, label: str, name: str) -> bool:
+        """A control candidate of task `label` (spec `control`, default: the read_twice mode)."""
+        return name in self._controls.get(label, frozenset())
+
+    def controls(self, label: str) -> frozenset[str]:
+        return self._controls.get(label, frozenset())
 
     def stage(self, name: str) -> Stage:
         st = getattr(self.stages, name, None)
@@ -332,7 +438,20 @@ def _stage_errors(stages: Stages) -> list[str]:
         if st.steps <= p.steps:
             errors.append(f"stages.{name}.steps: must be greater than {prev}.steps ({p.steps}), got {st.steps}")
     sc = stages.seedcheck
-    if sc is not None and len(sc.seeds) < MIN_SEEDCHECK_SEEDS and not sc.allow_few_seeds:
+    for name, st in present:
+        screen = getattr(st, "screen", None)
+        if screen is not None and screen.rungs and max(screen.rungs) > len(st.seeds):
+            errors.append(f"stages.{name}.screen.rungs: the last rung needs {max(screen.rungs)} seeds, the stage has "
+                          f"{len(st.seeds)}")
+    if sc is not None and sc.rule == "sequential":
+        selecting = sorted({s for n, st in present if n != "seedcheck" for s in st.seeds} & set(sc.seeds))
+        if selecting:
+            errors.append(f"stages.seedcheck.seeds: seed {selecting[0]} also screens candidates; the sequential "
+                          f"seed check confirms on fresh seeds (leave seeds out for the default pool from "
+                          f"{SEQUENTIAL_SEED_OFFSET}, or set rule: fixed for the original's check)")
+        if len(sc.seeds) < sc.looks[-1]:
+            errors.append(f"stages.seedcheck.seeds: {len(sc.seeds)} seeds; the last look needs {sc.looks[-1]}")
+    if sc is not None and sc.rule == "fixed" and len(sc.seeds) < MIN_SEEDCHECK_SEEDS and not sc.allow_few_seeds:
         errors.append(
             f"stages.seedcheck.seeds: {len(sc.seeds)} seeds; a paired sign test cannot reach p<0.05 with fewer than "
             f"{MIN_SEEDCHECK_SEEDS} (its smallest one-sided p is 2^-n = {2.0 ** -len(sc.seeds):.3g}); add seeds or "

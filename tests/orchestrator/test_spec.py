@@ -61,7 +61,9 @@ def test_base_spec_is_valid_and_resolves_candidates():
     assert head.fs.variant == "head" and head.fs.alpha_head_lr == 1e-3 and head.fs.layer_start == 2
     assert spec.candidates("sudoku4")[3].mode == "read_twice" and spec.candidates("sudoku4")[3].fs is None
     # every default lives in the schema
-    assert spec.defaults.n_val == 64 and spec.defaults.retries == 2 and spec.stages.seedcheck.seeds == [0, 1, 2, 3, 4]
+    assert spec.defaults.n_val == 64 and spec.defaults.retries == 2
+    # the sequential seed check's fresh seed pool: the last look's seeds and two spares, past every screening seed
+    assert spec.stages.seedcheck.rule == "sequential" and spec.stages.seedcheck.seeds == list(range(1000, 1018))
     assert spec.stage_n_val("med") == 64 and spec.stages.med.seeds == [0]
     assert spec.storage_url() == "sqlite:///results/t/study.db"
     assert [n for n, _ in spec.stage_list()] == ["quick", "med", "seedcheck"]
