@@ -19,6 +19,12 @@ import time
 
 import torch
 
+from kernels.dispatch import wkv7
+from kernels.fla_backend import FLA_MODEL_RANGE_OPTIONS
+from kernels.reference import wkv7_reference
+
+# kernels.triton_wkv7 (triton) and fla are optional: imported when their backend is asked for
+
 DEFAULT_SHAPES = ("8x4096x12x64", "16x1024x12x64", "4x8192x12x64", "2x4096x32x128")
 CHECK_SHAPES = ("2x100x3x64", "1x8192x2x64", "1x300x2x128", "2x77x2x32", "1x1x1x64", "3x4096x4x64")
 # tolerances on ‖out − ref‖ / ‖ref‖ per output and gradient, by input dtype (see tests/kernels)
@@ -106,8 +112,6 @@ def _triton_backend():
 def _fla_backend():
     from fla.ops.rwkv7 import chunk_rwkv7
 
-    from kernels.fla_backend import FLA_MODEL_RANGE_OPTIONS
-
     def prepare(xs, s0):
         r, w, k, v, a, b = xs
         w_fla = (-torch.exp(w.float())).to(w.dtype)      # fla takes the log decay
@@ -121,8 +125,6 @@ def _fla_backend():
 
 
 def _torch_backend():
-    from kernels.dispatch import wkv7
-
     def prepare(xs, s0):
         return list(xs) + [s0], lambda r, w, k, v, a, b, s0: wkv7(r, w, k, v, a, b, s0, backend="torch")
     return prepare
@@ -232,7 +234,6 @@ def relative_error(x, ref) -> float:
 def check_against_reference(shape, dtype, device, with_s0=True, seed=0, chunk_size=None, inputs="rwkv7"):
     """Max relative errors of y, sT and the 7 gradients, triton vs the float64 reference (fed the same, already
     rounded inputs). inputs: a key of INPUT_KINDS."""
-    from kernels.reference import wkv7_reference
     from kernels.triton_wkv7 import wkv7_triton
 
     B, T, H, D = shape

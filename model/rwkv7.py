@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import wkv7
+from kernels.reference import wkv7_reference
 from model.config import ModelConfig
 from model.fs_config import FSConfig
 from model.future_seed import FSGates, future_seed
@@ -66,11 +68,7 @@ def wkv_operator(kernel: str):
     """The WKV-7 operator `(r, w, k, v, a, b, s0) -> (y, sT)` for a kernel name ("reference" = the per-step oracle,
     anything else goes to kernels.dispatch.wkv7 as its backend, e.g. "auto", "torch", "triton", "fla")."""
     if kernel == "reference":
-        from kernels.reference import wkv7_reference
-
         return wkv7_reference
-    from kernels.dispatch import wkv7
-
     return functools.partial(wkv7, backend=kernel, w_in_model_range=True)  # w = -softplus(.) - 0.5 < -0.5
 
 
