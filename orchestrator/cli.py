@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from model.candidates import resolve
 from orchestrator import paths
@@ -512,6 +511,8 @@ class _progress_bar:
         self.tqdm = None
         self.n = 0
         if sys.stderr.isatty():
+            from tqdm import tqdm  # only `fsearch run` on a terminal draws a bar: other commands start without it
+
             self.tqdm = tqdm(total=total, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float | None) -> None:
