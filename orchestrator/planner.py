@@ -601,8 +601,12 @@ class _TaskPlanner:
             ties = frozenset(c.name for c in alive if not worst_seeds[c.name] and self.chance_tie(
                 [recs[(c.name, s)] for s in ok], [base_rec[s] for s in ok]))
             last = r == len(sizes) - 1
-            judged = rule.rung(name, {c.name: list(deltas[c.name].values()) for c in alive}, self.threshold, last,
-                               ties)
+            judged = {}
+            fs_group = [c for c in alive if c.name not in self.controls]
+            for group in (fs_group, [c for c in alive if c.name in self.controls]):
+                if group:  # FS candidates and controls are halved apart: a control never takes an FS candidate's place
+                    judged.update(rule.rung(name, {c.name: list(deltas[c.name].values()) for c in group},
+                                            self.threshold, last, ties))
             note = f"; baseline seed(s) {', '.join(map(str, removed))} failed: pair(s) removed" if removed else ""
             kept = []
             for c in alive:
