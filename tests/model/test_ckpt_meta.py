@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def blinkdl_state(L: int = 3, C: int = 32, H: int = 2, V: int = 50, F: int = 96, dw: int = 8, da: int = 8,
                   dv: int = 4, dg: int = 16, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A state dict with the BlinkDL RWKV-7 key names and shapes (seed_system.md §1.1); values are irrelevant."""
+    """A state dict with the BlinkDL RWKV-7 key names and shapes; values are irrelevant."""
     N = C // H
     z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
     sd = {"emb.weight": z(V, C), "blocks.0.ln0.weight": z(C), "blocks.0.ln0.bias": z(C),
