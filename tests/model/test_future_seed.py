@@ -188,8 +188,8 @@ def _seed_ratio(rec: WkvRecorder, layer: int) -> float:
 ])
 def test_worked_schedule_values_through_the_model(schedule, lo, start, expected, recorder, make_config, make_model,
                                                   make_tokens):
-    """The depth schedule's worked values for L=12 (docs/original.md: Future-Seed's strength), measured as s0_i / sT_{i-1} in a
-    real forward (gate logit 0)."""
+    """The depth schedule's worked values for L=12 (docs/original.md), measured as s0_i / sT_{i-1} in a real
+    forward (gate logit 0)."""
     model = _fs_model(make_config, make_model, n_layer=12)
     fs = FSConfig(alpha_init=0.0, layer_start=start, schedule=schedule, schedule_min=lo, schedule_max=1.0)
     with torch.no_grad():
