@@ -1,7 +1,11 @@
 """Export a round's records: JSON lines, CSV or Parquet, one row per run with the Record's field names (which
 include the original system's `best_val_loss` and `best_val_tok_acc`).
 
-Nested fields (fs, final, best, test) stay nested in JSON lines and Parquet (structs) and are JSON strings in CSV.
+Nested fields (fs, final, best, test) stay nested in JSON lines and Parquet (structs). CSV is flat, one value a
+cell: `final` becomes final_<metric> columns (final_val_loss, final_val_hole_acc, ...), `best` best_<metric> (its
+best_val_loss and best_val_tok_acc are the Record's own columns of that name, equal by construction), `test` its own
+test_<metric> names, `fs` fs_<field>; a list (seed_controls) is joined with "+". The flattened columns of a field
+take its place, in sorted order over the round's records; a run without that metric has an empty cell.
 A shared (PostgreSQL) round's truth is its database: `sync_mirror` first appends to this host's records.jsonl the
 records other hosts' workers stored. Torch-free; pandas and pyarrow are imported only for csv/parquet.
 """
@@ -22,6 +26,36 @@ def rows(records: list[Record]) -> list[dict]:
     return [r.model_dump(mode="json", by_alias=True) for r in records]
 
 
+def flat_name(field: str, key: str) -> str:
+    """A nested value's CSV column: test metrics keep their own test_ names, others get the field as a prefix."""
+    return key if field == "test" and key.startswith("test_") else f"{field}_{key}"
+
+
+def flat_rows(data: list[dict], cols: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows with every nested field spread into columns of one value each, and the column order."""
+    nested_cols: dict[str, set[str]] = {f: set() for f in NESTED}
+    rows_out = []
+    for row in data:
+        flat = {}
+        for k, v in row.items():
+            if k in NESTED:
+                for sub, x in (v or {}).items():
+                    name = flat_name(k, sub)
+                    if name in cols:
+                        continue  # best_val_loss, best_val_tok_acc: the Record's own columns, the same value
+                    nested_cols[k].add(name)
+                    flat[name] = x
+            elif isinstance(v, list):
+                flat[k] = "+".join(str(x) for x in v)
+            else:
+                flat[k] = v
+        rows_out.append(flat)
+    order = []
+    for c in cols:
+        order += sorted(nested_cols[c]) if c in NESTED else [c]
+    return rows_out, order
+
+
 def export_records(records: list[Record], fmt: str, out: Path) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -34,8 +68,8 @@ def export_records(records: list[Record], fmt: str, out: Path) -> Path:
 
     cols = record_columns()
     if fmt == "csv":
-        flat = [{k: (json.dumps(v) if k in NESTED and v is not None else v) for k, v in row.items()} for row in data]
-        pd.DataFrame(flat, columns=cols).to_csv(out, index=False)
+        flat, flat_cols = flat_rows(data, cols)
+        pd.DataFrame(flat, columns=flat_cols, dtype=object).to_csv(out, index=False)  # ints stay ints
         return out
     import pyarrow as pa
     import pyarrow.parquet as pq

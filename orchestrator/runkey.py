@@ -10,10 +10,11 @@ data_seed), a digest of the rest of the run's setup that a candidate shares with
 parameters, model source: preset or checkpoint, any shape overrides and the init seed (a fixed one, or none where a
 from-scratch init follows the run's seed: then seeds differ in init as well as data order), the task's own model
 where it has one; optimiser, loss, test-set size, kernel, precision, eval batch; `compile` only when on) and a
-digest of the candidate's resolved configuration (mode + FS fields). A spec change that changes a run therefore gives it a new key:
-an old record is never reused for a different run, and nothing has to be refused on resume. (A model source without
-shape overrides hashes as it did before overrides existed: ModelSource leaves an absent `shape` out of its dump; a
-fixed init seed, and any checkpoint source, hash as they did before the init could follow the seed.)
+digest of the candidate's resolved configuration (mode + FS fields). A spec change that changes a run therefore
+gives it a new key: an old record is never reused for a different run, and nothing has to be refused on resume. (A
+model source without shape overrides hashes as it did before overrides existed: ModelSource leaves an absent `shape`
+out of its dump; a fixed init seed, and any checkpoint source, hash as they did before the init could follow the
+seed.)
 
 The matched baseline of a candidate run is the baseline run of the same task, stage, seed and conditions
 (`RunKey.matched_baseline()`): never a baseline of another stage or budget. Torch-free.

@@ -23,6 +23,9 @@ RECORD_FIELDS = ("task", "stage", "candidate", "mode", "seed", "status", "error_
 CONFIGURATION_FIELDS = ("task", "candidate", "mode", "seed", "budget_steps", "eval_every", "batch_size",
                         "micro_batch", "n_val", "data_seed", "metric", "device")
 SEEDCHECK_LABELS = ("confirmed", "inconclusive", "rejected")
+# the conditions a run's record states; runs of one (task, stage, candidate, seed) that differ in them, or in their
+# run key, are different measurements and are never pooled
+CONDITION_FIELDS = ("budget_steps", "eval_every", "batch_size", "n_val", "data_seed")
 
 
 def seed_key(seed: int) -> str:
@@ -41,6 +44,11 @@ class Context:
     rule: SeedCheckRule
     by_key: dict[str, Record] = field(default_factory=dict)
     problems: list[dict[str, Any]] = field(default_factory=list)
+    # run keys of the current spec's runs (None without a readable spec): what a stage's summary pools
+    current_keys: set[str] | None = None
+    set_aside: list[Record] = field(default_factory=list)  # runs of other conditions, shown apart, never pooled
+    # the planner's stage decisions, (task, stage, candidate) -> StageDecision: the decisions the round acted on
+    planned: dict[tuple[str, str, str], Any] = field(default_factory=dict)
 
     def problem(self, message: str, *run_keys: str | None) -> None:
         self.problems.append({"message": message, "run_keys": [k for k in run_keys if k]})
@@ -73,17 +81,22 @@ def build_summary(data: RoundData, rule: SeedCheckRule | None = None) -> dict[st
     if len(rounds) > 1:
         ctx.problem(f"records.jsonl mixes rounds {rounds}")
     check_records(ctx)
+    ctx.current_keys = current_run_keys(data)
+    ctx.planned = planned_decisions(data)
     labels = task_labels(data)
     tasks = {label: task_summary(ctx, label) for label in labels}
     check_against_planner(ctx, tasks)
     finalists = [(label, name) for label in labels for name in tasks[label]["seedcheck"]["finalists"]]
     decide_finalists(ctx.rule, tasks, finalists)
+    for label, t in tasks.items():
+        t["fates"] = candidate_fates(ctx, label, t)
     summary = {
         "schema": SUMMARY_SCHEMA,
         "round": rounds[0] if len(rounds) == 1 else data.round_dir.name,
         "kind": round_kind(data),
         "records_file": {"count": len(data.records), "sha256": data.records_sha256},
         "spec_file": {"sha256": data.spec_sha256} if data.spec_sha256 else None,
+        "protocol": protocol_lines(data.spec),
         "rule": {"alpha": ctx.rule.alpha, "confidence": ctx.rule.confidence, "min_pairs": ctx.rule.min_pairs,
                  "family_size": len(finalists), "text": ctx.rule.text(len(finalists))},
         "tasks": tasks,
@@ -93,10 +106,135 @@ def build_summary(data: RoundData, rule: SeedCheckRule | None = None) -> dict[st
                               if tasks[t]["seedcheck"]["finalists"][c]["decision"] == label]
                       for label in SEEDCHECK_LABELS},
         "records": {r.run_key: record_row(r) for r in data.records},
+        "mixed_conditions": mixed_conditions(ctx),
+        "sandbox": sandbox_modes(data.records),
+        "seed_controls": seed_controls(data.records),
         "problems": ctx.problems,
     }
     summary["plots"] = plot_list(summary, data)
     return summary
+
+
+def current_run_keys(data: RoundData) -> set[str] | None:
+    """The run keys of the records that are runs of the round's spec.yaml as it is (None without a readable spec)."""
+    if data.spec is None:
+        return None
+    from orchestrator.planner import plan
+    from orchestrator.progress import probed_batch_sizes
+
+    try:
+        p = plan(data.spec, data.records, batch_sizes=probed_batch_sizes(data.round_dir))
+    except Exception:  # noqa: BLE001 - the planner's own check (integrity.check_against_planner) reports it
+        return None
+    unused = set(p.unused_records)
+    return {r.run_key for r in data.records if r.run_key not in unused}
+
+
+def planned_decisions(data: RoundData) -> dict[tuple[str, str, str], Any]:
+    """The planner's stage decisions on the round's records (empty without a readable spec): a halving stage decides
+    on the whole cohort of a rung and the sequential seed check look by look, so the report takes their decisions
+    from the planner instead of judging one candidate at a time."""
+    if data.spec is None:
+        return {}
+    from orchestrator.planner import plan
+    from orchestrator.progress import probed_batch_sizes
+
+    try:
+        p = plan(data.spec, data.records, batch_sizes=probed_batch_sizes(data.round_dir))
+    except Exception:  # noqa: BLE001 - the planner's own check (integrity.check_against_planner) reports it
+        return {}
+    return {(d.task, d.stage, d.candidate): d for d in p.decisions}
+
+
+def protocol_lines(spec: Any) -> list[str]:
+    """The round's decision rules per stage, in words (the report's protocol section)."""
+    if spec is None:
+        return []
+    out = []
+    for name, st in spec.stage_list():
+        screen = getattr(st, "screen", None)
+        if screen is not None and screen.rule == "halving":
+            out.append(f"{name}: successive halving over seeds {', '.join(map(str, st.seeds))} in rungs of "
+                       f"{', '.join(map(str, screen.rung_sizes(len(st.seeds))))} seed(s); at each rung a candidate "
+                       f"whose one-sided {1 - screen.drop_p:.0%} t upper bound lies below the threshold is dropped "
+                       f"and the best {screen.keep:g} share of the rest by mean paired delta goes on (FS candidates "
+                       f"and controls apart); the last rung promotes those whose mean reaches the threshold")
+        elif screen is not None:
+            out.append(f"{name}: the original's threshold rule (promote when the mean paired delta over seeds "
+                       f"{', '.join(map(str, st.seeds))} reaches the threshold)")
+        elif name == SEEDCHECK and st.rule == "sequential":
+            out.append(f"{name}: sequential paired t check on fresh seeds (looks after "
+                       f"{', '.join(map(str, st.looks))} pairs), deciding on the {st.decide_on} metric; one-sided "
+                       f"family-wise level {st.alpha:g} over looks (Pocock constant nominal level) and over "
+                       f"{len(spec.tasks) * st.max_finalists} FS finalist slot(s) (Bonferroni); controls "
+                       f"({len(spec.tasks) * st.max_controls} slot(s)) form their own family; futility stop when the "
+                       f"mean delta is <= 0 at a look")
+        elif name == SEEDCHECK:
+            out.append(f"{name}: the fixed check on seeds {', '.join(map(str, st.seeds))} (rule below), deciding on "
+                       f"the {st.decide_on} metric")
+        else:
+            out.append(f"{name}: measured, decides nothing")
+    out.append("a failed or diverged candidate seed counts as the metric's worst value under the halving and "
+               "sequential rules (the threshold rule prunes the candidate); a baseline seed that failed for good "
+               "removes that seed's pair, visibly; a candidate and baseline both at the task's chance level is a tie "
+               "at chance, never promoted")
+    return out
+
+
+def conditions_of(rec: Record) -> dict[str, Any]:
+    return {f: getattr(rec, f) for f in CONDITION_FIELDS}
+
+
+def conditions_text(cond: dict[str, Any]) -> str:
+    return (f"{cond['budget_steps']} steps, eval every {cond['eval_every']}, batch {cond['batch_size']}, "
+            f"n_val {cond['n_val']}, data seed {cond['data_seed']}")
+
+
+def split_conditions(ctx: Context, srecs: list[Record]) -> list[Record]:
+    """A stage's records of one set of conditions (kept) and the rest (added to ctx.set_aside, never pooled). Kept:
+    the current spec's runs where there is a spec, else the conditions of the stage's latest record; a record is set
+    aside when its conditions differ from the kept ones or another record holds its (candidate, seed) slot."""
+    if ctx.current_keys is not None and any(r.run_key in ctx.current_keys for r in srecs):
+        current = [r for r in srecs if r.run_key in ctx.current_keys]
+    else:
+        latest = max(srecs, key=lambda r: (r.finished_at, r.run_key))
+        current = [r for r in srecs if conditions_of(r) == conditions_of(latest)]
+    main = conditions_of(current[0])
+    kept_keys = {r.run_key for r in current}
+    slots = {(r.candidate, r.seed) for r in current}
+    for r in srecs:
+        # a run the spec no longer asks for, of the same conditions and a slot of its own, stays (integrity names it)
+        if r.run_key not in kept_keys and (r.candidate, r.seed) not in slots and conditions_of(r) == main:
+            kept_keys.add(r.run_key)
+            slots.add((r.candidate, r.seed))
+    ctx.set_aside += [r for r in srecs if r.run_key not in kept_keys]
+    return [r for r in srecs if r.run_key in kept_keys]
+
+
+def mixed_conditions(ctx: Context) -> list[dict[str, Any]]:
+    """The runs set aside: one row a run, with the slot it shares and its conditions."""
+    return [{"task": r.task, "stage": r.stage, "candidate": r.candidate, "seed": r.seed, "run_key": r.run_key,
+             "conditions": conditions_text(conditions_of(r)), "status": r.status, "value": r.value,
+             "sources": [r.run_key]} for r in sorted(ctx.set_aside, key=lambda r: (r.task, stage_rank(r.stage),
+                                                                                   r.candidate, r.seed, r.run_key))]
+
+
+def sandbox_modes(records: list[Record]) -> dict[str, Any]:
+    """How model-written code ran, over the round's runs: runs per mode ("not recorded" for runs whose task executes
+    no code or that predate the field) and the runs that ran it without the sandbox."""
+    modes: dict[str, int] = defaultdict(int)
+    for r in records:
+        modes[r.sandbox or "not recorded"] += 1
+    return {"modes": dict(sorted(modes.items())), "unsafe_runs": [r.run_key for r in records if r.sandbox == "unsafe"]}
+
+
+def seed_controls(records: list[Record]) -> dict[str, int]:
+    """What the runs' seeds varied, counted over runs ("not recorded": records that predate the field, when every
+    from-scratch seed shared one initialisation)."""
+    out: dict[str, int] = defaultdict(int)
+    for r in records:
+        out["+".join(r.seed_controls) if r.seed_controls else "not recorded"] += 1
+    return dict(sorted(out.items()))
 
 
 def record_row(rec: Record) -> dict[str, Any]:
@@ -197,7 +335,7 @@ def task_summary(ctx: Context, label: str) -> dict[str, Any]:
     for stage in stages:
         srecs = [r for r in recs if r.stage == stage]
         if srecs:
-            out["stages"][stage] = stage_summary(ctx, stage, srecs, candidates, threshold)
+            out["stages"][stage] = stage_summary(ctx, stage, split_conditions(ctx, srecs), candidates, threshold)
     check_promotions(ctx, label, out["stages"])
     if SEEDCHECK in out["stages"]:
         out["seedcheck"] = seedcheck_pairs(ctx, out["stages"][SEEDCHECK], threshold)
@@ -216,6 +354,12 @@ def task_status_from_records(recs: list[Record]) -> str:
     return "ok"
 
 
+def test_value(r: Record) -> float | None:
+    """The run's held-out test value of its decision metric (test_<metric>), None where the run has none."""
+    v = r.test.get("test_" + r.metric) if r.status == "ok" else None
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
 def failed_run(r: Record) -> dict[str, Any]:
     return {"run_key": r.run_key, "stage": r.stage, "candidate": r.candidate, "seed": r.seed, "status": r.status,
             "error_kind": r.error_kind, "error_message": r.error_message, "sources": [r.run_key]}
@@ -232,7 +376,8 @@ def stage_summary(ctx: Context, stage: str, srecs: list[Record], candidates: lis
         if is_baseline(r):
             out["baselines"][seed_key(r.seed)] = {
                 "run_key": r.run_key, "seed": r.seed, "status": r.status, "value": r.value,
-                "val_loss": r.final.get("val_loss"), "steps": r.steps, "batch_size": r.batch_size,
+                "test_value": test_value(r), "val_loss": r.final.get("val_loss"), "steps": r.steps,
+                "batch_size": r.batch_size,
                 "micro_batch": r.micro_batch, "wall_s": r.wall_s, "sources": [r.run_key]}
     for name in candidates:
         crecs = sorted((r for r in srecs if r.candidate == name and not is_baseline(r)), key=lambda r: r.seed)
@@ -254,9 +399,12 @@ def candidate_at_stage(ctx: Context, stage: str, seeds: list[int], crecs: list[R
         deltas[r.seed] = delta
         base_loss = base.final.get("val_loss") if base is not None else None
         loss = r.final.get("val_loss")
+        test, base_test = test_value(r), test_value(base) if base is not None and base.status == "ok" else None
         per_seed[seed_key(r.seed)] = {
             "run_key": r.run_key, "baseline_key": r.baseline_key, "seed": r.seed,
             "status": r.status, "value": r.value, "baseline_value": base_value, "delta": delta,
+            "test_value": test, "baseline_test_value": base_test,
+            "test_delta": None if test is None or base_test is None else test - base_test,
             "val_loss": loss, "baseline_val_loss": base_loss,
             "delta_loss": None if loss is None or base_loss is None or delta is None else loss - base_loss,
             "record_decision": r.decision, "wall_s": r.wall_s,
@@ -264,8 +412,13 @@ def candidate_at_stage(ctx: Context, stage: str, seeds: list[int], crecs: list[R
     failed = next((r for r in crecs if r.status != "ok"), None)
     failure = f"seed {failed.seed}: {failed.status}" if failed is not None else None
     judged = screen(stage, seeds, deltas, failure, threshold)
-    return {"seeds": per_seed, "n_pairs": sum(d is not None for d in deltas.values()),
-            "mean_delta": judged.mean_delta, "stage_decision": judged.decision,
+    planned = ctx.planned.get((crecs[0].task, stage, crecs[0].candidate))
+    if planned is not None and is_gate(stage):  # the decision the planner acted on (halving: the rung's cohort)
+        judged = type(judged)(stage, planned.decision, planned.mean_delta, planned.threshold, planned.reason)
+    test_deltas = [s["test_delta"] for s in per_seed.values() if s["test_delta"] is not None]
+    return {"mode": crecs[0].mode, "seeds": per_seed, "n_pairs": sum(d is not None for d in deltas.values()),
+            "mean_delta": judged.mean_delta, "stage_decision": judged.decision, "stage_reason": judged.reason,
+            "mean_test_delta": math.fsum(test_deltas) / len(test_deltas) if test_deltas else None,
             "sources": [k for s in per_seed.values() for k in s["sources"]]}
 
 
@@ -290,23 +443,101 @@ def seedcheck_pairs(ctx: Context, stage: dict[str, Any], threshold: float) -> di
             else:
                 deltas[seed_key(seed)] = s["delta"]
                 seeds.append(seed)
+        task = ctx.by_key[cand["sources"][0]].task if cand["sources"] and cand["sources"][0] in ctx.by_key else None
+        planned = ctx.planned.get((task, SEEDCHECK, name))
+        sequential = planned is not None and planned.label is not None
+        if sequential:  # the planner decided look by look, on its metric, with failed seeds at the worst value
+            deltas = {seed_key(s): d for s, d in planned.deltas.items() if d is not None}
+            seeds = sorted(planned.deltas)
+            excluded = [{"seed": s, "reason": "baseline failed for good: pair removed"} for s in planned.removed_pairs]
         st = paired_stats(list(deltas.values()), ctx.rule.confidence) if deltas else None
         entry = {"n": len(deltas), "seeds": seeds, "deltas": deltas, "excluded": excluded,
                  "threshold": threshold, "sources": cand["sources"]}
         if st is not None:
             entry.update({k: v for k, v in st.as_dict().items() if k not in ("n", "deltas")})
         entry["_stats"] = st
+        if sequential:
+            entry.update(rule="sequential", decision=planned.label, reason=planned.reason, metric=planned.metric,
+                         val_deltas={seed_key(s): v for s, v in planned.val_deltas.items()},
+                         worst_seeds=planned.worst_seeds, p_one_sided=planned.p_value, level=planned.level,
+                         p_t_holm=None, control=planned.control)
+        elif task is not None and ctx.data.spec is not None and task in ctx.data.spec.tasks:
+            entry["control"] = ctx.data.spec.is_control(task, name)
         finalists[name] = entry
-    return {"seeds": stage["seeds"], "finalists": finalists}
+    if any(f.get("rule") == "sequential" for f in finalists.values()):  # the pool seeds the looks used
+        seeds_used = sorted({s for f in finalists.values() for s in f["seeds"]} |
+                            {e["seed"] for f in finalists.values() for e in f["excluded"]})
+    else:
+        seeds_used = stage["seeds"]
+    return {"seeds": seeds_used, "finalists": finalists, "versus_control": versus_control(finalists)}
+
+
+def versus_control(finalists: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every checked FS finalist against every checked control, on the seeds both have: the paired differences of
+    their deltas (the matched baseline cancels: candidate - control on the same seed)."""
+    out = []
+    for fs, f in finalists.items():
+        if f.get("control"):
+            continue
+        for ctl, c in finalists.items():
+            if not c.get("control"):
+                continue
+            common = [k for k in f["deltas"] if k in c["deltas"]]
+            diffs = [f["deltas"][k] - c["deltas"][k] for k in common]
+            row: dict[str, Any] = {"candidate": fs, "control": ctl, "n": len(diffs), "seeds": common}
+            if diffs:
+                st = paired_stats(diffs)
+                row.update(mean=st.mean, ci_low=st.ci_low, ci_high=st.ci_high, p_t_greater=st.p_t_greater,
+                           p_sign_flip_greater=st.p_sign_flip_greater)
+            out.append(row)
+    return out
 
 
 def decide_finalists(rule: SeedCheckRule, tasks: dict[str, Any], finalists: list[tuple[str, str]]) -> None:
-    entries = [tasks[t]["seedcheck"]["finalists"][c] for t, c in finalists]
+    """The fixed check's decisions over the round's Holm family (sequential finalists were decided by the planner)."""
+    every = [tasks[t]["seedcheck"]["finalists"][c] for t, c in finalists]
+    for e in every:
+        if e.get("rule") == "sequential":
+            e.pop("_stats", None)
+    entries = [e for e in every if e.get("rule") != "sequential"]
     stats = [e.pop("_stats") for e in entries]
     for entry, (label, why, p) in zip(entries, rule.decide_family(stats, [e["threshold"] for e in entries])):
         entry["p_t_holm"] = p
         entry["decision"] = label
         entry["reason"] = why
+
+
+def candidate_fates(ctx: Context, label: str, t: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What happened to every candidate of the task: the last stage it reached, its outcome there and why (the
+    planner's word where the spec is readable, else the stage decision its records give), the seed check's decision
+    for a finalist, whether it is a control, and its failed runs."""
+    planner = t.pop("planner_candidates", None) or {}
+    spec = ctx.data.spec
+    out = {}
+    for name in t["candidates"]:
+        stages = [st for st, s in t["stages"].items() if name in s["candidates"]]
+        reached = stages[-1] if stages else None
+        mode = t["stages"][reached]["candidates"][name]["mode"] if reached else None
+        if spec is not None and hasattr(spec, "is_control"):
+            control = spec.is_control(label, name)
+        else:
+            control = mode == "read_twice"
+        fate = {"mode": mode, "control": control, "reached": reached, "outcome": None, "reason": ""}
+        if name in planner:
+            fate.update(outcome=planner[name]["status"], reason=planner[name]["reason"],
+                        reached=planner[name]["reached"] if stages else None)
+        elif reached is not None:
+            fate["outcome"] = t["stages"][reached]["candidates"][name]["stage_decision"]
+        fin = t["seedcheck"]["finalists"].get(name)
+        if fin is not None:
+            fate["outcome"] = f"seed check: {fin['decision']}"
+            fate["reason"] = fin["reason"]
+        if not stages:
+            fate["outcome"] = fate["outcome"] or "not run"
+        fate["failed_runs"] = [f"{r['stage']} seed {r['seed']}: {r['status']} ({r['error_kind'] or '-'}: "
+                               f"{r['error_message'] or '-'})" for r in t["failed_runs"] if r["candidate"] == name]
+        out[name] = fate
+    return out
 
 
 def noise(t: dict[str, Any]) -> dict[str, Any] | None:

@@ -31,12 +31,9 @@ def mean_or_none(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def population_sd(values: list[float]) -> float | None:
-    """Population standard deviation (what the original's summaries print)."""
-    if not values:
-        return None
-    m = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / len(values))
+# every spread the report prints is the sample standard deviation (n - 1 in the denominator), labelled so
+SD_LABEL = "sample SD (n−1)"
+SD_LABEL_ASCII = "sd(n-1)"
 
 
 def markdown_cell(text: Any) -> str:

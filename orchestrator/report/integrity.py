@@ -114,10 +114,15 @@ def check_promotions(ctx: Context, label: str, stages: dict[str, Any]) -> None:
                             *cand["sources"])
     spec = ctx.data.spec
     if SEEDCHECK in stages and spec is not None and spec.stages.seedcheck is not None:
-        limit = spec.stages.seedcheck.max_finalists
-        if len(stages[SEEDCHECK]["candidates"]) > limit:
-            ctx.problem(f"task {label}: {len(stages[SEEDCHECK]['candidates'])} finalists at {SEEDCHECK}, the spec "
-                        f"allows {limit}")
+        sc = spec.stages.seedcheck
+        names = list(stages[SEEDCHECK]["candidates"])
+        controls = [n for n in names if spec.is_control(label, n)]
+        # controls have a finalist quota of their own (max_controls); FS candidates fill max_finalists
+        for kind, count, limit, quota in (("FS", len(names) - len(controls), sc.max_finalists, "max_finalists"),
+                                          ("control", len(controls), sc.max_controls, "max_controls")):
+            if count > limit:
+                ctx.problem(f"task {label}: {count} {kind} finalists at {SEEDCHECK}, the spec allows {limit} "
+                            f"(seedcheck.{quota})")
 
 
 def planner_task_status(state: Any) -> str:
@@ -149,6 +154,8 @@ def check_against_planner(ctx: Context, tasks: dict[str, Any]) -> None:
     for label, state in p.tasks.items():
         if label in tasks:
             tasks[label]["status"] = planner_task_status(state)
+            tasks[label]["planner_candidates"] = {name: {"status": cs.status, "reached": cs.reached,
+                                                         "reason": cs.reason} for name, cs in state.candidates.items()}
     for d in p.decisions:
         if d.decision not in ("promote", "prune"):
             continue

@@ -6,7 +6,7 @@ from typing import Any
 
 from orchestrator.decisions import SEEDCHECK
 from orchestrator.report.build import seed_key
-from orchestrator.report.formatting import markdown_table, number_or_dash, p_value, seconds
+from orchestrator.report.formatting import SD_LABEL, markdown_table, number_or_dash, p_value, seconds
 
 # what makes two runs "one configuration" for the repeats check (build.CONFIGURATION_FIELDS), in words
 _SAME_CONFIGURATION = ("(same task, candidate, FS, seed, budget, eval cadence, batch, micro-batch, n_val, data seed "
@@ -25,6 +25,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["## Integrity problems", "", "The records contradict each other; the numbers below cannot be "
                   "trusted until these are resolved:", ""]
         lines += [f"- {p['message']}" for p in s["problems"]] + [""]
+    lines += _mixed_conditions_markdown(s) + _sandbox_markdown(s)
     rep = s["repeats"]
     if rep["differing"]:
         lines += ["## Not reproducible", "", f"{rep['differing']} of {len(rep['groups'])} configurations that ran in "
@@ -37,13 +38,20 @@ def render_markdown(summary: dict[str, Any]) -> str:
                                   ", ".join(number_or_dash(v, ".6g") for v in g["values"])]
                                  for g in rep["groups"] if not g["identical"]])
         lines.append("")
+    lines += [_seed_controls_text(s), "", f"Spreads: every SD in this report is the {SD_LABEL}, the spread of the "
+              f"values over seeds; summary.txt prints the same as `sd(n-1)`. Validation values (`val_<metric>`, "
+              f"what the rules select on) and held-out test values (`test_<metric>`, from the same final model) are "
+              f"shown side by side.", ""]
+    if s.get("protocol"):
+        lines += ["## Protocol", "", "The decision rules of this round, stage by stage (orchestrator/decisions.py):",
+                  ""] + [f"- {line}" for line in s["protocol"]] + [""]
     lines += ["## Decision rule (seed check)", "", s["rule"]["text"], ""]
     comparison = s.get("kind") == "comparison"
     if comparison:
         lines += ["A comparison round: the seed check is its only stage. Every candidate of every task runs on every "
                   "seed against the matched baseline of that seed (same stage, seed, batch and budget); nothing is "
                   "screened or pruned; the task's threshold enters only the decision rule above.", ""]
-    else:
+    elif not s.get("protocol"):  # else the protocol section above states each stage's rule
         lines += ["Screening stages (quick, med, long): a candidate is promoted when its mean delta over the stage's "
                   "seeds (candidate − matched baseline of the same stage and seed) reaches the task's threshold; a "
                   "failed or diverged candidate run is pruned. These are screens, not significance tests.", ""]
@@ -79,10 +87,61 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _mixed_conditions_markdown(s: dict[str, Any]) -> list[str]:
+    rows = s.get("mixed_conditions") or []
+    if not rows:
+        return []
+    lines = ["## Runs of different conditions: NOT POOLED", "",
+             f"**{len(rows)} run(s) below share a task, stage, candidate and seed with runs of other conditions** "
+             "(another budget, eval cadence, batch, n_val, data seed or setup: a different run key for the same slot, "
+             "typically from a spec edited between invocations). They are not pooled with the runs this report "
+             "summarises (the current spec's runs, or without a readable spec the conditions of each stage's latest "
+             "run) and enter no mean, SD or decision below. Start a new round for new conditions.", ""]
+    lines += markdown_table(["task", "stage", "candidate", "seed", "run", "conditions", "status", "value"],
+                            [[f"`{r['task']}`", r["stage"], r["candidate"], r["seed"], f"`{r['run_key']}`",
+                              r["conditions"], r["status"], number_or_dash(r["value"])] for r in rows])
+    return lines + [""]
+
+
+def _sandbox_markdown(s: dict[str, Any]) -> list[str]:
+    sb = s.get("sandbox") or {"modes": {}, "unsafe_runs": []}
+    modes = ", ".join(f"{mode}: {n} run(s)" for mode, n in sb["modes"].items()) or "no runs"
+    if not sb["unsafe_runs"]:
+        return [f"Sandbox (how model-written code ran, from the records' `sandbox`): {modes}.", ""]
+    keys = ", ".join(f"`{k}`" for k in sb["unsafe_runs"])
+    return ["## SANDBOX OFF: model-written code ran unconfined", "",
+            f"**{len(sb['unsafe_runs'])} run(s) executed model-written code with `sandbox: unsafe`** (no namespace "
+            f"boundary: the code could read and write anything the worker could): {keys}. Sandbox modes over the "
+            f"round: {modes}.", ""]
+
+
+def _seed_controls_text(s: dict[str, Any]) -> str:
+    sc = s.get("seed_controls") or {}
+    words = {"data_order": "the data order", "data_order+init": "the data order and the initialisation",
+             "not recorded": "not recorded (records from before seeds could set the initialisation: every "
+                             "from-scratch seed shared one initialisation)"}
+    parts = [f"{words.get(k, k)} in {n} run(s)" for k, n in sc.items()]
+    return "What a run's seed varied: " + ("; ".join(parts) if parts else "no runs") + "."
+
+
+def _fates_markdown(t: dict[str, Any]) -> list[str]:
+    fates = t.get("fates") or {}
+    if not fates:
+        return []
+    rows = []
+    for name, f in fates.items():
+        kind = "control" if f["control"] else ("FS" if f["mode"] == "prompt_fs" else (f["mode"] or "—"))
+        rows.append([name, kind, f["reached"] or "—", f["outcome"] or "—", f["reason"] or "—",
+                     "; ".join(f["failed_runs"]) or "—"])
+    return ["### What happened to each candidate", "",
+            *markdown_table(["candidate", "kind", "last stage", "outcome", "why", "failed runs"], rows), ""]
+
+
 def _task_markdown(label: str, t: dict[str, Any], s: dict[str, Any]) -> list[str]:
     lines = [f"## Task `{label}`", "",
              f"Kind `{t['task_kind']}`, decision metric final `val_{t['metric']}` (higher is better), threshold "
              f"{t['threshold']:g}; candidates: {', '.join(t['candidates']) or '—'}. Status: {t['status']}.", ""]
+    lines += _fates_markdown(t)
     lines += _baselines_markdown(t)
     for stage, st in t["stages"].items():
         lines += _stage_markdown(stage, st, t["metric"])
@@ -108,9 +167,11 @@ def _baselines_markdown(t: dict[str, Any]) -> list[str]:
     for stage, st in t["stages"].items():
         for b in st["baselines"].values():
             rows.append([stage, b["seed"], f"`{b['run_key']}`", b["status"], number_or_dash(b["value"]),
-                         number_or_dash(b["val_loss"]), f"{b['steps']}/{st['budget_steps']}",
+                         number_or_dash(b.get("test_value")), number_or_dash(b["val_loss"]),
+                         f"{b['steps']}/{st['budget_steps']}",
                          f"{b['batch_size']} ({b['micro_batch']})", seconds(b["wall_s"])])
-    table = markdown_table(["stage", "seed", "run", "status", t["metric"], "val_loss", "steps/budget",
+    table = markdown_table(["stage", "seed", "run", "status", f"val {t['metric']}", f"test {t['metric']}",
+                            "val_loss", "steps/budget",
                             "batch (micro)", "wall s"], rows) if rows else ["No baseline records."]
     return ["### Matched baselines", "", *table, ""]
 
@@ -125,12 +186,13 @@ def _stage_markdown(stage: str, st: dict[str, Any], metric: str) -> list[str]:
         for r in cand["seeds"].values():
             rows.append([name, r["seed"], f"`{r['run_key']}`", r["status"], number_or_dash(r["value"]),
                          number_or_dash(r["baseline_value"]), number_or_dash(r["delta"], "+.4f"),
-                         r["record_decision"]])
+                         number_or_dash(r.get("test_delta"), "+.4f"), r["record_decision"]])
         if len(st["seeds"]) > 1 and stage != SEEDCHECK:
             rows.append([f"**{name}**", "mean", "", "", "", "", number_or_dash(cand["mean_delta"], "+.4f"),
-                         f"**{cand['stage_decision']}**"])
+                         number_or_dash(cand.get("mean_test_delta"), "+.4f"), f"**{cand['stage_decision']}**"])
     if rows:
-        lines += markdown_table(["candidate", "seed", "run", "status", metric, "baseline", "delta", "decision"], rows)
+        lines += markdown_table(["candidate", "seed", "run", "status", f"val {metric}", "baseline", "val delta",
+                                 "test delta", "decision"], rows)
     else:
         lines.append("No candidate records.")
     if stage != SEEDCHECK:
@@ -164,7 +226,7 @@ def _seedcheck_markdown(t: dict[str, Any], rule: dict[str, Any]) -> list[str]:
                      p_value(f["p_t_holm"]), p_value(f.get("p_sign_flip_greater")),
                      p_value(f.get("p_sign_flip_two_sided")), p_value(f.get("p_wilcoxon_greater")),
                      f"**{f['decision']}**"])
-    lines += markdown_table(["candidate", "n", "delta per seed", "mean", "95% t-interval", "sd", "wins",
+    lines += markdown_table(["candidate", "n", "delta per seed", "mean", "95% t-interval", SD_LABEL, "wins",
                              "p t (2-sided)", "p t Holm", "p sign-flip (1-sided)", "p sign-flip (2-sided)",
                              "p Wilcoxon (1-sided)", "decision"], rows)
     lines.append("")
@@ -175,7 +237,18 @@ def _seedcheck_markdown(t: dict[str, Any], rule: dict[str, Any]) -> list[str]:
                 f"{e['seed']} ({e['reason']}{', ' + e['run_key'] if e.get('run_key') else ''})"
                 for e in f["excluded"]) + "."
         exact = "" if f.get("sign_flip_exact", True) else " Sign-flip p is a Monte Carlo estimate (fixed seed)."
-        lines.append(f"- `{name}`: {f['decision']} — {f['reason']}.{extra}{exact}")
+        if f.get("rule") == "sequential":
+            exact = (f" Sequential check on the {f['metric']} metric (the table's statistics are on it); validation "
+                     f"deltas on the same seeds: " + ", ".join(number_or_dash(v, "+.4f") for v in
+                                                                f["val_deltas"].values()) + ".")
+        lines.append(f"- `{name}`{' (control)' if f.get('control') else ''}: {f['decision']} — {f['reason']}."
+                     f"{extra}{exact}")
+    for v in t["seedcheck"].get("versus_control", []):
+        ci = "" if v.get("ci_low") is None else f", 95% t-interval [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
+        lines.append(f"- `{v['candidate']}` against the control `{v['control']}` on the {v['n']} seed(s) both have: "
+                     + (f"mean difference {v['mean']:+.4f}{ci}, one-sided t p {p_value(v.get('p_t_greater'))}, "
+                        f"sign-flip p {p_value(v.get('p_sign_flip_greater'))}" if v["n"] else "no common seed")
+                     + ".")
     lines.append("")
     return lines
 
@@ -204,10 +277,10 @@ def _noise_markdown(t: dict[str, Any]) -> list[str]:
         return []
     parts = []
     if n["baseline_sd"] is not None:
-        parts.append(f"over the seed check's {n['baseline_n']} seeds the baseline's {t['metric']} has a standard "
-                     f"deviation of {n['baseline_sd']:.4f}")
+        parts.append(f"over the seed check's {n['baseline_n']} seeds the baseline's {t['metric']} has a {SD_LABEL} "
+                     f"of {n['baseline_sd']:.4f}")
     if n["delta_sd"]:
-        parts.append("the paired deltas' standard deviation is " + ", ".join(
+        parts.append(f"the paired deltas' {SD_LABEL} is " + ", ".join(
             f"{sd:.4f} ({name})" for name, sd in n["delta_sd"].items()))
     text = (f"Seed-to-seed noise at the seed check's budget ({t['stages'][SEEDCHECK]['budget_steps']} steps): "
             + "; ".join(parts) + ".")

@@ -7,8 +7,9 @@ from typing import Any
 
 from orchestrator.decisions import SEEDCHECK
 from orchestrator.report.build import seed_key
-from orchestrator.report.formatting import (mean_or_none, number_or_dash, p_value, percent, percentage_points,
-                                            population_sd)
+from orchestrator.report.formatting import (SD_LABEL_ASCII, mean_or_none, number_or_dash, p_value, percent,
+                                            percentage_points)
+from orchestrator.stats import sample_sd
 
 TEXT_RULE_WIDTH = 108  # the original's `=`/`-` rules
 
@@ -21,7 +22,16 @@ def render_text(summary: dict[str, Any]) -> str:
            "val_loss, both from the same (final) eval;",
            "# d_acc = candidate - matched baseline of the SAME stage and seed (never the quick baseline); "
            "[KEEP|PRUNE] = promotion at that stage;",
-           "# stages with several seeds show means over seeds; seedcheck decisions follow report.md's rule."]
+           "# stages with several seeds show means over seeds; quick/med/long are screens (KEEP|PRUNE), not "
+           "confirmations: only the seed check's decision says CONFIRMED, by report.md's rule;",
+           f"# {SD_LABEL_ASCII} = sample standard deviation (n - 1 in the denominator), as in report.md; "
+           "fs= is a Future-Seed candidate's value, read_twice= the read-twice control's."]
+    if s.get("mixed_conditions"):
+        out.append(f"# MIXED CONDITIONS: {len(s['mixed_conditions'])} run(s) share a (task, stage, candidate, seed) "
+                   f"with runs of other conditions; they are set apart, never pooled (report.md lists them)")
+    unsafe = (s.get("sandbox") or {}).get("unsafe_runs") or []
+    if unsafe:
+        out.append(f"# SANDBOX OFF: {len(unsafe)} run(s) executed model-written code with sandbox: unsafe")
     if s["repeats"]["differing"]:
         out.append(f"# NOT REPRODUCIBLE: {s['repeats']['differing']} configuration(s) that ran in more than one stage "
                    f"gave different final metrics (report.md lists them)")
@@ -38,6 +48,12 @@ def render_text(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def value_label(candidate: dict[str, Any]) -> str:
+    """The original's `fs=` names a Future-Seed candidate's value; another mode's value is named by its mode."""
+    mode = candidate.get("mode")
+    return "fs" if mode in (None, "prompt_fs") else str(mode)
+
+
 def _round_format_stage(stage: str, st: dict[str, Any]) -> list[str]:
     """One screening stage in the original's round format: the baseline, then candidates best delta first."""
     out: list[str] = []
@@ -51,14 +67,16 @@ def _round_format_stage(stage: str, st: dict[str, Any]) -> list[str]:
     cands = sorted(st["candidates"].items(),
                    key=lambda kv: -math.inf if kv[1]["mean_delta"] is None else -kv[1]["mean_delta"])
     if stage != "quick":
-        out.append(f"  {stage} confirmed:")
+        n = len(st["seeds"])
+        out.append(f"  {stage} screen ({n} seed{'s' if n != 1 else ''}):")
     for name, c in cands:
         vals = [r["value"] for r in c["seeds"].values() if r["value"] is not None]
         losses = [r["val_loss"] for r in c["seeds"].values() if r["val_loss"] is not None]
         tag = {"promote": "KEEP", "prune": "PRUNE"}.get(c["stage_decision"], c["stage_decision"].upper())
         loss_part = f" loss={number_or_dash(mean_or_none(losses))}" if stage != "quick" else ""
         out.append(f"    {name:24s} d_acc={percentage_points(c['mean_delta'])} "
-                   f"acc={percent(mean_or_none(vals))}{loss_part} [{tag}]")
+                   f"acc={percent(mean_or_none(vals))}{loss_part} [{tag}] "
+                   f"test_d_acc={percentage_points(c['mean_test_delta'])}")
     return out
 
 
@@ -73,8 +91,9 @@ def _round_format_seedcheck(t: dict[str, Any]) -> list[str]:
             if r is None:
                 out.append(f"    seed={seed}: missing")
                 continue
-            out.append(f"    seed={seed}: baseline={percent(r['baseline_value'])} fs={percent(r['value'])} "
-                       f"d_acc={percentage_points(r['delta'])}")
+            out.append(f"    seed={seed}: baseline={percent(r['baseline_value'])} "
+                       f"{value_label(sc['candidates'][name])}={percent(r['value'])} "
+                       f"d_acc={percentage_points(r['delta'])} test_d_acc={percentage_points(r.get('test_delta'))}")
         out.append(f"    mean d_acc={percentage_points(f.get('mean'))}, positive_seeds={f.get('wins', 0)}/{f['n']}")
         ci = "n/a" if f.get("ci_low") is None else \
             f"[{percentage_points(f['ci_low'])}, {percentage_points(f['ci_high'])}]"
@@ -95,12 +114,15 @@ def _paired_format(s: dict[str, Any]) -> list[str]:
             d = [r["delta"] for r in rows]
             dl = [r["delta_loss"] for r in rows if r["delta_loss"] is not None]
             sign = (sum(x > 0 for x in d), sum(x == 0 for x in d), sum(x < 0 for x in d))
+            value_name = value_label(sc["candidates"][name])
             out += ["", f"filter: {filt!r}", "-" * TEXT_RULE_WIDTH,
                     f"pairs={len(d)} mean d_acc={number_or_dash(mean_or_none(d), '+.4f')} "
-                    f"std={number_or_dash(population_sd(d))} | "
-                    f"mean d_loss={number_or_dash(mean_or_none(dl), '+.4f')} std={number_or_dash(population_sd(dl))} | "
+                    f"{SD_LABEL_ASCII}={number_or_dash(sample_sd(d))} | "
+                    f"mean d_loss={number_or_dash(mean_or_none(dl), '+.4f')} "
+                    f"{SD_LABEL_ASCII}={number_or_dash(sample_sd(dl))} | "
                     f"sign(+/0/-)={sign[0]}/{sign[1]}/{sign[2]}"]
             for r in rows:
                 out.append(f"  seed={r['seed']} d_acc={r['delta']:+.4f} (no={r['baseline_value']:.4f} "
-                           f"fs={r['value']:.4f}) d_loss={number_or_dash(r['delta_loss'], '+.4f')}")
+                           f"{value_name}={r['value']:.4f}) d_loss={number_or_dash(r['delta_loss'], '+.4f')} "
+                           f"test_d_acc={'n/a' if r.get('test_delta') is None else format(r['test_delta'], '+.4f')}")
     return out

@@ -236,9 +236,9 @@ def test_report_files(reported):
     assert re.search(r"    scalar_l2_trainable\s+d_acc=\+6\.00pp acc=56\.00% \[KEEP\]", txt)
     assert "    seed=0: baseline=61.00% fs=64.00% d_acc=+3.00pp" in txt
     assert "mean d_acc=+4.50pp, positive_seeds=5/5" in txt
-    m = re.search(r"pairs=(\d+) mean d_acc=([-+.\d]+) std=([.\d]+).*sign\(\+/0/-\)=(\d+)/(\d+)/(\d+)", txt)
+    m = re.search(r"pairs=(\d+) mean d_acc=([-+.\d]+) sd\(n-1\)=([.\d]+).*sign\(\+/0/-\)=(\d+)/(\d+)/(\d+)", txt)
     assert m and m.group(1) == "5" and float(m.group(2)) == pytest.approx(np.mean(d), abs=1e-4)
-    assert float(m.group(3)) == pytest.approx(np.std(d), abs=1e-4)
+    assert float(m.group(3)) == pytest.approx(np.std(d, ddof=1), abs=1e-4)  # the sample SD, as in report.md
 
 
 def test_check_passes_on_a_fresh_report(reported):
@@ -377,11 +377,11 @@ def test_a_pruned_candidate_at_a_later_stage_is_a_problem(tmp_path):
     assert any(m.startswith("task sudoku4: head_l2 ran at med but was not promoted at quick: the rule says prune")
                for m in msgs), msgs
     assert f"record {extra.run_key}: not a run of the current spec.yaml (an earlier version of the spec?)" in msgs
-    assert not any("finalists at seedcheck" in m for m in msgs)
+    assert not any("finalists at seedcheck" in m for m in msgs)  # read_twice is a control: a quota of its own
     spec = rb.dir / "spec.yaml"
     spec.write_text(spec.read_text().replace("max_finalists: 2", "max_finalists: 1"))
     msgs = [p["message"] for p in build_summary(load_round(rb.dir))["problems"]]
-    assert "task sudoku4: 2 finalists at seedcheck, the spec allows 1" in msgs
+    assert "task sudoku4: 2 FS finalists at seedcheck, the spec allows 1 (seedcheck.max_finalists)" in msgs
 
 
 def test_planner_agrees_and_gives_task_status(reported):
@@ -581,3 +581,151 @@ def test_planner_and_report_take_the_screen_decision_from_one_place(tmp_path, mo
     assert any(c["mean_delta"] < s["tasks"]["sudoku4"]["threshold"] for c in measured)
     p = plan(rb.spec, rb.records)
     assert all(d.decision == "promote" for d in p.decisions if d.stage == "quick" and d.mean_delta is not None)
+
+
+# --- held-out test metrics, every candidate's fate, one SD, words, mixed conditions, sandbox ------------------------
+def _with_test_values(lines: list[dict]) -> list[dict]:
+    """Each ok run gets a held-out test value of its decision metric: half its validation value."""
+    for x in lines:
+        if x["status"] == "ok":
+            x["test"] = {f"test_{x['metric']}": x["value"] / 2, "test_loss": 1.0}
+    return lines
+
+
+def test_test_metrics_stand_beside_validation_ones(tmp_path):
+    rb = build_round(tmp_path)
+    edit_records(rb.dir, _with_test_values)
+    write_report(rb.dir)
+    s = summary_of(rb.dir)
+    cand = s["tasks"]["sudoku4"]["stages"]["seedcheck"]["candidates"]["scalar_l2_trainable"]
+    for seed, r in cand["seeds"].items():
+        assert r["test_delta"] == pytest.approx(r["delta"] / 2)
+    assert cand["mean_test_delta"] == pytest.approx(np.mean(SEEDCHECK_DELTAS[("sudoku4", "scalar_l2_trainable")]) / 2)
+    assert s["tasks"]["sudoku4"]["stages"]["quick"]["baselines"]["s0"]["test_value"] == pytest.approx(0.25)
+    md = (rb.dir / "report" / "report.md").read_text()
+    assert "| candidate | seed | run | status | val hole_acc | baseline | val delta | test delta | decision |" in md
+    assert "| val hole_acc | test hole_acc | val_loss |" in md  # the matched baselines' table
+    assert f"| {0.03 / 2:+.4f} |" in md  # sudoku4 scalar_l2_trainable, seed check seed 0
+    txt = (rb.dir / "report" / "summary.txt").read_text()
+    assert "    seed=0: baseline=61.00% fs=64.00% d_acc=+3.00pp test_d_acc=+1.50pp" in txt
+    assert check_report(rb.dir) == []
+
+
+def test_every_candidate_has_a_fate(reported):
+    rb, path = reported
+    fates = summary_of(rb.dir)["tasks"]["sudoku4"]["fates"]
+    assert list(fates) == ["scalar_l2_trainable", "scalar_l1_sched_cos", "head_l2", "read_twice"]
+    assert fates["head_l2"]["reached"] == "quick" and fates["head_l2"]["outcome"] == "pruned"
+    assert "quick" in fates["head_l2"]["reason"]
+    assert fates["read_twice"]["control"] and fates["read_twice"]["failed_runs"] == \
+        ["quick seed 0: failed (crash: worker crashed)"]
+    assert fates["scalar_l2_trainable"]["outcome"] == "seed check: confirmed"
+    assert not fates["scalar_l2_trainable"]["control"]
+    md = path.read_text()
+    section = md[md.index("### What happened to each candidate"):]
+    section = section[:section.index("### Matched baselines")]
+    for name in fates:
+        assert f"| {name} |" in section
+
+
+def test_a_candidate_cut_by_max_finalists_keeps_its_story(tmp_path):
+    rb = RoundBuilder(tmp_path, SPEC.replace("max_finalists: 2", "max_finalists: 1"))
+    rb.run_all()
+    write_report(rb.dir)
+    fates = summary_of(rb.dir)["tasks"]["sudoku4"]["fates"]
+    # both FS candidates passed med; the one with the smaller med delta is cut by the finalist quota
+    cut = fates["scalar_l1_sched_cos"]
+    assert cut["reached"] == "med" and cut["outcome"] == "pruned" and "max_finalists" in cut["reason"]
+    assert fates["scalar_l2_trainable"]["outcome"].startswith("seed check: ")
+    md = (rb.dir / "report" / "report.md").read_text()
+    assert re.search(r"\| scalar_l1_sched_cos \| FS \| med \| pruned \| [^|]*max_finalists", md)
+
+
+def test_one_sample_sd_everywhere_and_labelled(reported):
+    rb, path = reported
+    s = summary_of(rb.dir)
+    f = s["tasks"]["sudoku4"]["seedcheck"]["finalists"]["scalar_l2_trainable"]
+    assert f["sd"] == pytest.approx(np.std(SEEDCHECK_DELTAS[("sudoku4", "scalar_l2_trainable")], ddof=1))
+    md = path.read_text()
+    assert "| sample SD (n−1) |" in md and "sample SD (n−1) of" in md
+    txt = (rb.dir / "report" / "summary.txt").read_text()
+    assert "std=" not in txt and "sd(n-1) = sample standard deviation" in txt
+    assert f"sd(n-1)={f['sd']:.4f}" in txt  # the same number in both files
+
+
+def test_summary_txt_names_the_control_and_keeps_confirmed_for_the_seed_check(tmp_path, reported):
+    d = yaml.safe_load(COMPARISON_SPEC)
+    for task in d["tasks"].values():
+        task["candidates"] = ["scalar_l2_trainable", "read_twice"]
+    rb = RoundBuilder(tmp_path, yaml.safe_dump(d, sort_keys=False))
+    rb.run_all(lambda task, stage, cand, seed: BASE_SEEDCHECK[seed] + (0 if cand == "baseline" else 0.01 * seed))
+    write_report(rb.dir)
+    txt = (rb.dir / "report" / "summary.txt").read_text()
+    assert "  seedcheck read_twice:" in txt and "read_twice=" in txt
+    block = txt[txt.index("  seedcheck read_twice:"):].split("\n  seedcheck ")[0]
+    assert " fs=" not in block.split("decision=")[0]
+    paired = txt[txt.index("'candidate': 'read_twice'"):]
+    assert " fs=" not in paired.split("filter:")[0] and "read_twice=" in paired
+    # a screening round's single-seed med stage is a screen, never "confirmed"
+    rtxt = (reported[0].dir / "report" / "summary.txt").read_text()
+    assert "  med screen (1 seed):" in rtxt
+    for line in rtxt.splitlines():
+        if "confirm" in line.lower() and not line.startswith("#"):
+            assert "decision=CONFIRMED" in line, line
+
+
+def _rerun_seedcheck_at(rb: RoundBuilder, steps: int) -> None:
+    """The spec's seed check is edited (another budget) and the round run again into the same folder."""
+    text = rb.spec_text.replace("seedcheck: {steps: 80", f"seedcheck: {{steps: {steps}")
+    rb.spec = parse_spec_text(text)
+    (rb.dir / "spec.yaml").write_text(text)
+    rb.run_all(lambda task, stage, cand, seed: value_of(task, stage, cand, seed) + (0.2 if stage == "seedcheck" else 0))
+
+
+def test_runs_of_different_conditions_are_never_pooled(tmp_path):
+    rb = build_round(tmp_path)
+    rb.spec_text = SPEC
+    old = {r.run_key for r in rb.records if r.stage == "seedcheck"}
+    _rerun_seedcheck_at(rb, 90)
+    write_report(rb.dir)
+    s = summary_of(rb.dir)
+    assert {r["run_key"] for r in s["mixed_conditions"]} == old
+    sc = s["tasks"]["sudoku4"]["stages"]["seedcheck"]
+    assert sc["budget_steps"] == 90 and len(sc["baselines"]) == 5
+    assert [b["value"] for b in sc["baselines"].values()] == pytest.approx([v + 0.2 for v in BASE_SEEDCHECK])
+    f = s["tasks"]["sudoku4"]["seedcheck"]["finalists"]["scalar_l2_trainable"]
+    assert f["n"] == 5 and f["mean"] == pytest.approx(np.mean(SEEDCHECK_DELTAS[("sudoku4", "scalar_l2_trainable")]))
+    md = (rb.dir / "report" / "report.md").read_text()
+    assert md.index("## Runs of different conditions: NOT POOLED") < md.index("## Decision rule")
+    assert "80 steps, eval every 40" in md
+    txt = (rb.dir / "report" / "summary.txt").read_text()
+    assert "# MIXED CONDITIONS: 30 run(s)" in txt
+    # the check re-derives the same report; its only findings are the integrity ones (records of an earlier spec)
+    assert all(m.startswith("integrity: record ") and "not a run of the current spec.yaml" in m
+               for m in check_report(rb.dir))
+    # without a spec, each stage keeps the conditions of its latest run
+    edit_records(rb.dir, lambda lines: [{**x, "finished_at": "2026-01-02T00:00:00+00:00"}
+                                        if x["budget_steps"] == 90 else x for x in lines])
+    (rb.dir / "spec.yaml").unlink()
+    s = build_summary(load_round(rb.dir))
+    assert {r["run_key"] for r in s["mixed_conditions"]} == old
+    assert s["tasks"]["sudoku4"]["stages"]["seedcheck"]["budget_steps"] == 90
+
+
+def test_sandbox_and_seed_controls_are_shown_and_unsafe_is_loud(tmp_path):
+    rb = build_round(tmp_path)
+    edit_records(rb.dir, lambda lines: [{**x, "sandbox": "enforced", "seed_controls": ["data_order", "init"]}
+                                        for x in lines])
+    write_report(rb.dir)
+    md = (rb.dir / "report" / "report.md").read_text()
+    n = len(rb.records)
+    assert f"Sandbox (how model-written code ran, from the records' `sandbox`): enforced: {n} run(s)." in md
+    assert f"What a run's seed varied: the data order and the initialisation in {n} run(s)." in md
+    assert "SANDBOX OFF" not in md
+    unsafe = key_of(rb.dir, "sudoku4", "quick", "baseline", 0)
+    edit_records(rb.dir, lambda lines: [{**x, "sandbox": "unsafe"} if x["run_key"] == unsafe else x for x in lines])
+    write_report(rb.dir)
+    md = (rb.dir / "report" / "report.md").read_text()
+    assert md.index("## SANDBOX OFF") < md.index("## Decision rule") and f"`{unsafe}`" in md
+    assert "# SANDBOX OFF: 1 run(s)" in (rb.dir / "report" / "summary.txt").read_text()
+    assert check_report(rb.dir) == []
