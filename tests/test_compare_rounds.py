@@ -28,7 +28,8 @@ def record(candidate: str, **changes) -> Record:
                   baseline_key=None if baseline else "sud.quick.baseline.s0-0123456789",
                   baseline_value=None if baseline else 0.2, delta=None if baseline else 0.05,
                   threshold=None if baseline else 0.0, decision="baseline" if baseline else "promote",
-                  wall_s=3.0, tokens_per_s=1000.0, run_dir=f"/round/runs/{candidate}", finished_at="2026-01-01T00:00:00")
+                  wall_s=3.0, tokens_per_s=1000.0, run_dir=f"/round/runs/{candidate}",
+                  finished_at="2026-01-01T00:00:00")
     fields.update(changes)
     return Record(**fields)
 
