@@ -226,7 +226,7 @@ class SharedStrategy(ClaimStrategy):
         self.claims.ensure_tables()
         loop.study.fix_choices(*spec_labels(loop.spec))
         self.publish_spec()
-        save_spec_copy(loop.spec, loop.round_dir)
+        save_spec_copy(loop.spec, loop.round_dir, loop.study.study_attr(SPEC_ATTR))
         loop.records = self.refresh(loop.records)
         extra = sorted({r.run_key for r in local} - {r.run_key for r in loop.records})
         if extra:
@@ -239,19 +239,20 @@ class SharedStrategy(ClaimStrategy):
         return loop.study, loop.records
 
     def publish_spec(self) -> None:
-        """Keep the spec in the study (workers started with only --round read it). A coordinator's spec replaces the
-        stored one (a resumed round may change its spec, as with one scheduler); a worker's must match it."""
+        """Keep the spec in the study (workers started with only --round read it). A round is bound to its spec: the
+        stored one is never replaced, and a spec that changes its runs is refused (coordinator and worker alike)."""
         loop = self.loop
         assert loop.study is not None
         text = spec_text(loop.spec)
         stored = loop.study.study_attr(SPEC_ATTR)
-        if stored is None or self.coordinator:
-            if stored != text:
-                loop.study.set_study_attr(SPEC_ATTR, text)
+        if stored is None:
+            loop.study.set_study_attr(SPEC_ATTR, text)
             return
-        if stored != text and spec_fields(stored) != spec_fields(loop.spec):
-            raise SchedulerError(f"spec: differs from the spec round {loop.spec.round} runs with (kept in its study); "
-                                 f"start this worker without --spec to use the round's")
+        where = f"the study of round {loop.spec.round} ({redact_url(loop.storage_url)})"
+        changes = spec_change(stored, loop.spec, where)
+        if changes:
+            hint = None if self.coordinator else "start this worker without --spec to use the round's"
+            raise spec_changed_error(loop.spec, changes, where, hint)
 
     def refresh(self, records: list[Record]) -> list[Record]:
         assert self.claims is not None
@@ -416,7 +417,19 @@ class SharedStrategy(ClaimStrategy):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the spec a round runs
+# the spec a round runs: a round is bound to the spec its records ran with
+
+# Fields that change no run: where the results and the study live (may differ by host), and how long to wait for a run
+# and how often to retry a crash (how a run is supervised, not what it is). Every other field is a run condition.
+SUPERVISION_FIELDS = {"output", "storage"}
+SUPERVISION_DEFAULTS = {"time_limit_s", "retries", "baseline_retries"}
+SUPERVISION_STAGE_FIELDS = {"time_limit_s"}
+VERSION_SEPARATOR = ".v"  # a versioned round: <round>.v2, <round>.v3, ... (`fsearch round --new-version`)
+
+
+class SpecChanged(SchedulerError):
+    """The spec given for a round changes the conditions of the runs the round already keeps."""
+
 
 def spec_text(spec: Any) -> str | None:
     """The spec's YAML: its file's text, else a dump of the parsed spec."""
@@ -430,26 +443,152 @@ def spec_text(spec: Any) -> str | None:
     return None
 
 
-def save_spec_copy(spec: Any, round_dir: Path) -> None:
-    """The spec as this round runs it (for `fsearch status` and the report), next to the records."""
-    text = spec_text(spec)
-    if text is not None:
-        path = RoundPaths(round_dir).spec
+def spec_conditions(spec: Any) -> dict[str, Any]:
+    """What a spec says about its runs, for comparison: the parsed spec (defaults filled in) without the supervision
+    fields (SUPERVISION_*). Two specs with equal conditions run the same runs and judge them the same way."""
+    if isinstance(spec, str):
+        from orchestrator.spec import parse_spec_text
+
+        spec = parse_spec_text(spec, "stored spec")
+    data = spec.model_dump(mode="json", exclude=SUPERVISION_FIELDS)
+    for key in SUPERVISION_DEFAULTS:
+        data.get("defaults", {}).pop(key, None)
+    for stage in (data.get("stages") or {}).values():
+        if isinstance(stage, dict):
+            for key in SUPERVISION_STAGE_FIELDS:
+                stage.pop(key, None)
+    return data
+
+
+def spec_fields(spec: Any) -> dict[str, Any]:
+    """A spec's content for comparison (spec_conditions)."""
+    return spec_conditions(spec)
+
+
+_ABSENT = object()  # a key one of two specs lacks
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value, separators=(", ", ": "))
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def condition_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") -> list[str]:
+    """Every difference between two specs' conditions as `path: old -> new` (lists compared whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            path = f"{where}.{key}" if where else str(key)
+            out += condition_changes(old.get(key, _ABSENT), new.get(key, _ABSENT), path)
+        return out
+    return [] if old == new else [f"{where or 'spec'}: {_short(old)} -> {_short(new)}"]
+
+
+def describe_changes(changes: list[str], shown: int = 3) -> str:
+    more = f" (and {len(changes) - shown} more)" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def spec_change(kept_text: str, spec: Any, kept_where: str) -> list[str]:
+    """How `spec` changes the conditions of the spec text a round keeps (`kept_where` names it); [] when it does not.
+    A kept text that no longer parses is compared as text."""
+    from orchestrator.spec import SpecError
+
+    if kept_text == spec_text(spec):
+        return []
+    try:
+        kept = spec_conditions(kept_text)
+    except SpecError as e:
+        return [f"{kept_where} no longer parses ({e}) and its text differs"]
+    return condition_changes(kept, spec_conditions(spec))
+
+
+def spec_changed_error(spec: Any, changes: list[str], kept_where: str, hint: str | None = None) -> SpecChanged:
+    hint = hint or (f"to run the changed spec, give it a new `round:` name, or pass --new-version to run it as round "
+                    f"{spec.round}{VERSION_SEPARATOR}N beside this one")
+    return SpecChanged(f"spec: changes the runs of round {spec.round} ({describe_changes(changes)}); {kept_where} "
+                       f"keeps the spec its runs were started with and is not replaced; {hint}")
+
+
+def check_spec_copy(spec: Any, round_dir: Path) -> None:
+    """SpecChanged if the round folder keeps a spec whose runs `spec` would change."""
+    path = RoundPaths(round_dir).spec
+    if path.exists():
+        changes = spec_change(path.read_text(), spec, str(path))
+        if changes:
+            raise spec_changed_error(spec, changes, str(path))
+
+
+def save_spec_copy(spec: Any, round_dir: Path, text: str | None = None) -> None:
+    """Bind the round folder to the spec: write its copy (`text`, default the spec's own) when the folder has none;
+    a kept copy is never replaced: SpecChanged when `spec` changes its runs, else the round resumes with the copy
+    kept (the edits were comments, layout or supervision fields)."""
+    check_spec_copy(spec, round_dir)
+    path = RoundPaths(round_dir).spec
+    text = spec_text(spec) if text is None else text
+    if text is not None and not path.exists():
         round_dir.mkdir(parents=True, exist_ok=True)
-        if not path.exists() or path.read_text() != text:
-            write_text_atomic(path, text)
+        write_text_atomic(path, text)
+
+
+def with_round_name(text: str, name: str) -> str:
+    """Spec text with its top-level `round:` set to `name` (comments and layout kept where the line is simple)."""
+    import re
+
+    import yaml
+
+    from orchestrator.spec import SpecError, parse_spec_text
+
+    rx = re.compile(r"^round:[ \t]*(?:\"[^\"\n]*\"|'[^'\n]*'|[^\s#'\"][^\n#]*?)?[ \t]*(#[^\n]*)?$", re.MULTILINE)
+    if len(rx.findall(text)) == 1:
+        out = rx.sub(lambda m: f"round: {name}" + (f"  {m.group(1)}" if m.group(1) else ""), text)
+        try:
+            if parse_spec_text(out).round == name:
+                return out
+        except SpecError:
+            pass
+    data = parse_spec_text(text).model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump({**data, "round": name}, sort_keys=False)
+
+
+def versioned_round(spec: Any, stored_text: Any = None) -> Any:
+    """The round `spec` runs as under `fsearch round --new-version`: its own round when that round keeps no spec or
+    one with the same runs; else the first <round>.vN (N >= 2) that is new or keeps the same runs. A new version's
+    folder gets the spec (with the new `round:`) before anything runs; the returned spec reads from that copy.
+    `stored_text(name)`: the spec a shared storage keeps for a round name (None where it keeps none)."""
+    from orchestrator.spec import load_spec, parse_spec_text
+
+    def conflicts(candidate: Any, where: Path) -> list[str]:
+        path = RoundPaths(where).spec
+        changes = spec_change(path.read_text(), candidate, str(path)) if path.exists() else []
+        stored = stored_text(candidate.round) if stored_text is not None else None
+        if not changes and stored is not None:
+            changes = spec_change(stored, candidate, f"the study of round {candidate.round}")
+        return changes
+
+    if not conflicts(spec, Path(spec.round_dir)):
+        return spec
+    base, text = spec.round, spec_text(spec)
+    assert text is not None
+    for n in range(2, 1000):
+        name = f"{base}{VERSION_SEPARATOR}{n}"
+        vtext = with_round_name(text, name)
+        candidate = parse_spec_text(vtext, f"{spec.source or 'spec'} (as round {name})")
+        round_dir = Path(candidate.round_dir)
+        if conflicts(candidate, round_dir):
+            continue
+        path = RoundPaths(round_dir).spec
+        if not path.exists():
+            round_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, vtext)
+            return load_spec(path)
+        candidate._source = path  # resuming this version: its folder's copy stays the round's spec text
+        return candidate
+    raise SchedulerError(f"--new-version: rounds {base}{VERSION_SEPARATOR}2 to {base}{VERSION_SEPARATOR}999 all keep "
+                         f"other specs; give the spec a new `round:` name")
 
 
 def spec_labels(spec: Any) -> tuple[list[str], list[str]]:
     """Task labels and every candidate name of the spec (for the study's categorical choices)."""
     names = {c.name for label in spec.tasks for c in spec.candidates(label)}
     return list(spec.tasks), sorted(names)
-
-
-def spec_fields(spec: Any) -> dict[str, Any]:
-    """A spec's content for comparison, without what may differ by host (output folder, storage URL)."""
-    if isinstance(spec, str):
-        from orchestrator.spec import parse_spec_text
-
-        spec = parse_spec_text(spec, "stored spec")
-    return spec.model_dump(mode="json", exclude={"output", "storage"})

@@ -220,13 +220,16 @@ def _run_with_display(run, display, interrupted: str):
 @click.option("--gpu", default=None,
               help="CUDA_VISIBLE_DEVICES for the worker processes; with --workers N a comma list, one per worker")
 @click.option("--no-report", is_flag=True, help="do not write the report at the end (fsearch report ROUND does)")
+@click.option("--new-version", is_flag=True,
+              help="the spec changes the runs of a round that already has some: run it as round NAME.v2 (v3, ...) "
+                   "beside it instead of refusing")
 @click.option("--heartbeat-s", type=float, default=None,
               help="PostgreSQL storage: claim heartbeat interval in seconds (default: as for `fsearch worker`)")
 @click.option("--stale-after-s", type=float, default=None,
               help="PostgreSQL storage: a claim without heartbeat this long is taken over by another worker (default: "
                    "as for `fsearch worker`)")
 @click.option("--worker-cmd", default=None, hidden=True, help="worker command (default: python -m worker)")
-def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool,
+def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None, no_report: bool, new_version: bool,
               heartbeat_s: float | None, stale_after_s: float | None, worker_cmd: str | None) -> None:
     """Run a round: every stage of every task, resumable (run the same command again after a crash)."""
     from orchestrator.pool import WorkerPool, pool_devices  # imports Optuna
@@ -236,11 +239,14 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
     spec, warnings = load_spec_arg(spec_arg)
-    round_dir = Path(spec.round_dir)
-    url = storage_url_for(spec, round_dir, storage)
+    url = storage_url_for(spec, Path(spec.round_dir), storage)
     if workers > 1:
         require_shared_storage(url, f"--workers {workers}")
     shared = is_shared_storage(url)
+    spec = bind_round_spec(spec, url if shared else None, new_version)
+    round_dir = Path(spec.round_dir)
+    if storage is None and not shared:
+        url = storage_url_for(spec, round_dir)  # a new version's own study.db
     if not shared and (heartbeat_s is not None or stale_after_s is not None):
         raise UserError("--heartbeat-s/--stale-after-s: only for a PostgreSQL storage (claims of several workers)")
     timing = {k: v for k, v in (("heartbeat_s", heartbeat_s), ("stale_after_s", stale_after_s)) if v is not None}
@@ -256,7 +262,8 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
 
         def run():
             if workers > 1:
-                return WorkerPool(sched, workers, find_spec_file(spec_arg), devices).run()  # type: ignore[arg-type]
+                spec_file = spec.source or find_spec_file(spec_arg)
+                return WorkerPool(sched, workers, spec_file, devices).run()  # type: ignore[arg-type]
             return sched.run()
 
         records = _run_with_display(run, display, f"interrupted; run the same command to resume ({round_dir})")
@@ -269,19 +276,59 @@ def round_cmd(spec_arg: str, storage: str | None, workers: int, gpu: str | None,
     click.echo("")
     click.echo(f"round {spec.round} finished: {len(records)} runs recorded in {RoundPaths(round_dir).records}")
     click.echo(format_summary(records, plan, list(spec.tasks)))
+    from orchestrator.progress import mixed_conditions
+
+    for line in mixed_conditions(records):
+        click.echo(f"warning: {line}", err=True)
     if not no_report:
         write_report_and_warn(round_dir, prefix="report: ")
 
 
-def write_report_and_warn(round_dir: Path, prefix: str = "") -> None:
-    """Write the round's report, print where, and print the one finding that must not wait for someone to open it:
-    repeated configurations that did not reproduce."""
-    path = write_report(round_dir)
+def bind_round_spec(spec: Spec, shared_url: str | None, new_version: bool) -> Spec:
+    """The spec a round runs: `spec` itself unless its round keeps (in its folder, or in the study of a shared
+    storage) a spec whose runs it changes: then SpecChanged, or with --new-version the next version of the round
+    (claim_strategy.versioned_round). Checked before the round folder is touched; the strategy checks again under the
+    round's lock."""
+    from orchestrator.claim_strategy import check_spec_copy, spec_change, spec_changed_error, versioned_round
+    from orchestrator.study import stored_spec_text  # imports Optuna
+
+    def stored(name: str) -> str | None:
+        return stored_spec_text(shared_url, name) if shared_url is not None else None
+
+    if new_version:
+        bound = versioned_round(spec, stored)
+        if bound.round != spec.round:
+            click.echo(f"--new-version: round {spec.round} keeps another spec; running this one as round "
+                       f"{bound.round} ({bound.round_dir})", err=True)
+        return bound
+    check_spec_copy(spec, Path(spec.round_dir))
+    kept = stored(spec.round)
+    if kept is not None:
+        where = f"the study of round {spec.round}"
+        changes = spec_change(kept, spec, where)
+        if changes:
+            raise spec_changed_error(spec, changes, where)
+    return spec
+
+
+def write_report_and_warn(round_dir: Path, prefix: str = "", rates: bool = False,
+                          replicates: int = RATES_REPLICATES) -> None:
+    """Write the round's report, print where, and print the findings that must not wait for someone to open it:
+    repeated configurations that did not reproduce, runs of different conditions in one slot, runs without the
+    sandbox."""
+    path = write_report(round_dir, rates=rates, replicates=replicates)
     click.echo(f"{prefix}{path}")
     try:
-        repeats = json.loads((Path(path).parent / "summary.json").read_text()).get("repeats") or {}
+        summary = json.loads((Path(path).parent / "summary.json").read_text())
+        repeats = summary.get("repeats") or {}
     except (OSError, ValueError, AttributeError):
         return  # the report was written; what it says is read from it, not guessed
+    if summary.get("mixed_conditions"):
+        click.echo(f"warning: {len(summary['mixed_conditions'])} run(s) share a task, stage, candidate and seed with "
+                   f"runs of other conditions: set apart, not pooled (see the report's first section)", err=True)
+    unsafe = (summary.get("sandbox") or {}).get("unsafe_runs") or []
+    if unsafe:
+        click.echo(f"warning: {len(unsafe)} run(s) executed model-written code with sandbox: unsafe", err=True)
     if repeats.get("differing"):
         click.echo(f"warning: not reproducible: {repeats['differing']} of {len(repeats['groups'])} configurations "
                    f"that ran in more than one stage gave different final metrics (see the report's first section)",
@@ -343,13 +390,12 @@ def _worker_spec(round_name: str, storage: str, spec_arg: str | None, results: s
     if text is None:
         raise UserError(f"round {round_name!r} has no spec in that storage yet: start it with `fsearch round --spec "
                         f"FILE --storage URL`, or give this worker --spec FILE")
+    from orchestrator.claim_strategy import save_spec_copy
+
     parsed = parse_spec_text(text, f"round {round_name} (stored spec)")
     round_dir = Path(results) / round_name if results else Path(parsed.round_dir)
-    round_dir.mkdir(parents=True, exist_ok=True)
-    path = RoundPaths(round_dir).spec
-    if not path.exists() or path.read_text() != text:
-        write_text_atomic(path, text)
-    spec = load_spec(path)
+    save_spec_copy(parsed, round_dir, text)  # this host's copy: written once, never replaced by another spec
+    spec = load_spec(RoundPaths(round_dir).spec)
     return spec, validate_spec(spec)
 
 

@@ -221,16 +221,54 @@ def rich_table(rows: list[StatusRow], title: str | None = None):
 # ---------------------------------------------------------------------------------------------------------------------
 # end-of-round summary
 
+CONDITION_FIELDS = ("budget_steps", "eval_every", "n_val", "data_seed", "batch_size")  # what a stage's runs share
+
+
+def condition_groups(recs: list[Record]) -> list[list[Record]]:
+    """A stage's records split by their conditions (CONDITION_FIELDS), in order of first appearance: more than one
+    group means the round's spec was changed between runs, and the groups must never be pooled."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in recs:
+        groups.setdefault(tuple(getattr(r, f) for f in CONDITION_FIELDS), []).append(r)
+    return list(groups.values())
+
+
+def _conditions_label(group: list[Record], groups: list[list[Record]]) -> str:
+    """`30 steps` for a stage of one condition; the fields that tell the groups apart where there are several."""
+    head = group[0]
+    if len(groups) == 1:
+        return f"{head.budget_steps} steps"
+    differ = [f for f in CONDITION_FIELDS if len({getattr(g[0], f) for g in groups}) > 1]
+    return ", ".join(f"{head.budget_steps} steps" if f == "budget_steps" else f"{f} {getattr(head, f)}"
+                     for f in differ)
+
+
+def mixed_conditions(records: list[Record]) -> list[str]:
+    """One line per (task, stage) whose records hold runs of different conditions (a spec changed mid-round)."""
+    out = []
+    by_stage: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        by_stage.setdefault((r.task, r.stage), []).append(r)
+    for (task, stage), recs in by_stage.items():
+        groups = condition_groups(recs)
+        if len(groups) > 1:
+            parts = ", ".join(f"{_conditions_label(g, groups)}: {len(g)} runs" for g in groups)
+            out.append(f"{task} {stage}: records of {len(groups)} different conditions ({parts}); the spec was "
+                       f"changed between runs; they are shown apart, never pooled")
+    return out
+
+
 def format_summary(records: list[Record], plan: Any = None, task_order: list[str] | None = None) -> str:
     """Per task: the baseline's value and every candidate's delta and decision, stage by stage (the planner's
-    stage decision where there is one, else the records' own decisions)."""
+    stage decision where there is one, else the records' own decisions). Runs of different conditions in one stage
+    (a spec changed between runs) are never pooled: each condition gets its own block, under a WARNING line."""
     task_state = plan_task_state(plan) if plan is not None else {}
     stage_decision = {(d.task, d.stage, d.candidate): d for d in (getattr(plan, "decisions", None) or [])}
     by_task: dict[str, list[Record]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r)
     order = [t for t in (task_order or []) if t in by_task] + [t for t in by_task if t not in (task_order or [])]
-    out = []
+    out = [f"WARNING: {line}" for line in mixed_conditions(records)]
     for task in order:
         recs = by_task[task]
         head = recs[0]
@@ -240,35 +278,45 @@ def format_summary(records: list[Record], plan: Any = None, task_order: list[str
                    + (f", threshold {threshold:+.4f}" if threshold is not None else "")
                    + (f": {state}" if state else ""))
         for stage in sorted({r.stage for r in recs}, key=_stage_rank):
-            srecs = [r for r in recs if r.stage == stage]
-            base = [r for r in srecs if r.mode == "baseline"]
-            bvals = [r.value for r in base if r.value is not None]
-            if bvals:
-                btxt = f"baseline {fmt_value(statistics.mean(bvals))}" + (f" (mean of {len(bvals)} seeds)"
-                                                                          if len(bvals) > 1 else "")
-            else:
-                btxt = "baseline " + ("; ".join(f"{r.status} ({r.error_kind}): {r.error_message}" for r in base)
-                                      or "missing")
-            out.append(f"  {stage} ({srecs[0].budget_steps} steps): {btxt}")
-            cands: dict[str, list[Record]] = {}
-            for r in srecs:
-                if r.mode != "baseline":
-                    cands.setdefault(r.candidate, []).append(r)
-            width = max((len(c) for c in cands), default=0)
-            for cand, crs in sorted(cands.items(), key=lambda kv: -(_mean_delta(kv[1]) or -1e9)):
-                d = stage_decision.get((task, stage, cand))
-                md = d.mean_delta if d is not None else _mean_delta(crs)
-                vals = [r.value for r in crs if r.value is not None]
-                n = len(crs)
-                decision = d.decision if d is not None else "/".join(sorted({r.decision for r in crs}))
-                txt = (f"    {cand.ljust(width)}  value {fmt_value(statistics.mean(vals) if vals else None)}  "
-                       f"delta {fmt_value(md, signed=True)}" + (f" (mean of {n} seeds)" if n > 1 else "")
-                       + f"  {decision}")
-                failed = [r for r in crs if r.status != "ok"]
-                if failed:
-                    txt += "  (" + "; ".join(f"s{r.seed} {r.status}: {r.error_kind or ''}".strip() for r in failed) + ")"
-                out.append(txt)
+            groups = condition_groups([r for r in recs if r.stage == stage])
+            for srecs in groups:
+                # the planner decides over the current spec's runs only: with several conditions, each block shows
+                # its records' own decisions
+                decisions = stage_decision if len(groups) == 1 else {}
+                out += _stage_block(task, stage, srecs, _conditions_label(srecs, groups), decisions)
     return "\n".join(out) if out else "no records"
+
+
+def _stage_block(task: str, stage: str, srecs: list[Record], label: str, stage_decision: dict) -> list[str]:
+    out = []
+    base = [r for r in srecs if r.mode == "baseline"]
+    bvals = [r.value for r in base if r.value is not None]
+    if bvals:
+        btxt = f"baseline {fmt_value(statistics.mean(bvals))}" + (f" (mean of {len(bvals)} seeds)"
+                                                                  if len(bvals) > 1 else "")
+    else:
+        btxt = "baseline " + ("; ".join(f"{r.status} ({r.error_kind}): {r.error_message}" for r in base)
+                              or "missing")
+    out.append(f"  {stage} ({label}): {btxt}")
+    cands: dict[str, list[Record]] = {}
+    for r in srecs:
+        if r.mode != "baseline":
+            cands.setdefault(r.candidate, []).append(r)
+    width = max((len(c) for c in cands), default=0)
+    for cand, crs in sorted(cands.items(), key=lambda kv: -(_mean_delta(kv[1]) or -1e9)):
+        d = stage_decision.get((task, stage, cand))
+        md = d.mean_delta if d is not None else _mean_delta(crs)
+        vals = [r.value for r in crs if r.value is not None]
+        n = len(crs)
+        decision = d.decision if d is not None else "/".join(sorted({r.decision for r in crs}))
+        txt = (f"    {cand.ljust(width)}  value {fmt_value(statistics.mean(vals) if vals else None)}  "
+               f"delta {fmt_value(md, signed=True)}" + (f" (mean of {n} seeds)" if n > 1 else "")
+               + f"  {decision}")
+        failed = [r for r in crs if r.status != "ok"]
+        if failed:
+            txt += "  (" + "; ".join(f"s{r.seed} {r.status}: {r.error_kind or ''}".strip() for r in failed) + ")"
+        out.append(txt)
+    return out
 
 
 def _mean_delta(recs: list[Record]) -> float | None:
