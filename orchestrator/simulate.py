@@ -607,8 +607,8 @@ def run_command(spec_files: Sequence[str], noise_from: str | None, effects: Sequ
     for arg in spec_files:
         spec = load_spec(find_spec_file(arg))
         protocols.append(Protocol.from_spec(spec, name=Path(arg).stem))
-    if not protocols:
-        protocols = [default_protocol(candidates, threshold)]
+    if not protocols:  # before and after: the original's protocol (ports pin it) and the default one
+        protocols = [original_protocol(candidates, threshold), default_protocol(candidates, threshold)]
     noise = noise_from_round(noise_from) if noise_from else None
 
     def model_for(p: Protocol) -> OutcomeModel:

@@ -160,5 +160,7 @@ def test_simulate_command_json(tmp_path):
     assert code == 0
     out.write_text(buf.getvalue())
     data = json.loads(out.read_text())
-    assert [r["scenario"] for r in data["results"]] == ["all null", "one at +1 SD"]
+    # without a spec: the original's protocol beside the default one, each under both scenarios
+    assert [(r["protocol"], r["scenario"]) for r in data["results"]] == [
+        ("original", "all null"), ("original", "one at +1 SD"), ("default", "all null"), ("default", "one at +1 SD")]
     assert png.stat().st_size > 0
