@@ -37,6 +37,7 @@ from orchestrator.paths import RoundPaths
 from orchestrator.processes import read_progress, start_worker, worker_command, worker_environment
 from orchestrator.progress import format_summary, format_table, make_display, rich_table, round_status
 from orchestrator.report import check_report, write_report
+from orchestrator.report.rates import RATES_REPLICATES
 from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
 from orchestrator.simulate import run_command as simulate_protocol
 from orchestrator.spec import Spec, find_spec_file, load_spec, parse_spec_text, validate_spec
@@ -188,7 +189,13 @@ class FsearchGroup(click.Group):
             click.echo("interrupted", err=True)
             return EXIT_INTERRUPTED
         except UserError as e:
-            click.echo(f"error: {one_line(e)}", err=True)
+            errors = list(getattr(e, "errors", None) or [])  # a spec's problems: every one, each on its own line
+            if len(errors) > 1:
+                click.echo(f"error: the spec has {len(errors)} problems:", err=True)
+                for message in errors:
+                    click.echo(f"  {one_line(message)}", err=True)
+            else:
+                click.echo(f"error: {one_line(e)}", err=True)
             return EXIT_USER
 
 
@@ -495,11 +502,7 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
     fs = parse_json("--fs", fs_json)
     if (model_preset is None) == (checkpoint is None):
         raise UserError("give exactly one of --model-preset or --checkpoint")
-    task_class(task_kind)  # unknown task -> TaskError (one line)
-    try:
-        cand = resolve(candidate, None, fs)
-    except ValueError as e:
-        raise UserError(f"--candidate: {one_line(e)}") from None
+    cand = _check_run_flags(task_kind, task_params, candidate, fs, model_preset, checkpoint)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_key = f"{task_kind}.adhoc.{cand.name}.s{seed}-{stamp}"
     run_dir = Path(out) if out else Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS) / "adhoc" / run_key
@@ -507,12 +510,13 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
         cfg = RunConfig(run_key=run_key, task=task_kind, task_kind=task_kind, task_params=task_params,
                         candidate=cand.name, mode=cand.mode, fs=cand.fs,
                         model=ModelSource(preset=model_preset, checkpoint=checkpoint), steps=steps,
-                        eval_every=eval_every or max(1, steps // 5), n_val=n_val, n_test=n_test, data_seed=data_seed,
+                        eval_every=eval_every if eval_every is not None else max(1, steps // 5), n_val=n_val, n_test=n_test, data_seed=data_seed,
                         seed=seed, batch_size=batch, micro_batch=micro_batch,
                         lr=LearningRates(model=lr) if lr is not None else LearningRates(), kernel=kernel,
                         device=device, precision=precision, compile=compile_, run_dir=str(run_dir))
     except ValueError as e:
-        raise UserError(one_line(e)) from None
+        raise UserError(_run_flag_error(e)) from None
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_dir / paths.RUN_CONFIG
     write_text_atomic(run_file, cfg.model_dump_json(indent=1))
@@ -546,8 +550,76 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
         if outcome.kind == "diverged":
             sys.exit(1)
         return
+    if outcome.kind == "config" and created and not out:  # a setting the worker refused: nothing ran, nothing kept
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"{one_line(outcome.message or 'the worker refused the run configuration')}")
     click.echo(f"failed ({outcome.kind}): {outcome.message} -> {run_dir}", err=True)
     sys.exit(1)
+
+
+RUN_FLAGS = {"batch_size": "--batch", "task_params": "--params", "lr": "--lr", "model": "--model-preset/--checkpoint",
+             "compile": "--compile"}
+
+
+def _run_flag_error(e: ValueError) -> str:
+    """A RunConfig validation error as `--flag: problem` (every problem, joined by '; ')."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return one_line(e)
+    parts = []
+    for err in errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        named = msg.split(" ", 1)
+        if not loc and len(named) == 2 and named[0] in RunConfig.model_fields:  # a check across fields names its own
+            loc, msg = [named[0]], named[1]
+        flag = RUN_FLAGS.get(loc[0], "--" + loc[0].replace("_", "-")) if loc else "run"
+        parts.append(f"{flag}: {msg}" + (f" (got {err.get('input')!r})" if err.get("type") != "value_error" else ""))
+    return one_line("; ".join(parts))
+
+
+def _check_run_flags(task_kind: str, task_params: dict, candidate: str, fs: dict | None, model_preset: str | None,
+                     checkpoint: str | None):
+    """Everything `fsearch run` can check before a worker starts (torch-free): the task and its parameters, the model
+    preset or checkpoint, the candidate and its layers against the model. The resolved candidate, else UserError."""
+    from model.ckpt_meta import CheckpointError, read_checkpoint_meta
+    from model.config import PRESETS
+    from orchestrator.spec import candidate_suggestion, did_you_mean
+    from tasks import TaskError, task_names
+
+    try:
+        cls = task_class(task_kind)
+    except TaskError as e:
+        raise UserError(f"--task: {one_line(e)}{did_you_mean(task_kind, task_names())}") from None
+    try:
+        cls.Params.model_validate(task_params)
+    except ValueError as e:
+        raise UserError(f"--params: {one_line(e)} (see `fsearch list tasks {task_kind}`)") from None
+    try:
+        cand = resolve(candidate, None, fs)
+    except ValueError as e:
+        raise UserError(f"--candidate: {one_line(e)}{candidate_suggestion(candidate)}") from None
+    if model_preset is not None:
+        if model_preset not in PRESETS:
+            raise UserError(f"--model-preset: unknown preset {model_preset!r}; known: {', '.join(sorted(PRESETS))}"
+                            f"{did_you_mean(model_preset, sorted(PRESETS))}")
+        n_layer = PRESETS[model_preset].n_layer
+    else:
+        path = Path(os.path.expandvars(os.path.expanduser(str(checkpoint))))
+        if not path.exists():
+            raise UserError(f"--checkpoint: {path} not found (`fsearch fetch checkpoint NAME` downloads one)")
+        try:
+            n_layer = read_checkpoint_meta(path)["n_layer"]
+        except CheckpointError as e:
+            raise UserError(f"--checkpoint: {one_line(str(e))}") from None
+    if cand.fs is not None:
+        try:
+            cand.fs.check_for_model(n_layer)
+        except ValueError as e:
+            raise UserError(f"--candidate {cand.name}: {one_line(e)}") from None
+    return cand
 
 
 class _progress_bar:
@@ -580,9 +652,14 @@ class _progress_bar:
 @click.option("--results", default=None, help="results root where round names are looked up (default: results)")
 @click.option("--storage", default=None,
               help="the round's storage URL (default: the one the round ran with, kept in <round>/storage.json)")
-def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | None) -> None:
+@click.option("--rates", is_flag=True,
+              help="add the protocol's error rates, simulated under the noise measured in the round (seconds)")
+@click.option("--replicates", type=click.IntRange(1, 100_000), default=RATES_REPLICATES, show_default=True,
+              help="with --rates: simulated rounds per scenario")
+def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | None, rates: bool,
+               replicates: int) -> None:
     """Write the round's report (or check it). A PostgreSQL round's records.jsonl is first brought up to its
-    database."""
+    database. --check re-derives a report written with --rates, rates included."""
     round_dir = resolve_round(round_arg, results)
     sync_shared_mirror(round_dir, storage)
     if check:
@@ -593,7 +670,7 @@ def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | 
             sys.exit(1)
         click.echo("ok: the report matches the records")
         return
-    write_report_and_warn(round_dir)
+    write_report_and_warn(round_dir, rates=rates, replicates=replicates)
 
 
 @cli.command("simulate")

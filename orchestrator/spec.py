@@ -29,6 +29,7 @@ Torch-free.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -40,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
     model_serializer, model_validator
 
-from model.candidates import BASELINE, Candidate, resolve
+from model.candidates import BASELINE, Candidate, library_names, resolve
 from model.ckpt_meta import CheckpointError, read_checkpoint_meta
 from model.config import PRESETS
 from model.fs_config import FSConfig
@@ -49,7 +50,7 @@ from orchestrator import paths
 from orchestrator.errors import UserError, one_line
 from orchestrator.runconfig import LearningRates, ModelSource
 from orchestrator.runkey import NAME_PATTERN, canonical_json
-from tasks import TaskError, get_task, task_class
+from tasks import TaskError, get_task, task_class, task_names
 from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
 
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
@@ -497,7 +498,7 @@ def _task_errors(spec: Spec, label: str, task: TaskSpec) -> list[str]:
         try:
             cand = _resolve_candidate(item, spec.defaults.fs)
         except ValueError as e:
-            errors.append(f"{at}: {e}")
+            errors.append(f"{at}: {e}{candidate_suggestion(item.preset or item.name)}")
             continue
         signature = (cand.mode, canonical_json(cand.fs.model_dump(mode="json")) if cand.fs else None)
         if signature in configs:
@@ -606,14 +607,44 @@ def find_spec_file(arg: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # pydantic errors -> one line naming the field
 def _spec_error(e: ValidationError) -> SpecError:
+    errors = e.errors()
+    # a misspelt required key is one problem, not two: `treshold` (unknown) + `threshold` (required)
+    missing = {tuple(err.get("loc", ())) for err in errors if err.get("type") == "missing"}
+    explained: set[tuple] = set()
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            for key in difflib.get_close_matches(loc[-1], _allowed_keys(loc[:-1]), n=1):
+                if loc[:-1] + (key,) in missing:
+                    explained.add(loc[:-1] + (key,))
     messages = []
-    for err in e.errors():
+    for err in errors:
         original = (err.get("ctx") or {}).get("error")
         if isinstance(original, _StructureError):
             messages += original.errors
-        else:
-            messages.append(_format_error(err))
+        elif not (err.get("type") == "missing" and tuple(err.get("loc", ())) in explained):
+            messages.append(_format_error(err, explained))
     return SpecError.from_list(messages)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`; did you mean 'x'?` for the closest of `choices` (difflib), else ''."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def candidate_suggestion(name: str) -> str:
+    """did_you_mean for a candidate name against the library's names, layer numbers kept (`scalar_l2_trainble` ->
+    `scalar_l2_trainable`)."""
+    numbers = re.findall(r"\d+", name)
+    pattern = re.sub(r"\d+", "{N}", name)
+    close = difflib.get_close_matches(pattern, library_names(), n=1)
+    if not close:
+        return ""
+    guess = close[0]
+    for n in numbers[:guess.count("{N}")]:
+        guess = guess.replace("{N}", n, 1)
+    return f"; did you mean {guess!r}?" if guess != name else ""
 
 
 def _loc_str(loc: tuple) -> str:
@@ -639,14 +670,19 @@ def _pydantic_msg(err: dict) -> str:
     return f"{msg} (got {value})"
 
 
-def _format_error(err: dict) -> str:
+def _format_error(err: dict, explained: set[tuple] = frozenset()) -> str:  # type: ignore[assignment]
     loc = tuple(err.get("loc", ()))
     where = _loc_str(loc) or "spec"
     kind = err.get("type")
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
+        guess = ""
+        if close:
+            required = ", a required key" if loc[:-1] + (close[0],) in explained else ""
+            guess = f" (did you mean {close[0]!r}{required}?)"
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"{where}: unknown key{hint}"
+        return f"{where}: unknown key{guess}{hint}"
     if kind == "missing":
         return f"{where}: required"
     msg = _pydantic_msg(err)
@@ -786,7 +822,7 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
     try:
         cls = task_class(task.task)
     except TaskError as e:
-        check.errors.append(f"{where}.task: {e}")
+        check.errors.append(f"{where}.task: {e}{did_you_mean(task.task, task_names())}")
         return
     try:
         cls.Params.model_validate(task.params)

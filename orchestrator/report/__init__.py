@@ -8,6 +8,7 @@
                  stage) says so instead of describing screening (summary.json "kind").
   summary.txt    the same results in the original system's text formats                          text.py
   deltas_<task>.png, curves_<task>.png                                                           plots.py
+  (--rates)      in report.md: the protocol's error rates under the round's measured noise       rates.py
 `check_report(round_dir)` (check.py) recomputes the summary from records.jsonl (+ spec.yaml, + each run's
 metrics.jsonl for the final-eval cross-check), compares it number by number with summary.json, re-renders report.md
 and summary.txt, and returns one message per mismatch or missing record (empty: the report is exactly what the
@@ -34,6 +35,7 @@ from orchestrator.report.check import check_report
 from orchestrator.report.load import ReportError, RoundData, load_round
 from orchestrator.report.markdown import render_markdown
 from orchestrator.report.plots import write_plots
+from orchestrator.report.rates import RATES_REPLICATES, protocol_rates
 from orchestrator.report.text import render_text
 
 __all__ = ["ReportError", "RoundData", "build_summary", "check_report", "load_round", "render_markdown",
@@ -44,11 +46,15 @@ def summary_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=1, allow_nan=False) + "\n"
 
 
-def write_report(round_dir: Path, rule: SeedCheckRule | None = None) -> Path:
-    """Write <round>/report/{report.md, summary.json, summary.txt, *.png}; returns the report.md path."""
+def write_report(round_dir: Path, rule: SeedCheckRule | None = None, rates: bool = False,
+                 replicates: int = RATES_REPLICATES) -> Path:
+    """Write <round>/report/{report.md, summary.json, summary.txt, *.png}; returns the report.md path. `rates`: add
+    the protocol's simulated error rates under the round's measured noise (`replicates` per scenario, seconds)."""
     round_dir = Path(round_dir)
     data = load_round(round_dir)
     summary = build_summary(data, rule)
+    if rates:
+        summary["rates"] = protocol_rates(data, replicates)
     out = RoundPaths(round_dir).report
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):

@@ -150,6 +150,8 @@ def protocol_lines(spec: Any) -> list[str]:
     """The round's decision rules per stage, in words (the report's protocol section)."""
     if spec is None:
         return []
+    from orchestrator.planner import finalist_slots
+
     out = []
     for name, st in spec.stage_list():
         screen = getattr(st, "screen", None)
@@ -166,9 +168,9 @@ def protocol_lines(spec: Any) -> list[str]:
             out.append(f"{name}: sequential paired t check on fresh seeds (looks after "
                        f"{', '.join(map(str, st.looks))} pairs), deciding on the {st.decide_on} metric; one-sided "
                        f"family-wise level {st.alpha:g} over looks (Pocock constant nominal level) and over "
-                       f"{len(spec.tasks) * st.max_finalists} FS finalist slot(s) (Bonferroni); controls "
-                       f"({len(spec.tasks) * st.max_controls} slot(s)) form their own family; futility stop when the "
-                       f"mean delta is <= 0 at a look")
+                       f"{finalist_slots(spec)} FS finalist slot(s) (Bonferroni); controls "
+                       f"({finalist_slots(spec, control=True)} slot(s)) form their own family; futility stop when "
+                       f"the mean delta is <= 0 at a look")
         elif name == SEEDCHECK:
             out.append(f"{name}: the fixed check on seeds {', '.join(map(str, st.seeds))} (rule below), deciding on "
                        f"the {st.decide_on} metric")
@@ -417,7 +419,7 @@ def candidate_at_stage(ctx: Context, stage: str, seeds: list[int], crecs: list[R
         judged = type(judged)(stage, planned.decision, planned.mean_delta, planned.threshold, planned.reason)
     test_deltas = [s["test_delta"] for s in per_seed.values() if s["test_delta"] is not None]
     return {"mode": crecs[0].mode, "seeds": per_seed, "n_pairs": sum(d is not None for d in deltas.values()),
-            "mean_delta": judged.mean_delta, "stage_decision": judged.decision, "stage_reason": judged.reason,
+            "mean_delta": judged.mean_delta, "stage_decision": judged.decision,
             "mean_test_delta": math.fsum(test_deltas) / len(test_deltas) if test_deltas else None,
             "sources": [k for s in per_seed.values() for k in s["sources"]]}
 
@@ -585,8 +587,11 @@ def task_compute(ctx: Context, recs: list[Record], stages: list[str], candidates
         else:
             mean = None
             basis = "no runs to estimate from"
+        # every candidate that ran at the stage got one decision there; the stage's baselines serve them all
+        decided = len({r.candidate for r in srecs if not is_baseline(r)})
         out_stages[stage] = {
             "runs": len(srecs), "wall_s": wall, "mean_wall_s": mean, "full_runs": full_runs,
+            "decisions": decided, "wall_per_decision_s": wall / decided if decided else None,
             "full_wall_s": None if mean is None else mean * full_runs, "estimate_basis": basis,
             "sources": [r.run_key for r in srecs]}
     full = [s["full_wall_s"] for s in out_stages.values()]

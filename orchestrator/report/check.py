@@ -13,6 +13,7 @@ from orchestrator.report.build import build_summary
 from orchestrator.report.integrity import close
 from orchestrator.report.load import ReportError, load_round
 from orchestrator.report.markdown import render_markdown
+from orchestrator.report.rates import RATES_SEED, protocol_rates
 from orchestrator.report.text import render_text
 
 MAX_DIFF_LINES = 5  # re-rendered files: how many differing lines a message quotes
@@ -36,6 +37,9 @@ def check_report(round_dir: Path) -> list[str]:
     r = stored.get("rule") or {}
     rule = SeedCheckRule(**{k: r[k] for k in ("alpha", "confidence", "min_pairs") if k in r})
     fresh = build_summary(data, rule)
+    if isinstance(stored.get("rates"), dict):  # written with --rates: simulated again, same replicates and seed
+        r = stored["rates"]
+        fresh["rates"] = protocol_rates(data, int(r.get("replicates") or 1), int(r.get("seed") or RATES_SEED))
     messages = [f"integrity: {p['message']}" for p in fresh["problems"]]
     changed = _diff_records(stored.get("records") or {}, fresh["records"], messages)
     if stored.get("records_file", {}).get("sha256") != fresh["records_file"]["sha256"]:

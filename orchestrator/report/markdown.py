@@ -79,12 +79,48 @@ def render_markdown(summary: dict[str, Any]) -> str:
               + (f" No estimate for {', '.join(c['tasks_without_estimate'])} (a stage that never ran and no finished "
                  f"run to take a time per step from); those tasks are left out of the estimate and the saving."
                  if c["tasks_without_estimate"] else ""), ""]
+    lines += _rates_markdown(s)
     if rep["groups"] and not rep["differing"]:
         lines += [f"Reproducibility: {len(rep['groups'])} configuration(s) ran in more than one stage "
                   f"{_SAME_CONFIGURATION}; every repeat gave bit-identical final metrics.", ""]
     for label, t in s["tasks"].items():
         lines += _task_markdown(label, t, s)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _rates_markdown(s: dict[str, Any]) -> list[str]:
+    r = s.get("rates")
+    head = ["## Error rates of this protocol (simulated)", ""]
+    if r is None:
+        return head + [f"Not computed: `fsearch report {s['round']} --rates` runs this round's spec through the "
+                       "simulator (the real planner and decision code) under the noise measured in these records, "
+                       "and adds here how often such a protocol confirms a candidate with no effect and one with a "
+                       "+1 SD effect (a few seconds).", ""]
+    if r.get("error"):
+        return head + [f"Not available: {r['error']}.", ""]
+    lines = head + [
+        f"What the decisions above are worth: `orchestrator.simulate` ran this round's spec ({r['replicates']} "
+        f"simulated rounds per row, seed {r['seed']}) through the same planner and decision code, with each task's "
+        f"paired-delta {SD_LABEL} and each stage's run wall time as measured in these records; effects are in units "
+        f"of the task's seed-check paired-delta SD. ± is the Monte-Carlo standard error. Device-seconds count every "
+        f"run, baselines included; one med run is {seconds(r['med_run_s'])} s.", ""]
+    rows = []
+    real = f"the first candidate of each task at +{r['effect_sd']:g} SD"
+    for key, title in (("null", "every candidate null"), ("one_real", real)):
+        x = r[key]
+        cost = x["cost_per_candidate"]["value"]
+        rows.append([title, _pct(x["p_confirm_null"]), _pct(x["fwer"]), _pct(x["power"]), _pct(x["false_share"]),
+                     number_or_dash(x["runs_per_candidate"]["value"], ".2f"),
+                     "—" if cost is None else f"{seconds(cost)} ({cost / r['med_run_s']:.2f} med runs)"])
+    lines += markdown_table(["scenario", "P(confirm) per null candidate", "P(any null confirmed)",
+                             "power (P(confirm) of the real one)", "share of confirmations that are false",
+                             "runs per candidate", "device-s per candidate"], rows)
+    lines += ["", "Noise used: " + "; ".join(r["noise"]["notes"]) + ".", ""]
+    return lines
+
+
+def _pct(e: dict[str, Any]) -> str:
+    return "—" if e["value"] is None else f"{100 * e['value']:.1f}% ± {100 * (e['se'] or 0.0):.1f}"
 
 
 def _mixed_conditions_markdown(s: dict[str, Any]) -> list[str]:
@@ -255,11 +291,14 @@ def _seedcheck_markdown(t: dict[str, Any], rule: dict[str, Any]) -> list[str]:
 
 def _compute_markdown(t: dict[str, Any], comparison: bool) -> list[str]:
     comp = t["compute"]
-    rows = [[stage, c["runs"], seconds(c["wall_s"]), seconds(c["mean_wall_s"]), c["full_runs"],
-             seconds(c["full_wall_s"]), c["estimate_basis"]] for stage, c in comp["stages"].items()]
+    rows = [[stage, c["runs"], seconds(c["wall_s"]), seconds(c["mean_wall_s"]), c.get("decisions", "—"),
+             seconds(c.get("wall_per_decision_s")), c["full_runs"], seconds(c["full_wall_s"]), c["estimate_basis"]]
+            for stage, c in comp["stages"].items()]
     lines = ["### Compute", ""]
-    lines += markdown_table(["stage", "runs", "wall s", "mean s/run", "runs if nothing pruned",
-                             "wall s if nothing pruned", "estimate from"], rows)
+    lines += markdown_table(["stage", "runs", "wall s", "mean s/run", "decisions", "wall s per decision",
+                             "runs if nothing pruned", "wall s if nothing pruned", "estimate from"], rows)
+    lines += ["", "Wall s per decision: the stage's run wall time (device-seconds, baselines included) over the "
+                  "candidates decided there."]
     spent = f"Spent {seconds(comp['spent_wall_s'])} s; every candidate ({len(t['candidates'])}) plus the baseline"
     if comparison:
         lines += ["", f"{spent} on every seed (a comparison round: nothing pruned): about "

@@ -28,9 +28,13 @@ def invoke(*args: str, env: dict | None = None):
 
 
 def assert_user_error(result, *needles: str) -> None:
+    """One line `error: ...`, or for a spec with several problems a headline and one indented line per problem."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    lines = err.splitlines()
+    assert lines and lines[0].startswith("error: "), err
+    assert len(lines) == 1 or (lines[0].startswith("error: the spec has ") and len(lines) > 2
+                               and all(x.startswith("  ") for x in lines[1:])), err
     assert "Traceback" not in result.output
     for n in needles:
         assert n in err, err
@@ -282,3 +286,56 @@ def test_round_command_prints_the_summary_and_rejects_a_second_scheduler(write_s
     assert r.exit_code == 0, r.output
     assert "round r finished: 7 runs recorded" in r.stdout
     assert "[sud] sudoku, metric hole_acc, threshold +0.0000: done (finalists: scalar_l1_trainable)" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every error names its cause and its fix, before anything starts
+
+def test_run_checks_every_flag_before_a_worker_starts_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    never = "false"  # a worker command that would fail if it were started
+    base = ["run", "--task", "sudoku", "--steps", "4", "--worker-cmd", never]
+    cases = [
+        (["--steps", "-5", "--model-preset", "tiny"], "--steps: must be >= 1"),
+        (["--model-preset", "tiny", "--batch", "0"], "--batch: must be >= 1"),
+        (["--model-preset", "tiny", "--eval-every", "0"], "--eval-every"),
+        (["--checkpoint", "notes.txt"], "--checkpoint: notes.txt"),
+        (["--checkpoint", "missing.pth"], "--checkpoint: missing.pth not found"),
+        (["--model-preset", "tiy"], "did you mean 'tiny'?"),
+        (["--model-preset", "tiny", "--params", '{"bsae": 2}'], "--params: bsae"),
+        (["--model-preset", "tiny", "--candidate", "scalar_l2_trainble"], "did you mean 'scalar_l2_trainable'?"),
+        (["--model-preset", "tiny", "--candidate", "scalar_l9_trainable"], "--candidate scalar_l9_trainable"),
+    ]
+    for flags, needle in cases:
+        assert_user_error(invoke(*base, *flags), needle)
+    assert_user_error(invoke("run", "--task", "sudok", "--steps", "4", "--model-preset", "tiny"),
+                      "did you mean 'sudoku'?")
+    assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # no results/adhoc folder
+
+
+def test_report_status_export_before_the_first_record(tmp_path):
+    round_dir = tmp_path / "results" / "r"
+    round_dir.mkdir(parents=True)
+    (round_dir / "spec.yaml").write_text("round: r\n")
+    assert_user_error(invoke("report", str(round_dir)), "records.jsonl")
+    for cmd in ("status", "export"):  # an empty table, an empty export
+        r = invoke(cmd, str(round_dir))
+        assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert_user_error(invoke("report", str(tmp_path / "nowhere")), "unknown round")
+
+
+def test_every_spec_problem_is_listed_with_did_you_mean(tmp_path, tiny_spec):
+    spec, _ = tiny_spec
+    data = json.loads(json.dumps(spec))
+    sud = data["tasks"]["sud"]
+    sud["treshold"] = sud.pop("threshold")
+    data["tasks"]["two"] = {"tsk": "sudoku", "batch": 4, "threshold": 0.0, "candidates": ["scalar_l1_trainable"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = invoke("validate", "--spec", str(path), "--no-data")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "error: the spec has 2 problems:", lines
+    assert lines[1].startswith("  tasks.sud.treshold: unknown key (did you mean 'threshold', a required key?)")
+    assert lines[2].startswith("  tasks.two.tsk: unknown key (did you mean 'task', a required key?)")

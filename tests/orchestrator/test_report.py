@@ -729,3 +729,68 @@ def test_sandbox_and_seed_controls_are_shown_and_unsafe_is_loud(tmp_path):
     assert md.index("## SANDBOX OFF") < md.index("## Decision rule") and f"`{unsafe}`" in md
     assert "# SANDBOX OFF: 1 run(s)" in (rb.dir / "report" / "summary.txt").read_text()
     assert check_report(rb.dir) == []
+
+
+# --- the protocol's error rates (simulated) and the cost of each decision -------------------------------------------
+def test_rates_are_opt_in_simulated_by_the_real_simulator_and_rederived(tmp_path):
+    from orchestrator import simulate as sim
+
+    rb = build_round(tmp_path)
+    write_report(rb.dir)
+    assert "rates" not in summary_of(rb.dir)
+    assert "Not computed: `fsearch report synth --rates`" in (rb.dir / "report" / "report.md").read_text()
+    write_report(rb.dir, rates=True, replicates=12)
+    r = summary_of(rb.dir)["rates"]
+    assert (r["replicates"], r["seed"], r["effect_sd"]) == (12, 0, 1.0)
+    # the numbers are orchestrator.simulate's for this round's spec under the noise measured in its records
+    model = sim.model_from_noise(rb.spec, sim.noise_from_round(rb.dir))
+    direct = sim.simulate(sim.Protocol.from_spec(rb.spec), model, sim.Scenario.null(), 12, 0)
+    assert r["null"]["fwer"] == direct.fwer.as_dict()
+    assert r["null"]["cost_per_candidate"] == direct.cost_per_candidate.as_dict()
+    assert r["noise"]["task_sd"]["sudoku4"]["seedcheck"] == pytest.approx(
+        np.std(SEEDCHECK_DELTAS[("sudoku4", "scalar_l2_trainable")] + SEEDCHECK_DELTAS[("sudoku4",
+                                                                                       "scalar_l1_sched_cos")],
+               ddof=1), rel=0.5)  # pooled within candidates: near the spread of both candidates' deltas
+    assert 0.0 <= r["one_real"]["power"]["value"] <= 1.0
+    md = (rb.dir / "report" / "report.md").read_text()
+    assert "## Error rates of this protocol (simulated)" in md and "12 simulated rounds per row, seed 0" in md
+    assert check_report(rb.dir) == []  # --check simulates again with the stored replicates and seed
+    path = rb.dir / "report" / "summary.json"
+    s = json.loads(path.read_text())
+    s["rates"]["null"]["fwer"]["value"] = 0.999
+    path.write_text(json.dumps(s))
+    assert any(m.startswith("rates.null.fwer.value: report says 0.999") for m in check_report(rb.dir))
+
+
+def test_rates_without_a_spec_say_why(tmp_path):
+    rb = build_round(tmp_path)
+    (rb.dir / "spec.yaml").unlink()
+    write_report(rb.dir, rates=True, replicates=2)
+    assert "Not available: no readable spec.yaml" in (rb.dir / "report" / "report.md").read_text()
+    assert check_report(rb.dir) == []
+
+
+def test_wall_time_per_decision(reported):
+    rb, path = reported
+    stages = summary_of(rb.dir)["tasks"]["sudoku4"]["compute"]["stages"]
+    quick = [r for r in rb.records if (r.task, r.stage) == ("sudoku4", "quick")]
+    assert stages["quick"]["decisions"] == 4  # four candidates were decided at quick, the baseline served them all
+    assert stages["quick"]["wall_per_decision_s"] == pytest.approx(math.fsum(r.wall_s for r in quick) / 4)
+    assert stages["seedcheck"]["decisions"] == 2
+    assert "| decisions | wall s per decision |" in path.read_text()
+
+
+def test_report_command_rates_and_loud_warnings(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    rb = build_round(tmp_path)
+    rb.spec_text = SPEC
+    _rerun_seedcheck_at(rb, 90)
+    r = CliRunner().invoke(cli, ["report", str(rb.dir), "--rates", "--replicates", "3"])
+    assert r.exit_code == 0, r.output
+    assert "warning: 30 run(s) share a task, stage, candidate and seed with runs of other conditions" in r.output
+    assert summary_of(rb.dir)["rates"]["replicates"] == 3
+    r = CliRunner().invoke(cli, ["report", str(rb.dir), "--replicates", "0"])
+    assert r.exit_code == 2 and "Traceback" not in r.output

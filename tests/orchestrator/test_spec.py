@@ -63,7 +63,7 @@ def test_base_spec_is_valid_and_resolves_candidates():
     # every default lives in the schema
     assert spec.defaults.n_val == 64 and spec.defaults.retries == 2
     # the sequential seed check's fresh seed pool: the last look's seeds and two spares, past every screening seed
-    assert spec.stages.seedcheck.rule == "sequential" and spec.stages.seedcheck.seeds == list(range(1000, 1018))
+    assert spec.stages.seedcheck.rule == "sequential" and spec.stages.seedcheck.seeds == list(range(1000, 1022))
     assert spec.stage_n_val("med") == 64 and spec.stages.med.seeds == [0]
     assert spec.storage_url() == "sqlite:///results/t/study.db"
     assert [n for n, _ in spec.stage_list()] == ["quick", "med", "seedcheck"]
@@ -144,7 +144,7 @@ def test_defaults_fs_fill_only_what_a_name_leaves_open():
     (lambda d: d.update(stages={"long": {"steps": 10, "eval_every": 5}}), "stages: give `quick`"),
     # model shape overrides
     (lambda d: d.update(model={"preset": "tiny", "shape": {"n_heads": 2}}),
-     "model.shape.n_heads: unknown key; allowed: n_layer, n_embd, head_size, ffn_dim, d_decay, d_aaa, d_mv, d_gate"),
+     "model.shape.n_heads: unknown key (did you mean 'head_size'?); allowed: n_layer, n_embd, head_size, ffn_dim, d_decay, d_aaa, d_mv, d_gate"),
     (lambda d: d.update(model={"preset": "tiny", "shape": {"head_size": 48}}),
      "model.shape.head_size: head_size (48) must divide n_embd (64) (preset 'tiny')"),
     (lambda d: d.update(model={"preset": "tiny", "shape": {"n_embd": 72}}),
@@ -252,7 +252,8 @@ def test_a_task_may_train_its_own_model():
     data["tasks"]["deep"]["model"] = {"checkpoint": "w.pth", "shape": {"n_layer": 2}}
     assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.shape: only a from-scratch `preset`")
     data["tasks"]["deep"]["model"] = {"preset": "small", "shape": {"layers": 2}}
-    assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.shape.layers: unknown key; allowed: ")
+    assert first_error(lambda d: d.update(data)).startswith(
+        "tasks.deep.model.shape.layers: unknown key (did you mean 'n_layer'?); allowed: ")
     data["tasks"]["deep"]["model"] = {"preset": "huge"}
     assert first_error(lambda d: d.update(data)).startswith("tasks.deep.model.preset: unknown model preset 'huge'")
 
@@ -427,3 +428,25 @@ def test_round_ports_name_each_missing_dataset(tmp_path):
     assert REAL_TASKS <= set(task_names()), f"real-data tasks not registered: {REAL_TASKS - set(task_names())}"
     assert {ln.split(":")[0] for ln in lines} == {f"tasks.{label}" for label in labels}
     assert all("dataset" in ln for ln in lines)
+
+
+def test_a_misspelt_required_key_is_one_problem_with_did_you_mean():
+    data = copy.deepcopy(BASE)
+    task = data["tasks"]["sudoku4"]
+    task["treshold"] = task.pop("threshold")
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert e.value.errors == [e.value.errors[0]] and e.value.errors[0].startswith(
+        "tasks.sudoku4.treshold: unknown key (did you mean 'threshold', a required key?); allowed: task, ")
+
+
+def test_unknown_task_and_candidate_names_suggest_the_closest():
+    data = copy.deepcopy(BASE)
+    data["tasks"]["sudoku4"]["candidates"] = ["scalar_l2_trainble"]
+    with pytest.raises(SpecError, match=r"did you mean 'scalar_l2_trainable'\?"):
+        parse_spec(data)
+    data = copy.deepcopy(BASE)
+    data["tasks"]["sudoku4"]["task"] = "sudok"
+    errors = check_spec(parse_spec(data), check_data=False).errors
+    assert errors[0].startswith("tasks.sudoku4.task: unknown task 'sudok'") and errors[0].endswith(
+        "did you mean 'sudoku'?")
