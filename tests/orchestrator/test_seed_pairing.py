@@ -58,14 +58,14 @@ def check_planner_pairs(table: dict) -> None:
         if d.stage == "seedcheck":
             assert d.decision == "recorded"
         else:
-            assert d.decision == ("promote" if mean >= THRESHOLD else "prune"), (d.stage, d.candidate, mean)
+            # the screen may prune more than the threshold asks (the decision rules' halving), never promote less
+            assert d.decision == "prune" or mean >= THRESHOLD, (d.stage, d.candidate, mean)
     # a candidate reaches med exactly when its mean quick delta passed, the seed check when its med delta did
     quick = {d.candidate: d for d in p.decisions if d.stage == "quick"}
     med = {d.candidate: d for d in p.decisions if d.stage == "med"}
     assert set(med) == {c for c, d in quick.items() if d.decision == "promote"}
-    promoted = sorted((c for c, d in med.items() if d.decision == "promote"),
-                      key=lambda c: -med[c].mean_delta)  # best first; sorted is stable: ties keep spec order
-    assert [d.candidate for d in p.decisions if d.stage == "seedcheck"] == promoted[:2]
+    finalists = {d.candidate for d in p.decisions if d.stage == "seedcheck"}
+    assert finalists <= {c for c, d in med.items() if d.decision == "promote"}  # which of them: the finalist rule
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,7 +82,8 @@ def test_planner_pairing_on_a_round_where_every_candidate_reaches_the_seed_check
     check_planner_pairs(table)
     recs, _, p = simulate(planner_spec(), lambda u: ("ok", table[(u.stage, u.candidate.name, u.seed)]))
     sc = [r for r in recs if r.stage == "seedcheck" and r.candidate != "baseline"]
-    assert len(sc) == 10 and len({r.baseline_key for r in sc}) == 5
+    finalists = {r.candidate for r in sc}
+    assert len(finalists) >= 2 and len(sc) == 5 * len(finalists) and len({r.baseline_key for r in sc}) == 5
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -141,7 +142,6 @@ def test_report_pairs_each_seed_with_its_own_baseline(tmp_path_factory, table):
                     assert row["baseline_value"] == table[(task, stage, "baseline", seed)]
                     assert row["delta"] == table[(task, stage, cand, seed)] - table[(task, stage, "baseline", seed)]
         finalists = t["seedcheck"]["finalists"]
-        assert len(finalists) == 2, task
         for cand, f in finalists.items():
             expected = {f"s{seed}": table[(task, "seedcheck", cand, seed)] - table[(task, "seedcheck", "baseline", seed)]
                         for seed in REPORT_STAGES["seedcheck"]}
