@@ -39,8 +39,8 @@ The protocol in words (the default; a spec may pin the original's rules, see REA
   test metric (selection used validation). At planned looks n_1 < ... < n_K paired seeds it computes the one-sided
   paired t statistic of d_s = candidate_s - baseline_s. Confirmed when the one-sided p <= c and the mean reaches the
   threshold, where c is the Pocock constant nominal level for the t statistic at those looks
-  (stats.pocock_t_level) for alpha / m, m the round's FS finalist slots (tasks x max_finalists, fixed before any
-  data: Bonferroni over finalists). Rejected when the one-sided upper bound at the same level lies below the
+  (stats.pocock_t_level) for alpha / m, m the round's FS finalist slots (per task, max_finalists or the fewer the
+  screens can promote: planner.finalist_slots, fixed by the spec before any data; Bonferroni over finalists). Rejected when the one-sided upper bound at the same level lies below the
   threshold; stopped for futility (inconclusive) when the mean delta is <= 0 at a look after the first; otherwise
   more seeds, up to the last look, after which it is inconclusive. Stopping to reject or for futility makes no claim,
   so it can only lower the error rate: P(any FS finalist confirmed | no candidate has an effect) <= alpha across
@@ -154,8 +154,8 @@ def screen(stage: str, seeds: Sequence[int], deltas: Mapping[int, float | None],
 
     A failed or diverged candidate run prunes it at a screening stage (and leaves no mean); a stage with a seed still
     missing is pending; a complete screening stage is decided by `rule` (None: the module's SCREEN_RULE, looked up at
-    each call, so a rule plugged in there reaches the planner and the report alike). Outside screening stages nothing is decided
-    here: long is recorded, seedcheck goes to SeedCheckRule."""
+    each call, so a rule plugged in there reaches the planner and the report alike). Outside screening stages nothing
+    is decided here: long is recorded, seedcheck goes to SeedCheckRule."""
     ok = {s: d for s, d in deltas.items() if d is not None}
     mean = mean_delta(list(ok.values())) if failure is None else None
     if not is_gate(stage):

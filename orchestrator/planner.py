@@ -311,6 +311,26 @@ def _index(records: Iterable[Any]) -> tuple[dict[str, Any], list[str]]:
     return index, warnings
 
 
+def finalist_slots(spec: Spec, control: bool = False) -> int:
+    """The most seed-check finalists (FS candidates, or controls) the round can have, from the spec alone: per task,
+    the quota (max_finalists / max_controls) or fewer where the screening stages cannot promote more (each halving
+    rung keeps at most ceil(keep x its candidates)). Fixed before any data, so a Bonferroni split over it is valid."""
+    sc = spec.stages.seedcheck
+    if sc is None:
+        return 0
+    total = 0
+    for label in spec.tasks:
+        controls = spec.controls(label)
+        alive = sum((c.name in controls) == control for c in spec.candidates(label))
+        for name, st in spec.stage_list():
+            screen = getattr(st, "screen", None)
+            if screen is not None and screen.rule == "halving" and alive:
+                for _ in screen.rung_sizes(len(st.seeds)):
+                    alive = max(1, math.ceil(screen.keep * alive - 1e-9))
+        total += min(alive, sc.max_controls if control else sc.max_finalists)
+    return total
+
+
 def _chance_level(kind: str, params: Mapping[str, Any], metric: str | None) -> float | None:
     """The task's chance level of the decision metric (None where the task does not know it)."""
     return _chance_level_of(kind, canonical_json(dict(params)), metric)
@@ -635,9 +655,8 @@ class _TaskPlanner:
     # the sequential seed check -----------------------------------------------------------------------------------
     def sequential_rule(self, st: Any, control: bool) -> SequentialCheckRule:
         """The rule of one finalist: the FS finalists' family is every task's FS finalist slots, the controls' their
-        own slots (Bonferroni; the slots are fixed by the spec before any data)."""
-        slots = len(self.spec.tasks) * (st.max_controls if control else st.max_finalists)
-        return SequentialCheckRule(tuple(st.looks), st.alpha, max(1, slots))
+        own slots (Bonferroni; the slots are fixed by the spec before any data: see finalist_slots)."""
+        return SequentialCheckRule(tuple(st.looks), st.alpha, max(1, finalist_slots(self.spec, control)))
 
     def check_value(self, rec: Any, metric: str) -> float | None:
         """A seed-check record's decision value: its held-out test metric (or validation, `decide_on: val`)."""

@@ -93,7 +93,7 @@ def original_protocol(n_candidates: int = 8, threshold: float = 0.0) -> Protocol
 
 # The default protocol, chosen with this simulator (README "Protocol and statistics"): successive halving over quick
 # seeds, then the sequential check on fresh seeds for the one best FS candidate.
-DEFAULT_QUICK_RUNGS = (1, 3, 7)
+DEFAULT_QUICK_RUNGS = (2, 6, 12)
 DEFAULT_MAX_FINALISTS = 1
 
 
@@ -124,8 +124,9 @@ def search_spec(n_candidates: int = 8, rungs: Sequence[int] = DEFAULT_QUICK_RUNG
 
 
 def default_protocol(n_candidates: int = 8, threshold: float = 0.0) -> Protocol:
-    """The default protocol: halving over 1 -> 3 -> 7 quick seeds (keep half), then the sequential check (looks
-    from the spec schema) on fresh seeds for the best FS candidate, deciding on the held-out test metric."""
+    """The default protocol: halving over 2 -> 6 -> 12 quick seeds (keep half: 8 -> 4 -> 2 -> 1 candidates), then
+    the sequential check (looks from the spec schema) on fresh seeds for the best FS candidate, deciding on the
+    held-out test metric."""
     return Protocol.from_spec(parse_spec(search_spec(n_candidates, threshold=threshold)), name="default")
 
 

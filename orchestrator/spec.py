@@ -57,7 +57,7 @@ STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
 COMPARISON_STAGES = ("seedcheck",)  # the stages of a comparison round (no screening, nothing pruned)
 MAX_SEED = 2**32 - 1  # numpy's and most RNGs' limit
-DEFAULT_LOOKS = (4, 6, 8, 10, 12, 16)  # the sequential seed check's looks (paired seeds), chosen with `fsearch simulate`
+DEFAULT_LOOKS = (4, 6, 8, 10, 12, 16, 20)  # the sequential seed check's looks (paired seeds; see `fsearch simulate`)
 SEQUENTIAL_SEED_OFFSET = 1000  # the sequential seed check's default seed pool starts here (fresh seeds)
 SPARE_SEEDS = 2  # pool seeds past the last look, used when a baseline seed fails for good
 MIN_SEEDCHECK_SEEDS = 5  # 2**-5 = 0.031: the fewest paired seeds for which an exact sign test can reach p < 0.05
