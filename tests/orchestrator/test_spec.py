@@ -365,12 +365,14 @@ def test_demo_study_validates_with_its_data():
     warnings = validate_spec(spec, check_data=True)
     assert [w for w in warnings if not w.startswith("stages.seedcheck.seeds: only 3 seeds")] == []
     assert spec.model.preset == "tiny" and {t.task for t in spec.tasks.values()} >= {"sudoku"}
-    assert len(spec.tasks) == 2 and spec.stages.seedcheck.allow_few_seeds
+    # the default rules at demonstration size: halving over two quick seeds, a sequential check of at most 3 seeds
+    assert len(spec.tasks) == 2 and spec.stages.seedcheck.rule == "sequential" and spec.stages.seedcheck.looks[-1] <= 3
+    assert spec.stages.quick.screen.rule == "halving"
     for label in spec.tasks:
         cands = spec.candidates(label)
         fs = [c.fs for c in cands if c.fs is not None]
-        assert 3 <= len(cands) <= 4 and len(fs) >= 2 and all(1 <= f.layer_start <= 3 for f in fs)
-        assert "read_twice" in [c.name for c in cands]
+        assert 2 <= len(cands) <= 4 and len(fs) >= 2 and all(1 <= f.layer_start <= 3 for f in fs)
+    assert any(spec.controls(label) == {"read_twice"} for label in spec.tasks)
 
 
 @pytest.mark.parametrize("name", PORTS)
