@@ -256,7 +256,7 @@ def test_run_by_hand_with_the_fake_worker(tmp_path, fake_worker_cmd, monkeypatch
 
 
 def test_report_command_uses_the_report_module(finished_round, monkeypatch):
-    monkeypatch.setattr(cli_mod, "write_report", lambda rd: Path(rd) / "report" / "report.md")
+    monkeypatch.setattr(cli_mod, "write_report", lambda rd, **kw: Path(rd) / "report" / "report.md")
     monkeypatch.setattr(cli_mod, "check_report", lambda rd: ["value of x differs"])
     r = invoke("report", str(finished_round))
     assert r.exit_code == 0 and r.stdout.strip() == str(finished_round / "report" / "report.md")
