@@ -14,7 +14,7 @@ planner acted on instead of working it out a second time.
     select_finalists(names, deltas, limit)     the seed check's finalists after the last screening stage
     SeedCheckRule                              the seed check's confirmed / inconclusive / rejected rule
     lower_is_better(metric)                    orientation of a metric
-    HalvingRule / halving_rung(...)            a multi-seed screen: successive halving over seeds (rungs)
+    HalvingRule                                a multi-seed screen: successive halving over seeds (rungs)
     is_chance_tie(...)                         candidate and baseline both at the task's chance level
     worst_value(metric, observed)              what a failed or diverged candidate seed counts as
     SequentialCheckRule                        the sequential seed check on fresh seeds (confirmed / rejected /
@@ -40,9 +40,10 @@ The protocol in words (the default; a spec may pin the original's rules, see REA
   paired t statistic of d_s = candidate_s - baseline_s. Confirmed when the one-sided p <= c and the mean reaches the
   threshold, where c is the Pocock constant nominal level for the t statistic at those looks
   (stats.pocock_t_level) for alpha / m, m the round's FS finalist slots (per task, max_finalists or the fewer the
-  screens can promote: planner.finalist_slots, fixed by the spec before any data; Bonferroni over finalists). Rejected when the one-sided upper bound at the same level lies below the
-  threshold; stopped for futility (inconclusive) when the mean delta is <= 0 at a look after the first; otherwise
-  more seeds, up to the last look, after which it is inconclusive. Stopping to reject or for futility makes no claim,
+  screens can promote: planner.finalist_slots, fixed by the spec before any data; Bonferroni over finalists).
+  Rejected when the one-sided upper bound at the same level lies below the threshold; stopped for futility
+  (inconclusive) when the mean delta is <= 0 at a look; otherwise more seeds, up to the last look, after which it is
+  inconclusive. Stopping to reject or for futility makes no claim,
   so it can only lower the error rate: P(any FS finalist confirmed | no candidate has an effect) <= alpha across
   looks and finalists. Controls form their own family (alpha / controls' slots).
 """
@@ -60,7 +61,7 @@ __all__ = [
     "STAGE_ORDER", "GATE_STAGES", "SEEDCHECK", "LOWER_IS_BETTER", "THRESHOLD_TOLERANCE", "stage_rank", "is_gate",
     "mean_delta", "meets_threshold", "ScreenDecision", "ScreenRule", "DeltaThresholdRule", "SCREEN_RULE", "screen",
     "run_decision", "rank_by_delta", "select_finalists", "SeedCheckRule", "lower_is_better", "HalvingRule",
-    "halving_rung", "is_chance_tie", "worst_value", "SequentialCheckRule", "SequentialLook", "split_finalists",
+    "is_chance_tie", "worst_value", "SequentialCheckRule", "SequentialLook", "split_finalists",
     "CHANCE_TOLERANCE",
 ]
 
@@ -365,16 +366,6 @@ class HalvingRule:
                                            f"{stage} mean delta {mean:+.4g} over {len(ds)} seeds, rank {rank + 1} of "
                                            f"{len(alive)}" + (" (halving)" if last else " (next rung)"))
         return {name: out[name] for name in deltas}
-
-
-def halving_rungs(rungs: Sequence[int] | None, n_seeds: int) -> list[int]:
-    """The cumulative seed counts of a stage's rungs (None: one rung of every seed)."""
-    return sorted(set(rungs)) if rungs else [n_seeds]
-
-
-def halving_rung(rule: HalvingRule, stage: str, deltas: Mapping[str, Sequence[float]], threshold: float, last: bool,
-                 chance_ties: frozenset[str] = frozenset()) -> dict[str, ScreenDecision]:
-    return rule.rung(stage, deltas, threshold, last, chance_ties)
 
 
 def split_finalists(names: Sequence[str], deltas: Mapping[str, float | None], controls: frozenset[str] | set[str],

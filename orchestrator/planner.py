@@ -15,16 +15,27 @@ Rules (orchestrator contract):
 - Within a stage: baselines first, then candidates in spec order, seeds ascending. A candidate run becomes runnable
   once the baseline of its seed has an ok record (so a failed baseline wastes no candidate compute and every record
   can carry its delta when it is written).
-- A stage is complete when each of its runs has a record (a candidate that already failed or diverged in a gate stage
-  skips its remaining seeds: it is pruned either way). Only then are candidates promoted:
-  mean over the stage's seeds of (candidate - matched baseline) >= the task's threshold (orchestrator.decisions).
+- Screening stages decide by their `screen` rule (orchestrator.decisions). threshold (the original's): a stage is
+  complete when each of its runs has a record (a candidate that already failed or diverged skips its remaining seeds:
+  it is pruned either way); then mean over the stage's seeds of (candidate - matched baseline) >= the task's
+  threshold promotes. halving: rung by rung over the stage's seeds, synchronously (a rung's runs all have records
+  before anyone moves on); a failed candidate seed counts as the metric's worst value; a baseline seed that failed
+  for good removes that pair (said in the reasons); FS candidates and controls are halved apart.
+- A tie at the task's chance level (candidate and baseline both at chance) is never promoted.
+- A threshold in baseline SDs is measured first, on the first stage's calibration baselines (also matched baselines).
+- seedcheck, sequential: looks of fresh paired seeds from the stage's seed pool (never a screening seed), every
+  finalist on the same seeds, the test metric, until each finalist is confirmed, rejected or stopped
+  (decisions.SequentialCheckRule; family = finalist_slots(spec)); fixed: the listed seeds, decided by the report's
+  SeedCheckRule.
 - quick: baseline + all candidates. med: baseline + quick survivors. long: baseline + the med survivor with the
   highest med delta. seedcheck: baseline + finalists (the survivors of the last gate stage, best delta first, at
-  most max_finalists), paired per seed. A task with no survivors after a gate stage is done.
+  most max_finalists FS candidates and, in their own quota, max_controls controls), paired per seed. A task with no
+  survivors after a gate stage is done.
 - A comparison round (seedcheck is the spec's only stage): no gate stage, so the finalists are all candidates in
   spec order (the spec guarantees max_finalists >= their number) and nothing is pruned.
-- A baseline that failed or diverged (after its retries) fails its task with the reason; the other tasks go on.
-  A failed or diverged candidate is pruned with the error as its reason.
+- Under the threshold rule and the fixed check, a baseline that failed or diverged (after its retries) fails its
+  task with the reason (the other tasks go on) and a failed or diverged candidate is pruned with the error as its
+  reason.
 """
 from __future__ import annotations
 
