@@ -604,6 +604,7 @@ class _TaskPlanner:
             recs = {k: self.record(u) for k, u in units.items()}
             row.total = len(rung) + sum(len(ok) for _ in alive) if r == len(sizes) - 1 else row.total
             row.done = sum(x is not None for x in (*base_rec.values(), *recs.values()))
+            row.failed = sum(x is not None and _failure(x) is not None for x in (*base_rec.values(), *recs.values()))
             missing_base = [base[s] for s in ok if base_rec[s] is None]
             missing = [u for k, u in units.items() if recs[k] is None and base_rec[u.seed] is not None]
             if missing_base or missing:
@@ -627,7 +628,6 @@ class _TaskPlanner:
                     v = _get(rec, "value") if _failure(rec) is None else worst
                     if _failure(rec) is not None:
                         worst_seeds[c.name].append(s)
-                        row.failed += 1
                     deltas[c.name][s] = v - _get(base_rec[s], "value")
             ties = frozenset(c.name for c in alive if not worst_seeds[c.name] and self.chance_tie(
                 [recs[(c.name, s)] for s in ok], [base_rec[s] for s in ok]))
