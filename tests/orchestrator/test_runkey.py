@@ -128,3 +128,10 @@ def test_seeds_initialise_differently_unless_fixed(tmp_path):
     f1, q1 = first_weights(1, {"preset": "tiny", "init_seed": 0})
     assert torch.equal(f0, f1) and torch.equal(f0, w0)  # seed 0 with init following it is init seed 0
     assert (r0, r1) == (q0, q1)  # the training streams are the seed's alone
+
+
+@pytest.mark.parametrize("model, controls", [({"preset": "tiny"}, ["data_order", "init"]),
+                                             ({"preset": "tiny", "init_seed": 0}, ["data_order"])])
+def test_records_say_what_the_seed_controlled(fake_env, write_spec, round_runner, model, controls):
+    _, records = round_runner(write_spec({"model!": model}))
+    assert records and all(r.seed_controls == controls for r in records)
