@@ -84,7 +84,7 @@ class RunUnit:
     round: str = "adhoc"
     time_limit_s: float = 3600.0
     retries: int = 2  # crash/timeout retries (defaults.baseline_retries for baselines)
-    threshold: float = 0.0
+    threshold: float | None = 0.0  # None: a threshold in baseline SDs not measured yet (calibration baselines)
     metric: str | None = None  # None: the task's primary metric (RunResult.primary_metric)
     stage_seeds: int = 1  # how many seeds the unit's stage has (a stage decision averages over them)
     screen_rule: str = "threshold"  # the stage's screening rule (a one-seed threshold stage decides per record)
@@ -271,7 +271,7 @@ class Judgement:
     baseline_key: str | None
     baseline_value: float | None
     delta: float | None
-    threshold: float
+    threshold: float | None
     decision: Literal["baseline", "promote", "prune", "recorded", "failed", "diverged"]
 
 
@@ -415,7 +415,7 @@ class _TaskPlanner:
                        device=d.device, round=spec.round,
                        time_limit_s=spec.stage_time_limit_s(stage),
                        retries=d.baseline_retries if cand.is_baseline else d.retries,
-                       threshold=self.threshold or 0.0, metric=self.task.metric, stage_seeds=len(st.seeds),
+                       threshold=self.threshold, metric=self.task.metric, stage_seeds=len(st.seeds),
                        screen_rule=st.screen.rule if is_gate(stage) else "threshold")
 
     def record(self, unit: RunUnit) -> Any:

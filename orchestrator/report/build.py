@@ -317,6 +317,9 @@ def task_summary(ctx: Context, label: str) -> dict[str, Any]:
         ctx.problem(f"task {label}: records use different metrics {metrics}")
     thresholds = sorted({r.threshold for r in recs if r.threshold is not None})
     threshold = spec_task.threshold if spec_task is not None else (thresholds[0] if thresholds else 0.0)
+    if not isinstance(threshold, (int, float)):  # in baseline SDs: the value the planner measured
+        threshold = next((d.threshold for (t, _, _), d in ctx.planned.items() if t == label), None)
+        threshold = threshold if threshold is not None else (thresholds[0] if thresholds else 0.0)
     if any(t != threshold for t in thresholds):
         ctx.problem(f"task {label}: records carry threshold(s) {thresholds}, the spec says {threshold}")
     candidates = [c.name for c in spec_task.candidates] if spec_task is not None else []

@@ -244,11 +244,12 @@ def _seedcheck_markdown(t: dict[str, Any], rule: dict[str, Any]) -> list[str]:
     if not fin:
         return []
     seeds = t["seedcheck"]["seeds"]
-    lines = ["### Seed check", "",
-             f"Paired deltas over seeds {', '.join(str(x) for x in seeds)}; Holm family: all "
-             f"{rule['family_size']} finalist(s) of the round.", ""]
+    sequential = all(f.get("rule") == "sequential" for f in fin.values())
+    family = ("sequential check: looks of fresh seeds, decided by the planner (protocol above)" if sequential else
+              f"Holm family: all {rule['family_size']} finalist(s) of the round")
+    lines = ["### Seed check", "", f"Paired deltas over seeds {', '.join(str(x) for x in seeds)}; {family}.", ""]
     alpha = rule["alpha"]
-    if 2.0 ** -len(seeds) >= alpha:
+    if 2.0 ** -len(seeds) >= alpha and not sequential:  # the fixed rule's sign-flip veto
         need = next(n for n in range(1, 64) if 2.0 ** -n < alpha)
         lines += [f"**With {len(seeds)} seeds no finalist can be confirmed:** the one-sided sign-flip p-value "
                   f"cannot go below 2^-{len(seeds)} = {2.0 ** -len(seeds):.4g} ≥ {alpha:g}; at least {need} "
