@@ -300,7 +300,14 @@ def bind_round_spec(spec: Spec, shared_url: str | None, new_version: bool) -> Sp
     from orchestrator.study import stored_spec_text  # imports Optuna
 
     def stored(name: str) -> str | None:
-        return stored_spec_text(shared_url, name) if shared_url is not None else None
+        """The study's spec; None also where it cannot be read yet (a fresh database: the scheduler's own check under
+        its claim tables still binds the round)."""
+        if shared_url is None:
+            return None
+        try:
+            return stored_spec_text(shared_url, name)
+        except UserError:
+            return None
 
     if new_version:
         bound = versioned_round(spec, stored)
