@@ -597,6 +597,8 @@ class _TaskPlanner:
         alive = list(members)
         outcome: dict[str, tuple[str, float | None]] = {}
         for r, size in enumerate(sizes):
+            if not alive:  # every candidate is out: the later rungs need no runs, not even baselines
+                break
             rung = seeds[:size]
             removed = [s for s in rung if base_rec[s] is not None and _failure(base_rec[s]) is not None]
             ok = [s for s in rung if s not in removed]

@@ -268,3 +268,17 @@ def test_default_protocol_meets_the_targets():
 def test_default_protocol_meets_the_targets_precisely():
     null, real = _rates(2000, 31)
     _meets_targets(null, real, z=2.0)
+
+
+def test_a_halving_stage_with_everyone_out_runs_no_later_rung():
+    """Every candidate a tie at chance on the first rung: the stage ends there, without the second seed's baseline."""
+    spec = parse_spec(spec_data(n_fs=2, control=False, med=False, rungs=[1, 2]))
+    records: list[dict] = []
+    for _ in range(10):
+        p = plan(spec, records)
+        if p.finished:
+            break
+        records += [{"run_key": u.run_key, "status": "ok", "value": CHANCE - 0.0156, "metric": "hole_acc",
+                     "test": {"test_hole_acc": CHANCE}, "seed": u.seed} for u in p.runnable]
+    assert p.finished and p.tasks["su"].reason.startswith("no candidate passed quick")
+    assert {r["seed"] for r in records} == {0}
