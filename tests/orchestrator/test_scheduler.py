@@ -261,7 +261,7 @@ def test_rich_display_renders_the_live_table(write_spec, fake_env, round_runner)
     display = RichDisplay(console)
     round_runner(write_spec(), display=display)
     out = buf.getvalue()
-    assert "round r" in out and "current run" in out and "seedcheck" in out
+    assert "round r" in out and "seedcheck" in out and "7/7 planned runs done, round finished" in out
     assert "scalar_l2_trainable s0: ok hole_acc=" in out
 
 
