@@ -682,7 +682,7 @@ def report_cmd(round_arg: str, check: bool, results: str | None, storage: str | 
 
 @cli.command("simulate")
 @click.option("--spec", "spec_args", multiple=True,
-              help="simulate this spec's protocol (repeat to compare; default: today's default protocol)")
+              help="simulate this spec's protocol (repeat to compare; default: the original's beside the default)")
 @click.option("--noise-from", default=None, help="a finished round's folder: its paired-delta SDs and wall times")
 @click.option("--effects", default="0.5,1", show_default=True, help="real effects to test, in SDs (comma list)")
 @click.option("--candidates", default=8, show_default=True, type=int, help="candidates of the default protocol")
