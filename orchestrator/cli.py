@@ -40,6 +40,7 @@ from orchestrator.report import check_report, write_report
 from orchestrator.report.rates import RATES_REPLICATES
 from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
 from orchestrator.simulate import run_command as simulate_protocol
+from orchestrator.simulate import validate_noise
 from orchestrator.spec import Spec, find_spec_file, load_spec, parse_spec_text, validate_spec
 from tasks import task_class
 
@@ -454,16 +455,25 @@ def export_cmd(round_arg: str, fmt: str, output: str | None, results: str | None
 @cli.command("validate")
 @click.option("--spec", "spec_arg", required=True, help="spec file (a name also finds studies/NAME.yaml)")
 @click.option("--no-data", is_flag=True, help="skip the data-availability checks")
-def validate_cmd(spec_arg: str, no_data: bool) -> None:
-    """Check a spec (schema, candidates against the model, task parameters, data) without running anything."""
+@click.option("--noise-from", default=None,
+              help="a finished round's folder: simulate the spec's error rates under the paired-delta SDs measured "
+                   "there (tasks matched by label, else by task and parameters) and warn where the screens are "
+                   "mostly noise (default: the spec's own round, when it has records and the spec one-seed "
+                   "threshold screens)")
+def validate_cmd(spec_arg: str, no_data: bool, noise_from: str | None) -> None:
+    """Check a spec (schema, candidates against the model, task parameters, data) without running anything; with
+    known noise, also its protocol's error rates (simulated, seconds). Warnings do not change the exit code."""
     spec, warnings = load_spec_arg(spec_arg, check_data=not no_data)
-    for w in warnings:
+    rate_lines, rate_warnings = validate_noise(spec, noise_from)
+    for w in warnings + rate_warnings:
         click.echo(f"warning: {w}", err=True)
     stages = ", ".join(f"{name} {st.steps} steps x{len(st.seeds)} seed(s)" for name, st in spec.stage_list())
     n_cand = sum(len(t.candidates) for t in spec.tasks.values())
     kind = "comparison round (every candidate on every seed, nothing pruned)" if spec.is_comparison else "stages"
     click.echo(f"ok: round {spec.round} -> {spec.round_dir}: {len(spec.tasks)} task(s), {n_cand} candidate(s); "
                f"{kind}: {stages}")
+    for line in rate_lines:
+        click.echo(line)
 
 
 @cli.command("run")
