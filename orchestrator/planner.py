@@ -14,13 +14,18 @@ Rules (orchestrator contract):
   batch, steps, eval_every, n_val, data_seed: RunKey.matched_baseline), never with another stage's.
 - Within a stage: baselines first, then candidates in spec order, seeds ascending. A candidate run becomes runnable
   once the baseline of its seed has an ok record (so a failed baseline wastes no candidate compute and every record
-  can carry its delta when it is written).
+  can carry its delta when it is written); where a failed baseline fails the task (the threshold rule, the fixed
+  check, long), once every baseline of the stage has one.
+- The plan never depends on the order in which runs finish: a unit is emitted only when every completion of the runs
+  still missing needs it, so several workers run exactly the runs, and make exactly the decisions, of a serial round
+  (the decisions read the records by run key; ties are broken in spec order).
 - Screening stages decide by their `screen` rule (orchestrator.decisions). threshold (the original's): a stage is
-  complete when each of its runs has a record (a candidate that already failed or diverged skips its remaining seeds:
-  it is pruned either way); then mean over the stage's seeds of (candidate - matched baseline) >= the task's
-  threshold promotes. halving: rung by rung over the stage's seeds, synchronously (a rung's runs all have records
-  before anyone moves on); a failed candidate seed counts as the metric's worst value; a baseline seed that failed
-  for good removes that pair (said in the reasons); FS candidates and controls are halved apart.
+  complete when each of its runs has a record (a candidate's seeds run one after another, and one that failed or
+  diverged skips its remaining seeds: it is pruned either way); then mean over the stage's seeds of (candidate -
+  matched baseline) >= the task's threshold promotes. halving: rung by rung over the stage's seeds, synchronously
+  (a rung's runs all have records before anyone moves on); a failed candidate seed counts as the metric's worst
+  value; a baseline seed that failed for good removes that pair (said in the reasons); FS candidates and controls
+  are halved apart.
 - A tie at the task's chance level (candidate and baseline both at chance) is never promoted.
 - A threshold in baseline SDs is measured first, on the first stage's calibration baselines (also matched baselines).
 - seedcheck, sequential: looks of fresh paired seeds from the stage's seed pool (never a screening seed), every
@@ -34,8 +39,8 @@ Rules (orchestrator contract):
 - A comparison round (seedcheck is the spec's only stage): no gate stage, so the finalists are all candidates in
   spec order (the spec guarantees max_finalists >= their number) and nothing is pruned.
 - Under the threshold rule and the fixed check, a baseline that failed or diverged (after its retries) fails its
-  task with the reason (the other tasks go on) and a failed or diverged candidate is pruned with the error as its
-  reason.
+  task with the reason once every baseline of the stage has a record (the other tasks go on) and a failed or
+  diverged candidate is pruned with the error as its reason.
 """
 from __future__ import annotations
 
@@ -501,22 +506,29 @@ class _TaskPlanner:
         row.done = sum(r is not None for r in (*base_rec.values(), *recs.values()))
         row.failed = sum(r is not None and _failure(r) is not None for r in (*base_rec.values(), *recs.values()))
 
+        # Only runs that every completion order needs are emitted, so that several workers run the serial round's
+        # runs: every baseline of the stage runs (a failed one fails the task once all have records, whichever
+        # finished first) and no candidate starts before they are all ok; a failed candidate seed prunes it at a
+        # gate and skips its later seeds, so there a candidate's seeds run one after another.
+        missing_base = [baselines[s] for s in seeds if base_rec[s] is None]
+        if missing_base:
+            self.out.runnable += missing_base
+            return None
         for s in seeds:
-            if base_rec[s] is not None and (why := _failure(base_rec[s])) is not None:
+            if (why := _failure(base_rec[s])) is not None:
                 row.state = "failed"
                 self._fail(f"baseline failed at {name} seed {s}: {why}")
                 return None
-
-        doomed = {c.name for c in members if gate and any(
-            recs[(c.name, s)] is not None and _failure(recs[(c.name, s)]) is not None for s in seeds)}
-        # a gate stage whose every candidate already failed needs no more baselines: it ends with all pruned
-        all_doomed = gate and len(doomed) == len(members)
-        missing_base = [] if all_doomed else [baselines[s] for s in seeds if base_rec[s] is None]
-        missing = [units[(c.name, s)] for c in members for s in seeds
-                   if recs[(c.name, s)] is None and c.name not in doomed]
-        if missing_base or missing:
-            self.out.runnable += missing_base
-            self.out.runnable += [u for u in missing if base_rec[u.seed] is not None]
+        missing = []
+        for c in members:
+            for s in seeds:
+                rec = recs[(c.name, s)]
+                if rec is None:
+                    missing.append(units[(c.name, s)])
+                if gate and (rec is None or _failure(rec) is not None):
+                    break
+        if missing:
+            self.out.runnable += missing
             return None
 
         row.state = "complete"

@@ -98,13 +98,16 @@ def test_candidates_follow_their_baseline_in_spec_order_seeds_ascending():
     recs: list = []
     base0 = plan(spec, recs).runnable[0]
     recs.append(record_for(base0, recs))
-    # baseline seed 1 still missing: only seed-0 candidate runs may start, after the remaining baseline
+    # baseline seed 1 still missing: no candidate starts (a failed baseline would fail the task)
     got = [(u.candidate.name, u.seed) for u in plan(spec, recs).runnable]
-    assert got == [("baseline", 1), (A, 0), (B, 0), (C, 0), (RT, 0)]
+    assert got == [("baseline", 1)]
     base1 = plan(spec, recs).runnable[0]
     recs.append(record_for(base1, recs))
     got = [(u.candidate.name, u.seed) for u in plan(spec, recs).runnable]
-    assert got == [(A, 0), (A, 1), (B, 0), (B, 1), (C, 0), (C, 1), (RT, 0), (RT, 1)]
+    assert got == [(A, 0), (B, 0), (C, 0), (RT, 0)]  # a candidate's seeds one after another (a failure skips the rest)
+    recs.append(record_for(plan(spec, recs).runnable[0], recs))
+    got = [(u.candidate.name, u.seed) for u in plan(spec, recs).runnable]
+    assert got == [(A, 1), (B, 0), (C, 0), (RT, 0)]
 
 
 def test_full_round_order_matched_baselines_and_no_unit_twice():
@@ -429,14 +432,19 @@ def test_planning_a_large_round_is_fast():
     assert elapsed < 1.0, f"plan over {len(recs)} records took {elapsed:.2f}s"
 
 
-def test_a_gate_stage_whose_candidates_all_failed_runs_no_more_baselines():
+def test_a_gate_stage_runs_only_what_every_completion_order_needs():
+    """With several workers, nothing starts whose need depends on a run still in flight: the candidates wait for every
+    baseline (a failed one fails the task), a candidate's seeds run one after another (a failure skips the rest)."""
     spec = make_spec(lambda d: (d["stages"]["quick"].update(seeds=[0, 1, 2]),
                                 d["tasks"]["su"].update(candidates=[A])))
     recs: list = []
     base0 = plan(spec, recs).runnable[0]
     recs.append(record_for(base0, recs))
-    cand0 = next(u for u in plan(spec, recs).runnable if u.candidate.name == A and u.seed == 0)
-    recs.append(record_for(cand0, recs, "failed", None, "crash", "x"))  # e.g. by a second worker, before base1/2
+    assert [(u.candidate.name, u.seed) for u in plan(spec, recs).runnable] == [("baseline", 1), ("baseline", 2)]
+    recs += [record_for(u, recs) for u in plan(spec, recs).runnable]
+    (cand0,) = plan(spec, recs).runnable
+    assert (cand0.candidate.name, cand0.seed) == (A, 0)
+    recs.append(record_for(cand0, recs, "failed", None, "crash", "x"))
     p = plan(spec, recs)
     assert p.runnable == [] and p.finished
     assert p.tasks["su"].status == "done" and "no candidate passed quick" in p.tasks["su"].reason
