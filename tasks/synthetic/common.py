@@ -94,6 +94,17 @@ def char_and_exact(predicted: str, answer: str) -> dict[str, float]:
     return {"char_acc": char_accuracy(predicted, answer), "exact": float(fixed_width(predicted, len(answer)) == answer)}
 
 
+CHAR_AND_EXACT_DEFINITIONS = {
+    "char_acc": "share of the answer's digits predicted right, position by position",
+    "exact": "share of predictions equal to the answer",
+}
+
+
+def digit_chance_levels(n_digits: int) -> dict[str, float]:
+    """`char_acc` and `exact` at chance: each of the answer's `n_digits` digits guessed uniformly (1/10)."""
+    return {"char_acc": 0.1, "exact": 0.1 ** n_digits}
+
+
 def random_digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choices(DIGITS, k=n))
 

@@ -18,8 +18,8 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import Example, register
-from tasks.synthetic.common import (BASE36, DIGITS, Problem, SyntheticParams, SyntheticTask, char_and_exact,
-                                    fixed_width, random_digits)
+from tasks.synthetic.common import (BASE36, CHAR_AND_EXACT_DEFINITIONS, DIGITS, Problem, SyntheticParams, SyntheticTask,
+                                    char_and_exact, digit_chance_levels, fixed_width, random_digits)
 
 DEFAULT_LENGTH = 16  # span length of the main branch's headline runs
 
@@ -42,15 +42,11 @@ class RightCopyTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "copy the right-hand digit string past a distractor"
-    metric_definitions = {
-        "char_acc": "share of the answer's digits predicted right, position by position",
-        "exact": "share of predictions equal to the answer",
-    }
+    metric_definitions = CHAR_AND_EXACT_DEFINITIONS
 
     @classmethod
     def chance_levels(cls, params: RightCopyParams) -> dict[str, float]:
-        """Digits guessed uniformly: 1/10 each."""
-        return {"char_acc": 0.1, "exact": 0.1 ** params.length}
+        return digit_chance_levels(params.length)
 
     params: RightCopyParams
 
@@ -87,15 +83,11 @@ class ConstrTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "span fixed by the prefix's last digit and a right-hand alternating pattern"
-    metric_definitions = {
-        "char_acc": "share of the answer's digits predicted right, position by position",
-        "exact": "share of predictions equal to the answer",
-    }
+    metric_definitions = CHAR_AND_EXACT_DEFINITIONS
 
     @classmethod
     def chance_levels(cls, params: ConstrParams) -> dict[str, float]:
-        """Digits guessed uniformly: 1/10 each."""
-        return {"char_acc": 0.1, "exact": 0.1 ** params.length}
+        return digit_chance_levels(params.length)
 
     params: ConstrParams
 

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from tasks.base import Example, register
-from tasks.synthetic.common import (Problem, SyntheticParams, SyntheticTask, base36, char_accuracy, char_and_exact,
-                                    fixed_width, random_digits)
+from tasks.synthetic.common import (CHAR_AND_EXACT_DEFINITIONS, Problem, SyntheticParams, SyntheticTask, base36,
+                                    char_accuracy, char_and_exact, digit_chance_levels, fixed_width, random_digits)
 
 
 class KVRetrievalParams(SyntheticParams):
@@ -46,15 +46,11 @@ class KVRetrievalTask(SyntheticTask):
     primary_metric = "char_acc"
     unit_metrics = ("char_acc", "exact")
     description = "value of the queried key in a document of key=value pairs"
-    metric_definitions = {
-        "char_acc": "share of the value's digits predicted right, position by position",
-        "exact": "share of predictions equal to the queried value",
-    }
+    metric_definitions = CHAR_AND_EXACT_DEFINITIONS  # the answer is the queried value
 
     @classmethod
     def chance_levels(cls, params: KVRetrievalParams) -> dict[str, float]:
-        """Digits guessed uniformly: 1/10 each."""
-        return {"char_acc": 0.1, "exact": 0.1 ** params.vlen}
+        return digit_chance_levels(params.vlen)
 
     params: KVRetrievalParams
 
