@@ -1,7 +1,11 @@
-"""The round spec: a YAML file, its schema (every default of a round lives here), loading and validation.
+"""The round spec: a YAML file, its schema (every default of a round lives here), its structural rules and loading.
 
     spec = load_spec(find_spec_file("round22"))      # schema + structure: SpecError on the first problem
     warnings = validate_spec(spec)                    # + model layer count, task kinds/params, data: SpecError
+
+The checks beyond the schema (validate_spec, check_spec: the model, the task registry, the data, the sandbox) live in
+orchestrator.spec_checks; SpecError and the one-line wording of pydantic's errors in orchestrator.spec_errors. Both
+are re-exported here, so `from orchestrator.spec import validate_spec, SpecError` is the one import a caller needs.
 
 Every user error is a SpecError whose message is ONE line naming the field, e.g.
 `tasks.sudoku4.candidates[1]: unknown candidate 'foo': ...` or `stages.med.steps: must be greater than quick.steps
@@ -17,11 +21,7 @@ Every user error is a SpecError whose message is ONE line naming the field, e.g.
 - model: exactly one of preset and checkpoint; `shape` (ModelShape: n_layer, n_embd, head_size, ffn_dim, LoRA
   ranks) only with a preset; unknown shape fields are errors. A task may give its own `model` (same rules), which
   replaces the round's for that task (its runs, baselines included, and its candidates' layer checks);
-- validate_spec adds: model preset known and its shape overrides fit (head_size divides n_embd), or checkpoint
-  present (layer count read without torch, model/ckpt_meta.py), for the round's model and every task's own;
-  every FS candidate acts on its task's model's layers (FSConfig.check_for_model: errors are fatal, warnings returned);
-  task kinds registered, task params valid, the decision metric reported by the task; data available
-  (task.check_available()) when check_data is true.
+- validate_spec adds the checks against the model, the task registry and the data (orchestrator.spec_checks).
 
 Candidates resolve with model.candidates.resolve: spec `defaults.fs` < library name < explicit `fs`.
 Relative checkpoint paths are relative to the current working directory (the scheduler and its workers share it).
@@ -29,29 +29,23 @@ Torch-free.
 """
 from __future__ import annotations
 
-import difflib
 import math
-import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
     model_serializer, model_validator
 
-from model.candidates import BASELINE, Candidate, library_names, resolve
-from model.ckpt_meta import CheckpointError, read_checkpoint_meta
-from model.config import PRESETS
+from model.candidates import BASELINE, Candidate, resolve
 from model.fs_config import FSConfig
-from model.tokenizers import get_tokenizer
 from orchestrator import paths
-from orchestrator.errors import UserError, one_line
 from orchestrator.runconfig import LearningRates, ModelSource
 from orchestrator.runkey import NAME_PATTERN, canonical_json
-from tasks import TaskError, get_task, task_class, task_names
-from tasks.sandbox import unavailable_reason as sandbox_unavailable_reason
+# SpecError and did_you_mean are imported from here by the CLI and the tests too
+from orchestrator.spec_errors import SpecError, StructureError, candidate_suggestion, did_you_mean, \
+    pydantic_message, spec_error
 
 STAGE_ORDER = ("quick", "med", "long", "seedcheck")
 GATE_STAGES = ("quick", "med")  # stages whose delta decides promotion
@@ -67,28 +61,6 @@ LOWER_IS_BETTER = ("loss",)  # metrics a promotion threshold cannot apply to (de
 EXTENSION_PREFIX = "x-"  # top-level keys starting with this are ignored: a place for YAML anchors (x-candidates: &c)
 _NAME_RX = re.compile(f"^{NAME_PATTERN}$")
 _ROUND_RX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under `output`: no leading dot
-
-
-class SpecError(UserError):
-    """A user error in a spec: `str(e)` is one line naming the field; `e.errors` lists every problem found."""
-
-    def __init__(self, message: str, errors: list[str] | None = None):
-        message = one_line(message)
-        self.errors = [one_line(m) for m in errors] if errors else [message]
-        super().__init__(message)
-
-    @classmethod
-    def from_list(cls, errors: list[str]) -> "SpecError":
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        return cls(errors[0] + more, errors)
-
-
-class _StructureError(ValueError):
-    """Carries every structural problem out of the Spec validator (pydantic keeps the exception in ctx)."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__(errors[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +295,7 @@ class Spec(_Strict):
     def _structure(self) -> "Spec":
         errors = _structure_errors(self)
         if errors:
-            raise _StructureError(errors)
+            raise StructureError(errors)
         self._candidates = {label: tuple(_resolve_task_candidates(self, label)) for label in self.tasks}
         self._controls = {label: frozenset(c.name for item, c in zip(t.candidates, self._candidates[label])
                                            if (item.control if item.control is not None else c.mode == "read_twice"))
@@ -411,7 +383,7 @@ def _fs_defaults_errors(fs: dict[str, Any]) -> list[str]:
         try:
             TypeAdapter(FSConfig.model_fields[key].annotation).validate_python(value)
         except ValidationError as e:
-            errors.append(f"defaults.fs.{key}: {_pydantic_msg(e.errors()[0])}")
+            errors.append(f"defaults.fs.{key}: {pydantic_message(e.errors()[0])}")
     return errors
 
 
@@ -570,7 +542,7 @@ def parse_spec(data: Any) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
-        raise _spec_error(e) from None
+        raise spec_error(e, Spec) from None
     except RecursionError:
         raise SpecError("spec: recursive or too deeply nested structure") from None
 
@@ -605,246 +577,15 @@ def find_spec_file(arg: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pydantic errors -> one line naming the field
-def _spec_error(e: ValidationError) -> SpecError:
-    errors = e.errors()
-    # a misspelt required key is one problem, not two: `treshold` (unknown) + `threshold` (required)
-    missing = {tuple(err.get("loc", ())) for err in errors if err.get("type") == "missing"}
-    explained: set[tuple] = set()
-    for err in errors:
-        loc = tuple(err.get("loc", ()))
-        if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
-            for key in difflib.get_close_matches(loc[-1], _allowed_keys(loc[:-1]), n=1):
-                if loc[:-1] + (key,) in missing:
-                    explained.add(loc[:-1] + (key,))
-    messages = []
-    for err in errors:
-        original = (err.get("ctx") or {}).get("error")
-        if isinstance(original, _StructureError):
-            messages += original.errors
-        elif not (err.get("type") == "missing" and tuple(err.get("loc", ())) in explained):
-            messages.append(_format_error(err, explained))
-    return SpecError.from_list(messages)
+# the checks beyond the schema, re-exported
+_CHECKS = frozenset({"SpecCheck", "check_spec", "source_path", "validate_spec"})
 
 
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """`; did you mean 'x'?` for the closest of `choices` (difflib), else ''."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+def __getattr__(name: str) -> Any:
+    """`orchestrator.spec.validate_spec` and the other names of orchestrator.spec_checks, looked up on first use:
+    that module imports this one (its checks read the schema), so importing it here at the top would be a cycle."""
+    if name in _CHECKS:
+        from orchestrator import spec_checks
 
-
-def candidate_suggestion(name: str) -> str:
-    """did_you_mean for a candidate name against the library's names, layer numbers kept (`scalar_l2_trainble` ->
-    `scalar_l2_trainable`)."""
-    numbers = re.findall(r"\d+", name)
-    pattern = re.sub(r"\d+", "{N}", name)
-    close = difflib.get_close_matches(pattern, library_names(), n=1)
-    if not close:
-        return ""
-    guess = close[0]
-    for n in numbers[:guess.count("{N}")]:
-        guess = guess.replace("{N}", n, 1)
-    return f"; did you mean {guess!r}?" if guess != name else ""
-
-
-def _loc_str(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            out += " (key)"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _pydantic_msg(err: dict) -> str:
-    msg = str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    msg = re.sub(r" or instance of \w+", "", msg)
-    if err.get("type") in ("missing", "extra_forbidden", "value_error", "assertion_error"):
-        return msg
-    value = repr(err.get("input"))
-    if len(value) > 60:
-        value = value[:57] + "..."
-    return f"{msg} (got {value})"
-
-
-def _format_error(err: dict, explained: set[tuple] = frozenset()) -> str:  # type: ignore[assignment]
-    loc = tuple(err.get("loc", ()))
-    where = _loc_str(loc) or "spec"
-    kind = err.get("type")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
-        guess = ""
-        if close:
-            required = ", a required key" if loc[:-1] + (close[0],) in explained else ""
-            guess = f" (did you mean {close[0]!r}{required}?)"
-        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"{where}: unknown key{guess}{hint}"
-    if kind == "missing":
-        return f"{where}: required"
-    msg = _pydantic_msg(err)
-    if msg.startswith(where + ":") or msg.startswith(where + "."):
-        return msg  # the validator already named the field (ModelSource does)
-    if where.endswith(".model") and (msg.startswith("model:") or msg.startswith("model.")):
-        return where + msg[len("model"):]  # a task's own model: ModelSource names the field from `model`
-    return f"{where}: {msg}"
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names of the model at `loc` inside the Spec (for 'unknown key' hints)."""
-    t: Any = Spec
-    for part in loc:
-        t = _unwrap(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            f = t.model_fields.get(part) if isinstance(part, str) else None
-            if f is None:
-                return []
-            t = f.annotation
-        elif get_origin(t) is dict:
-            t = get_args(t)[1]
-        elif get_origin(t) is list and isinstance(part, int):
-            t = get_args(t)[0]
-        else:
-            return []
-    t = _unwrap(t)
-    if isinstance(t, type) and issubclass(t, BaseModel):
-        return list(t.model_fields)
-    return []
-
-
-def _unwrap(t: Any) -> Any:
-    """X | None -> X."""
-    args = [a for a in get_args(t) if a is not type(None)] if get_origin(t) is not None else []
-    if get_origin(t) not in (list, dict, Literal) and args:
-        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if models else args[0]
-    return t
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# validation against the model, the task registry and the data
-@dataclass
-class SpecCheck:
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    n_layer: int | None = None  # of the round's model (spec.model)
-    tokenizer: str | None = None
-    task_models: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)  # label -> (n_layer, tokenizer)
-
-
-def source_path(source: ModelSource) -> Path | None:
-    """A model source's checkpoint as a path (env vars and ~ expanded; relative to the working directory)."""
-    if source.checkpoint is None:
-        return None
-    return Path(os.path.expandvars(os.path.expanduser(source.checkpoint)))
-
-
-def check_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> SpecCheck:
-    """Every problem (errors) and caution (warnings) of a loaded spec. `model_layers` stands in for a checkpoint's
-    layer count when the file is absent (tests, dry validation); with check_data the checkpoint must exist anyway."""
-    check = SpecCheck()
-    check.n_layer, check.tokenizer = _check_model(spec.model, "model", check, check_data, model_layers)
-    sc = spec.stages.seedcheck
-    if sc is not None and len(sc.seeds) < MIN_SEEDCHECK_SEEDS:
-        check.warnings.append(f"stages.seedcheck.seeds: only {len(sc.seeds)} seeds (allow_few_seeds): seed-check "
-                              f"results are a demonstration, not a significance test")
-    for label, task in spec.tasks.items():
-        facts = (check.n_layer, check.tokenizer) if task.model is None else \
-            _check_model(task.model, f"tasks.{label}.model", check, check_data, model_layers)
-        check.task_models[label] = facts
-        _check_candidates(spec, label, facts[0], check)
-        _check_task(spec, label, task, check, check_data, facts[1])
-    return check
-
-
-def validate_spec(spec: Spec, *, check_data: bool = True, model_layers: int | None = None) -> list[str]:
-    """Raise SpecError on the first problem (all of them in `.errors`); return the warnings."""
-    check = check_spec(spec, check_data=check_data, model_layers=model_layers)
-    if check.errors:
-        raise SpecError.from_list(check.errors)
-    return check.warnings
-
-
-def _check_model(source: ModelSource, where: str, check: SpecCheck, check_data: bool, model_layers: int | None) \
-        -> tuple[int | None, str | None]:
-    """(layer count, tokenizer) of a model source, None where unknown; its problems go to check.errors."""
-    if source.preset is not None:
-        if source.preset not in PRESETS:
-            check.errors.append(f"{where}.preset: unknown model preset {source.preset!r}; known presets: "
-                                f"{', '.join(sorted(PRESETS))}")
-            return None, None
-        try:
-            cfg = source.build_config()
-        except ValueError as e:
-            check.errors.append(f"{where}.shape.{e} (preset {source.preset!r})")
-            return None, None
-        return cfg.n_layer, cfg.tokenizer
-    n_layer = tokenizer = None
-    path = source_path(source)
-    assert path is not None
-    if path.exists():
-        try:
-            meta = read_checkpoint_meta(path)
-            n_layer, tokenizer = meta["n_layer"], meta.get("tokenizer") or "world"
-        except CheckpointError as e:
-            check.errors.append(f"{where}.checkpoint: {e}")
-    elif check_data:
-        check.errors.append(f"{where}.checkpoint: {path} not found (relative paths are relative to the working "
-                            f"directory {Path.cwd()})")
-    elif model_layers is None:
-        check.errors.append(f"{where}.checkpoint: {path} not found; its layer count is needed to validate the "
-                            f"candidates")
-    if model_layers is not None:
-        n_layer, tokenizer = model_layers, tokenizer or "world"
-    return n_layer, tokenizer
-
-
-def _check_candidates(spec: Spec, label: str, n_layer: int | None, check: SpecCheck) -> None:
-    if n_layer is None:
-        return
-    for i, cand in enumerate(spec.candidates(label)):
-        at = f"tasks.{label}.candidates[{i}] ({cand.name})"
-        if cand.fs is None:
-            continue
-        try:
-            for w in cand.fs.check_for_model(n_layer):
-                check.warnings.append(f"{at}: {w}")
-        except ValueError as e:
-            check.errors.append(f"{at}: {e}")
-
-
-def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_data: bool,
-                tokenizer: str | None) -> None:
-    where = f"tasks.{label}"
-    try:
-        cls = task_class(task.task)
-    except TaskError as e:
-        check.errors.append(f"{where}.task: {e}{did_you_mean(task.task, task_names())}")
-        return
-    try:
-        cls.Params.model_validate(task.params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        check.errors.append(f"{where}.params{'.' if err.get('loc') else ''}{_loc_str(tuple(err.get('loc', ())))}: "
-                            f"{_pydantic_msg(err)}")
-        return
-    except Exception as e:  # a Params validator that raised something else: still the params' fault
-        check.errors.append(f"{where}.params: invalid ({type(e).__name__}: {e})")
-        return
-    metrics = {cls.primary_metric, "tok_acc", "exact", *cls.unit_metrics}
-    if task.metric is not None and task.metric not in metrics and task.metric not in LOWER_IS_BETTER:
-        check.errors.append(f"{where}.metric: task {task.task!r} reports no metric {task.metric!r}; it reports "
-                            f"{', '.join(sorted(metrics))}")
-    if spec.defaults.sandbox == "enforced" and hasattr(cls, "sandbox_mode"):  # the task executes model-written code
-        reason = sandbox_unavailable_reason()
-        if reason is not None:
-            check.errors.append(f"{where}: {reason}")
-    if not check_data or tokenizer is None:
-        return
-    try:
-        get_task(task.task, task.params, get_tokenizer(tokenizer), spec.defaults.data_seed).check_available()
-    except TaskError as e:  # DataUnavailable is a TaskError
-        check.errors.append(f"{where}: {e}")
+        return getattr(spec_checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import cli as cli_mod
+from orchestrator import cli_read, cli_shared
 from orchestrator.cli import cli
 from orchestrator.records import record_columns
 
@@ -121,7 +122,7 @@ def test_internal_errors_keep_their_traceback(finished_round, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli_mod, "export_round", boom)
+    monkeypatch.setattr(cli_read, "export_round", boom)
     r = invoke("export", str(finished_round))
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
 
@@ -256,8 +257,8 @@ def test_run_by_hand_with_the_fake_worker(tmp_path, fake_worker_cmd, monkeypatch
 
 
 def test_report_command_uses_the_report_module(finished_round, monkeypatch):
-    monkeypatch.setattr(cli_mod, "write_report", lambda rd, **kw: Path(rd) / "report" / "report.md")
-    monkeypatch.setattr(cli_mod, "check_report", lambda rd: ["value of x differs"])
+    monkeypatch.setattr(cli_shared, "write_report", lambda rd, **kw: Path(rd) / "report" / "report.md")
+    monkeypatch.setattr(cli_read, "check_report", lambda rd: ["value of x differs"])
     r = invoke("report", str(finished_round))
     assert r.exit_code == 0 and r.stdout.strip() == str(finished_round / "report" / "report.md")
     r = invoke("report", str(finished_round), "--check")
