@@ -12,8 +12,9 @@ from orchestrator.cli_shared import load_spec_arg, remember_storage, resolve_rou
     write_report_and_warn
 from orchestrator.errors import UserError
 from orchestrator.paths import RoundPaths
-from orchestrator.progress import format_summary, format_table, make_display, rich_table, round_status
+from orchestrator.progress import format_summary, make_display, rich_table
 from orchestrator.spec import Spec, find_spec_file, load_spec, parse_spec_text, validate_spec
+from orchestrator.status import format_table, round_status
 
 # orchestrator.study and orchestrator.scheduler import Optuna (and orchestrator.claims SQLAlchemy) at their top:
 # the commands that need a study import them when they run, so status, validate, export and report start without.
