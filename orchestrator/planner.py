@@ -53,10 +53,11 @@ from typing import Any, Iterable, Literal, Mapping
 from model.candidates import BASELINE, Candidate
 from orchestrator.runconfig import Fault, LearningRates, ModelSource, RunConfig
 from orchestrator.runkey import RunKey, canonical_json, candidate_digest, short_hash
-from orchestrator.decisions import (HalvingRule, SequentialCheckRule, is_chance_tie, is_gate, rank_by_delta,
-                                    run_decision, screen, split_finalists, worst_value)
+from orchestrator import stage_walks
+from orchestrator.decisions import (SequentialCheckRule, is_chance_tie, is_gate, rank_by_delta, run_decision,
+                                    split_finalists)
 from orchestrator.spec import Spec, ThresholdSD
-from orchestrator.stats import sample_sd
+from orchestrator.stage_walks import failure_reason, record_failure, record_field
 from tasks import TaskError, task_class
 
 TaskStatus = Literal["running", "needs_probe", "done", "failed"]
@@ -296,8 +297,8 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
         return Judgement(None, None, None, unit.threshold, run_decision(True, status, unit.stage, unit.stage_seeds,
                                                                         None, unit.threshold))
     key = unit.baseline_key
-    base = next((r for r in records if _get(r, "run_key") == key), None)
-    base_value = _get(base, "value") if base is not None and _get(base, "status") == "ok" else None
+    base = next((r for r in records if record_field(r, "run_key") == key), None)
+    base_value = record_field(base, "value") if base is not None and record_field(base, "status") == "ok" else None
     delta = value - base_value if (value is not None and base_value is not None and not bad) else None
     # a halving stage decides by ranking the stage's candidates, never on one record
     seeds = unit.stage_seeds if unit.screen_rule == "threshold" else 0
@@ -307,23 +308,15 @@ def judge(unit: RunUnit, status: str, value: float | None, records: Iterable[Any
 
 # ---------------------------------------------------------------------------------------------------------------
 # internals
-def _get(record: Any, name: str) -> Any:
-    if record is None:
-        return None
-    if type(record) is dict:  # the common case, without the abstract Mapping check
-        return record.get(name)
-    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
-
-
 def _index(records: Iterable[Any]) -> tuple[dict[str, Any], list[str]]:
     index: dict[str, Any] = {}
     warnings = []
     for r in records:
-        key = _get(r, "run_key")
+        key = record_field(r, "run_key")
         if key in index:
             warnings.append(f"run {key} has more than one record; the last one is used")
         # a record is looked at many times per plan: its failure (if any) is worked out once, in a copy
-        index[key] = {**r, "_failure": _failure_of(r)} if type(r) is dict else r
+        index[key] = {**r, "_failure": failure_reason(r)} if type(r) is dict else r
     return index, warnings
 
 
@@ -358,26 +351,6 @@ def _chance_level_of(kind: str, params_json: str, metric: str | None) -> float |
         return task_class(kind).chance_level(json.loads(params_json), metric)
     except (TaskError, KeyError, ValueError):
         return None
-
-
-def _failure(record: Any) -> str | None:
-    """Why a record is not a usable result (None if it is one)."""
-    if type(record) is dict and "_failure" in record:  # the planner's own note (see _index)
-        return record["_failure"]
-    return _failure_of(record)
-
-
-def _failure_of(record: Any) -> str | None:
-    status = _get(record, "status")
-    if status == "ok":
-        v = _get(record, "value")
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return None
-        return f"no value for metric {_get(record, 'metric')!r}"
-    if status == "diverged":
-        return "diverged (non-finite loss)"
-    kind, msg = _get(record, "error_kind"), _get(record, "error_message")
-    return f"{status}" + (f" ({kind})" if kind else "") + (f": {msg}" if msg else "")
 
 
 class _TaskPlanner:
@@ -437,7 +410,7 @@ class _TaskPlanner:
             self.out.needs_probe.append(self.label)
             self.out.stages += [StageProgress(self.label, name, "waiting") for name, _ in stages]
             return
-        if self.threshold is None and not self.calibrate():
+        if self.threshold is None and not stage_walks.calibrate(self):
             self.out.stages += [StageProgress(self.label, name, "waiting" if self.state.status == "running"
                                               else "skipped") for name, _ in stages]
             return
@@ -465,11 +438,11 @@ class _TaskPlanner:
                 self.state.candidates[c.name].reached = name
             self.state.stage = name
             if is_gate(name) and st.screen.rule == "halving":
-                outcome = self.walk_halving(name, st, stage_members)
+                outcome = stage_walks.walk_halving(self, name, st, stage_members)
             elif name == "seedcheck" and st.rule == "sequential":
-                outcome = self.walk_sequential(name, st, stage_members)
+                outcome = stage_walks.walk_sequential(self, name, st, stage_members)
             else:
-                outcome = self.walk_stage(name, st.seeds, stage_members)
+                outcome = stage_walks.walk_stage(self, name, st.seeds, stage_members)
             if outcome is None:  # running, or the task failed
                 self.out.stages += [StageProgress(self.label, n, "waiting" if self.state.status == "running"
                                                   else "skipped") for n, _ in stages[i + 1:]]
@@ -490,192 +463,11 @@ class _TaskPlanner:
         self._finish(f"finalists: {', '.join(self.state.finalists)}" if self.state.finalists
                      else f"survivors: {', '.join(c.name for c in members)}")
 
-    def walk_stage(self, name: str, seeds: list[int], members: list[Candidate]) \
-            -> dict[str, tuple[str, float | None]] | None:
-        """Units and decisions of one stage. Returns {candidate: (decision, mean delta)} when the stage is complete,
-        None while it is running or when its baseline failed (then the task is failed)."""
-        seeds = sorted(seeds)
-        row = StageProgress(self.label, name, "running")
-        self.out.stages.append(row)
-        gate = is_gate(name)
-        baselines = {s: self.unit(BASELINE, name, s) for s in seeds}
-        base_rec = {s: self.record(u) for s, u in baselines.items()}
-        units = {(c.name, s): self.unit(c, name, s) for c in members for s in seeds}
-        recs = {k: self.record(u) for k, u in units.items()}
-        row.total = len(baselines) + len(units)
-        row.done = sum(r is not None for r in (*base_rec.values(), *recs.values()))
-        row.failed = sum(r is not None and _failure(r) is not None for r in (*base_rec.values(), *recs.values()))
-
-        # Only runs that every completion order needs are emitted, so that several workers run the serial round's
-        # runs: every baseline of the stage runs (a failed one fails the task once all have records, whichever
-        # finished first) and no candidate starts before they are all ok; a failed candidate seed prunes it at a
-        # gate and skips its later seeds, so there a candidate's seeds run one after another.
-        missing_base = [baselines[s] for s in seeds if base_rec[s] is None]
-        if missing_base:
-            self.out.runnable += missing_base
-            return None
-        for s in seeds:
-            if (why := _failure(base_rec[s])) is not None:
-                row.state = "failed"
-                self._fail(f"baseline failed at {name} seed {s}: {why}")
-                return None
-        missing = []
-        for c in members:
-            for s in seeds:
-                rec = recs[(c.name, s)]
-                if rec is None:
-                    missing.append(units[(c.name, s)])
-                if gate and (rec is None or _failure(rec) is not None):
-                    break
-        if missing:
-            self.out.runnable += missing
-            return None
-
-        row.state = "complete"
-        outcome: dict[str, tuple[str, float | None]] = {}
-        for c in members:
-            deltas: dict[int, float | None] = {}
-            failure = None
-            for s in seeds:
-                r = recs[(c.name, s)]
-                why = _failure(r) if r is not None else "skipped after an earlier failure"
-                if why is not None:
-                    deltas[s] = None
-                    failure = failure or f"seed {s}: {why}"
-                else:
-                    deltas[s] = _get(r, "value") - _get(base_rec[s], "value")
-            judged = screen(name, seeds, deltas, failure, self.threshold)
-            # the planner's stage decisions say "recorded" for every stage that does not screen
-            decision = judged.decision if gate else "recorded"
-            mean, reason = judged.mean_delta, judged.reason
-            if decision == "promote" and self.chance_tie([recs[(c.name, s)] for s in seeds],
-                                                         [base_rec[s] for s in seeds]):
-                decision, reason = "prune", f"{name} tie at chance level ({self.chance:g}): no evidence"
-            self.state.candidates[c.name].deltas[name] = mean
-            if decision == "prune":
-                row.pruned += 1
-                self._set(c.name, "pruned", f"pruned at {reason}")
-            elif decision == "promote":
-                row.promoted += 1
-            outcome[c.name] = (decision, mean)
-            self.out.decisions.append(StageDecision(self.label, name, c.name, decision, deltas, mean,  # type: ignore
-                                                    self.threshold, reason, control=c.name in self.controls))
-        return outcome
-
-    # the threshold in baseline SDs -------------------------------------------------------------------------------
-    def calibrate(self) -> bool:
-        """Measure a `threshold: {sd: x}` on the first stage's first calibration seeds (their baseline runs are the
-        matched baselines of those seeds too). True when the threshold is known; False while running or failed."""
-        th = self.task.threshold
-        assert isinstance(th, ThresholdSD)
-        name, st = self.spec.stage_list()[0]
-        seeds = list(st.seeds)[:th.calibration_seeds]
-        units = [self.unit(BASELINE, name, s) for s in seeds]
-        recs = [self.record(u) for u in units]
-        if any(r is None for r in recs):
-            self.state.stage = name
-            self.out.runnable += [u for u, r in zip(units, recs) if r is None]
-            return False
-        values = [_get(r, "value") for r in recs if _failure(r) is None]
-        sd = sample_sd(values)
-        if sd is None:
-            self._fail(f"threshold calibration: {len(values)} of {len(seeds)} {name} baseline seed(s) finished; "
-                       f"the SD needs two")
-            return False
-        self.threshold = self.state.threshold = th.sd * sd
-        self.state.calibration = (f"threshold {th.sd:g} x baseline SD {sd:.4g} = {self.threshold:.4g} "
-                                  f"({name} baseline, seeds {', '.join(map(str, seeds))})")
-        return True
-
     # chance level ------------------------------------------------------------------------------------------------
     def chance_tie(self, cand_recs: list[Any], base_recs: list[Any]) -> bool:
-        cand = [_get(r, "value") for r in cand_recs if r is not None and _failure(r) is None]
-        base = [_get(r, "value") for r in base_recs if r is not None and _failure(r) is None]
+        cand = [record_field(r, "value") for r in cand_recs if r is not None and record_failure(r) is None]
+        base = [record_field(r, "value") for r in base_recs if r is not None and record_failure(r) is None]
         return is_chance_tie(cand, base, self.chance, self.task.metric or "")
-
-    # the successive-halving screen -------------------------------------------------------------------------------
-    def walk_halving(self, name: str, st: Any, members: list[Candidate]) \
-            -> dict[str, tuple[str, float | None]] | None:
-        """A halving stage rung by rung (synchronous: a rung is decided once every run of it has a record). A
-        baseline seed that failed for good removes that seed's pair for every candidate (said in the reasons); a
-        failed or diverged candidate seed counts as the metric's worst value."""
-        seeds = sorted(st.seeds)
-        sizes = st.screen.rung_sizes(len(seeds))
-        rule = HalvingRule(st.screen.keep, st.screen.drop_p)
-        row = StageProgress(self.label, name, "running", total=0)
-        self.out.stages.append(row)
-        base = {s: self.unit(BASELINE, name, s) for s in seeds}
-        base_rec = {s: self.record(u) for s, u in base.items()}
-        alive = list(members)
-        outcome: dict[str, tuple[str, float | None]] = {}
-        for r, size in enumerate(sizes):
-            if not alive:  # every candidate is out: the later rungs need no runs, not even baselines
-                break
-            rung = seeds[:size]
-            removed = [s for s in rung if base_rec[s] is not None and _failure(base_rec[s]) is not None]
-            ok = [s for s in rung if s not in removed]
-            units = {(c.name, s): self.unit(c, name, s) for c in alive for s in ok}
-            recs = {k: self.record(u) for k, u in units.items()}
-            row.total = len(rung) + sum(len(ok) for _ in alive) if r == len(sizes) - 1 else row.total
-            row.done = sum(x is not None for x in (*base_rec.values(), *recs.values()))
-            row.failed = sum(x is not None and _failure(x) is not None for x in (*base_rec.values(), *recs.values()))
-            missing_base = [base[s] for s in ok if base_rec[s] is None]
-            missing = [u for k, u in units.items() if recs[k] is None and base_rec[u.seed] is not None]
-            if missing_base or missing:
-                row.total = max(row.total or 0, len(rung) + len(units))
-                self.out.runnable += missing_base + missing
-                return None
-            if not ok:
-                row.state = "failed"
-                self._fail(f"every baseline seed of {name} rung {r + 1} failed: "
-                           f"{_failure(base_rec[removed[0]])}")
-                return None
-            observed = [_get(base_rec[s], "value") for s in ok] + \
-                [_get(x, "value") for x in recs.values() if _failure(x) is None]
-            worst = worst_value(self.task.metric or "", observed)
-            deltas: dict[str, dict[int, float]] = {}
-            worst_seeds: dict[str, list[int]] = {}
-            for c in alive:
-                deltas[c.name], worst_seeds[c.name] = {}, []
-                for s in ok:
-                    rec = recs[(c.name, s)]
-                    v = _get(rec, "value") if _failure(rec) is None else worst
-                    if _failure(rec) is not None:
-                        worst_seeds[c.name].append(s)
-                    deltas[c.name][s] = v - _get(base_rec[s], "value")
-            ties = frozenset(c.name for c in alive if not worst_seeds[c.name] and self.chance_tie(
-                [recs[(c.name, s)] for s in ok], [base_rec[s] for s in ok]))
-            last = r == len(sizes) - 1
-            judged = {}
-            fs_group = [c for c in alive if c.name not in self.controls]
-            for group in (fs_group, [c for c in alive if c.name in self.controls]):
-                if group:  # FS candidates and controls are halved apart: a control never takes an FS candidate's place
-                    judged.update(rule.rung(name, {c.name: list(deltas[c.name].values()) for c in group},
-                                            self.threshold, last, ties))
-            note = f"; baseline seed(s) {', '.join(map(str, removed))} failed: pair(s) removed" if removed else ""
-            kept = []
-            for c in alive:
-                j = judged[c.name]
-                worst_note = (f"; seed(s) {', '.join(map(str, worst_seeds[c.name]))} failed or diverged: counted as "
-                              f"the worst value {worst:g}") if worst_seeds[c.name] else ""
-                reason = f"{j.reason} (rung {r + 1} of {len(sizes)}){worst_note}{note}"
-                if j.decision == "promote" and not last:
-                    kept.append(c)
-                    continue
-                decision = "promote" if j.decision == "promote" else "prune"
-                self.state.candidates[c.name].deltas[name] = j.mean_delta
-                if decision == "prune":
-                    row.pruned += 1
-                    self._set(c.name, "pruned", f"pruned at {reason}")
-                else:
-                    row.promoted += 1
-                outcome[c.name] = (decision, j.mean_delta)
-                self.out.decisions.append(StageDecision(
-                    self.label, name, c.name, decision, dict(deltas[c.name]), j.mean_delta, self.threshold, reason,
-                    removed_pairs=removed, worst_seeds=worst_seeds[c.name], control=c.name in self.controls))
-            alive = kept
-        row.state = "complete"
-        return {c.name: outcome[c.name] for c in members}
 
     # the sequential seed check -----------------------------------------------------------------------------------
     def sequential_rule(self, st: Any, control: bool) -> SequentialCheckRule:
@@ -683,96 +475,19 @@ class _TaskPlanner:
         own slots (Bonferroni; the slots are fixed by the spec before any data: see finalist_slots)."""
         return SequentialCheckRule(tuple(st.looks), st.alpha, max(1, finalist_slots(self.spec, control)))
 
-    def check_value(self, rec: Any, metric: str) -> float | None:
-        """A seed-check record's decision value: its held-out test metric (or validation, `decide_on: val`)."""
-        if _failure(rec) is not None:
-            return None
-        if metric == "val":
-            return _get(rec, "value")
-        v = (_get(rec, "test") or {}).get(f"test_{_get(rec, 'metric')}")
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-    def walk_sequential(self, name: str, st: Any, finalists: list[Candidate]) \
-            -> dict[str, tuple[str, float | None]] | None:
-        """The sequential seed check: looks of paired fresh seeds, every finalist on the same seeds, until each is
-        confirmed, rejected or stopped (see orchestrator.decisions.SequentialCheckRule)."""
-        row = StageProgress(self.label, name, "running", total=0)
-        self.out.stages.append(row)
-        metric = st.decide_on or "test"
-        pool = list(st.seeds)
-        base = {s: self.unit(BASELINE, name, s) for s in pool}
-        base_rec = {s: self.record(u) for s, u in base.items()}
-        active = list(finalists)
-        done: dict[str, tuple[Any, dict[int, float], dict[int, float | None], list[int], list[int]]] = {}
-        for look in st.looks:
-            use: list[int] = []
-            removed: list[int] = []
-            for s in pool:
-                if len(use) == look:
-                    break
-                if base_rec[s] is not None and self.check_value(base_rec[s], metric) is None:
-                    removed.append(s)
-                else:
-                    use.append(s)
-            units = {(c.name, s): self.unit(c, name, s) for c in active for s in use}
-            recs = {k: self.record(u) for k, u in units.items()}
-            row.total = max(row.total or 0, len(use) + len(removed) + len(units))
-            row.done = sum(x is not None for x in (*base_rec.values(), *recs.values()))
-            missing_base = [base[s] for s in use if base_rec[s] is None]
-            missing = [u for k, u in units.items() if recs[k] is None and base_rec[u.seed] is not None]
-            if missing_base or missing:
-                self.out.runnable += missing_base + missing
-                return None
-            observed = [self.check_value(base_rec[s], metric) for s in use] + \
-                [v for x in recs.values() if (v := self.check_value(x, metric)) is not None]
-            worst = worst_value(self.task.metric or "", observed)  # type: ignore[arg-type]
-            still = []
-            for c in active:
-                deltas: dict[int, float] = {}
-                val: dict[int, float | None] = {}
-                worst_seeds = []
-                for s in use:
-                    rec = recs[(c.name, s)]
-                    v = self.check_value(rec, metric)
-                    if v is None:
-                        v = worst
-                        worst_seeds.append(s)
-                    deltas[s] = v - self.check_value(base_rec[s], metric)  # type: ignore[operator]
-                    bv, cv = _get(base_rec[s], "value"), _get(rec, "value")
-                    val[s] = cv - bv if _failure(rec) is None and bv is not None and cv is not None else None
-                rule = self.sequential_rule(st, c.name in self.controls)
-                if len(use) < look:
-                    lab = rule.decide(list(deltas.values()), self.threshold)
-                    lab = type(lab)("inconclusive", f"only {len(use)} paired seeds left after failed baselines; look "
-                                    f"{st.looks.index(look) + 1} needs {look}", lab.n, lab.mean, lab.p_greater,
-                                    lab.level)
-                else:
-                    lab = rule.decide(list(deltas.values()), self.threshold)
-                if lab.label == "continue":
-                    still.append(c)
-                else:
-                    done[c.name] = (lab, deltas, val, list(removed), worst_seeds)
-            active = still
-            if not active:
-                break
-        row.state = "complete"
-        outcome: dict[str, tuple[str, float | None]] = {}
-        for c in finalists:
-            lab, deltas, val, removed, worst_seeds = done[c.name]
-            reason = lab.reason
-            if worst_seeds:
-                reason += f"; seed(s) {', '.join(map(str, worst_seeds))} failed or diverged: counted as the worst value"
-            if removed:
-                reason += f"; baseline seed(s) {', '.join(map(str, removed))} failed: pair(s) removed"
-            self.state.candidates[c.name].deltas[name] = lab.mean
-            outcome[c.name] = ("recorded", lab.mean)
-            self.out.decisions.append(StageDecision(
-                self.label, name, c.name, "recorded", dict(deltas), lab.mean, self.threshold, reason, label=lab.label,
-                metric=metric, val_deltas=val, removed_pairs=removed, worst_seeds=worst_seeds, p_value=lab.p_greater,
-                level=lab.level, control=c.name in self.controls))
-        return outcome
-
     # state helpers -----------------------------------------------------------------------------------------------
+    def stage_row(self, name: str, total: int | None = None) -> StageProgress:
+        """A new status-table row for one of this task's stages, running until its walker says otherwise."""
+        row = StageProgress(self.label, name, "running", total=total)
+        self.out.stages.append(row)
+        return row
+
+    def add_decision(self, stage: str, candidate: str, decision: StageDecisionKind, deltas: dict[int, float | None],
+                     mean_delta: float | None, reason: str, **details: Any) -> None:
+        """Record one stage decision of this task (at the task's threshold; `details`: the multi-seed fields)."""
+        self.out.decisions.append(StageDecision(self.label, stage, candidate, decision, deltas, mean_delta,
+                                                self.threshold, reason, control=candidate in self.controls, **details))
+
     def _set(self, name: str, status: CandidateStatus, reason: str) -> None:
         cs = self.state.candidates[name]
         cs.status, cs.reason = status, reason
