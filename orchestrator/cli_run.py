@@ -2,7 +2,6 @@
 Registered on the command group in orchestrator/cli.py."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -13,7 +12,7 @@ import click
 from model.candidates import resolve
 from orchestrator import paths
 from orchestrator.cli_shared import DEFAULT_RESULTS, EXIT_INTERRUPTED, RESULTS_ENV
-from orchestrator.errors import UserError, one_line
+from orchestrator.errors import UserError, json_object, one_line
 from orchestrator.fileio import write_text_atomic
 from orchestrator.outcomes import classify
 from orchestrator.processes import WorkerProcess, read_progress, start_worker, worker_command, worker_environment
@@ -98,15 +97,7 @@ def run_cmd(task_kind, params, candidate, fs_json, steps, eval_every, seed, batc
 
 def _json_object_flag(flag: str, text: str | None) -> dict | None:
     """A flag's JSON object (None when the flag is not given); UserError naming the flag otherwise."""
-    if text is None:
-        return None
-    try:
-        v = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{flag}: not JSON ({e})") from None
-    if not isinstance(v, dict):
-        raise UserError(f"{flag}: expected a JSON object")
-    return v
+    return None if text is None else json_object(text, flag)
 
 
 def _wait_with_progress(proc: WorkerProcess, run_dir: Path, steps: int, time_limit: float) -> int:

@@ -3,6 +3,9 @@ the CLI as one line `error: ...` with exit code 2 and never a traceback. Interna
 keep their traceback."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class UserError(Exception):
     """A problem the user can fix; `str(e)` is the one line the CLI prints."""
@@ -28,3 +31,15 @@ def one_line(e: BaseException | str) -> str:
         if not text.strip():
             return type(e).__name__
     return " ".join(text.split())
+
+
+def json_object(text: str, where: str, error: type[Exception] = UserError,
+                expected: str = "a JSON object") -> dict[str, Any]:
+    """`text` parsed as a JSON object; otherwise `error` with one line that names `where` (a flag, a variable)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise error(f"{where}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected {expected}")
+    return value

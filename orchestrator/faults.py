@@ -13,12 +13,12 @@ Torch-free.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import signal
 import sys
 from typing import Any, get_args
 
+from orchestrator.errors import json_object
 from orchestrator.round_errors import SchedulerError
 from orchestrator.runconfig import Fault
 
@@ -99,12 +99,7 @@ def parse_faults(text: str | None) -> dict[str, str]:
     """FSEARCH_FAULTS: a JSON object {fnmatch pattern on the run key: fault}."""
     if not text:
         return {}
-    try:
-        faults = json.loads(text)
-    except ValueError as e:
-        raise SchedulerError(f"{FAULTS_ENV}: not JSON ({e})") from None
-    if not isinstance(faults, dict):
-        raise SchedulerError(f"{FAULTS_ENV}: expected a JSON object {{pattern: fault}}")
+    faults = json_object(text, FAULTS_ENV, SchedulerError, "a JSON object {pattern: fault}")
     for pattern, fault in faults.items():
         if fault not in get_args(Fault):
             raise SchedulerError(f"{FAULTS_ENV}: fault {fault!r} for {pattern!r} is not one of {get_args(Fault)}")
