@@ -84,7 +84,10 @@ class Padding:
     def build(cls, pad_left: Tensor, T: int) -> "Padding":
         if pad_left.dim() != 1:
             raise ValueError(f"pad_left must be a 1-D tensor [B], got shape {tuple(pad_left.shape)}")
-        if bool((pad_left < 0).any()) or bool((pad_left > T).any()):
+        # the value check reads the tensor back; inside a CUDA graph capture nothing can be read back (the worker's
+        # batches are built valid, and were checked by the eager step that ran before the capture)
+        capturing = pad_left.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and (bool((pad_left < 0).any()) or bool((pad_left > T).any())):
             raise ValueError(f"pad_left values must lie in [0, T={T}], got {pad_left.tolist()}")
         t = torch.arange(T, device=pad_left.device)
         return cls(is_pad=t[None, :] < pad_left[:, None], shift_from_state=t[None, :] <= pad_left[:, None],

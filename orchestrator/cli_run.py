@@ -16,7 +16,7 @@ from orchestrator.errors import UserError, json_object, one_line
 from orchestrator.fileio import write_text_atomic
 from orchestrator.outcomes import classify
 from orchestrator.processes import WorkerProcess, read_progress, start_worker, worker_command, worker_environment
-from orchestrator.runconfig import LearningRates, ModelSource, RunConfig
+from orchestrator.runconfig import COMPILE_MODES, LearningRates, ModelSource, RunConfig
 from tasks import task_class
 
 
@@ -39,8 +39,9 @@ from tasks import task_class
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--kernel", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the blocks around the WKV kernel while training")
+@click.option("--compile", "compile_", type=click.Choice(COMPILE_MODES), default="auto", show_default=True,
+              help="how the training step runs: auto (graphs on a GPU, off on CPU), off (eager), on (compiled blocks), "
+                   "graphs (compiled blocks, replayed as CUDA graphs)")
 @click.option("--time-limit", type=float, default=3600.0, show_default=True, help="seconds")
 @click.option("--out", default=None, help="run folder (default: results/adhoc/<task>.<candidate>.s<seed>-<time>)")
 @click.option("--worker-cmd", default=None, hidden=True)

@@ -83,7 +83,7 @@ class RunUnit:
     eval_batch: int = 64
     kernel: str = "auto"
     precision: str = "auto"
-    compile: bool = False
+    compile: str = "off"  # runconfig.CompileMode
     cpu_threads: int = 1
     sandbox: str = "enforced"  # how model-written code runs (Defaults.sandbox); recorded, not part of the key
     device: str = "auto"  # the spec's default; run_config(device=...) overrides
@@ -371,8 +371,12 @@ class _TaskPlanner:
             "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test, "eval_batch": d.eval_batch,
             "kernel": d.kernel, "precision": d.precision, "cpu_threads": d.cpu_threads,
         }
-        if d.compile:  # absent when off, so that specs written before the option keep their run keys
+        # absent when the step is eager (off, or auto on a CPU spec), so that specs written before the option keep
+        # their run keys; "on" keeps the encoding it had when compile was a yes/no setting
+        if d.compile == "on":
             setup["compile"] = True
+        elif d.compile == "graphs" or (d.compile == "auto" and d.device != "cpu"):
+            setup["compile"] = d.compile
         self.setup = short_hash(setup)
         self.digests = {c.name: candidate_digest(c) for c in (BASELINE, *self.candidates)}
         self.threshold: float | None = None if isinstance(self.task.threshold, ThresholdSD) else self.task.threshold

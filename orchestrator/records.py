@@ -81,6 +81,7 @@ class Record(BaseModel):
     peak_mem_bytes: int | None = None
     device: str | None = None
     compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
+    step_mode: str | None = None  # "off", "on" or "graphs": how the training step ran (spec defaults.compile)
     sandbox: str | None = None  # "enforced" or "unsafe": how model-written code was executed (spec defaults.sandbox)
     # what the run's seed varied: "data_order", and "init" where a from-scratch model's initialisation followed it
     # (None: recorded before the field existed, when every from-scratch seed shared init seed 0)

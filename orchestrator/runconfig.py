@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from model.config import ModelConfig, preset, with_shape
 from model.fs_config import FSConfig
@@ -28,6 +28,26 @@ Status = Literal["ok", "diverged", "failed"]
 # "oom_always", "crash" (every attempt), "crash_once" (attempt 0 only), "hang" (never returns), "diverge" (loss
 # becomes non-finite), "data" (the data build fails)
 Fault = Literal["oom", "oom_always", "crash", "crash_once", "hang", "diverge", "data"]
+# How a training step runs (spec defaults.compile): "off" eager; "on" the blocks' work around the WKV kernel
+# torch.compile'd; "graphs" compiled blocks, lengths padded to buckets (static shapes), and each micro-batch's forward,
+# loss and backward replayed as a CUDA graph (worker/fast_step.py); "auto" = "graphs" on CUDA, "off" elsewhere.
+CompileMode = Literal["auto", "off", "on", "graphs"]
+COMPILE_MODES = ("auto", "off", "on", "graphs")
+
+
+def compile_mode(value: Any) -> Any:
+    """A compile setting as a mode name: YAML's on/off and JSON's true/false (how it was written before it had
+    more than two values) read as "on"/"off"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def resolve_compile(mode: str, device_type: str) -> str:
+    """The step a run with compile setting `mode` executes on a device of this type ("cuda" or "cpu")."""
+    if mode == "auto":
+        return "graphs" if device_type == "cuda" else "off"
+    return mode
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -162,14 +182,18 @@ class RunConfig(BaseModel):
     kernel: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    # torch.compile of the blocks' work around the WKV kernel in training forwards (see Defaults.compile)
-    compile: bool = False
+    compile: CompileMode = "off"  # how the training step runs (CompileMode; spec defaults.compile)
     cpu_threads: int = 1  # torch threads on CPU: fixed, because results depend on it (and 1 is fastest at demo size)
     sandbox: Literal["enforced", "unsafe"] = "enforced"  # how model-written code is executed (Defaults.sandbox)
     eval_batch: int = 64
     run_dir: str
     attempt: int = 0
     fault: Fault | None = None  # test hook: inject a failure (see worker/run.py)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v: Any) -> Any:
+        return compile_mode(v)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -220,4 +244,5 @@ class RunResult(BaseModel):
     grad_accum: int | None = None
     device: str | None = None
     compiled: bool | None = None  # whether the training forwards ran torch.compile'd blocks
+    step_mode: str | None = None  # the step as executed: "off", "on" or "graphs" (CompileMode, "auto" resolved)
     sandbox: str | None = None  # the executor mode model-written code ran under ("enforced" or "unsafe")

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 from model.candidates import BASELINE, Candidate, resolve
 from model.fs_config import FSConfig
 from orchestrator import paths
-from orchestrator.runconfig import LearningRates, ModelSource
+from orchestrator.runconfig import CompileMode, LearningRates, ModelSource, compile_mode
 from orchestrator.runkey import NAME_PATTERN, canonical_json
 # SpecError and did_you_mean are imported from here by the CLI and the tests too
 from orchestrator.spec_errors import SpecError, StructureError, candidate_suggestion, did_you_mean, \
@@ -94,10 +94,10 @@ class Defaults(_Strict):
     data_seed: int = Field(0, ge=0, le=MAX_SEED)
     kernel: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch.compile the blocks' work around the WKV kernel in training forwards: faster steps on a GPU for a start-up
-    # cost in every worker (README: measured both). It changes numerics slightly, so it is part of a run's identity
-    # and a baseline and its candidates always share it. (YAML reads on/off as true/false too.)
-    compile: bool = False
+    # how the training step runs (runconfig.CompileMode): "auto" (graph replays of compiled, length-bucketed steps on
+    # a GPU, eager on CPU), "off", "on" (compiled blocks) or "graphs". It changes numerics slightly, so it is part of a
+    # run's identity and a baseline and its candidates always share it. (YAML's on/off read as "on"/"off".)
+    compile: CompileMode = "auto"
     cpu_threads: int = Field(1, ge=1)  # torch threads of a CPU run; part of the run's identity (results depend on it)
     # model-written code (MBPP) runs behind a namespace boundary (tasks/sandbox.py); "unsafe" is the explicit,
     # recorded opt-out for machines that cannot provide it
@@ -107,6 +107,11 @@ class Defaults(_Strict):
     retries: int = Field(2, ge=0)  # crash/timeout retries per candidate run
     baseline_retries: int = Field(2, ge=0)
     probe: ProbeDefaults = Field(default_factory=ProbeDefaults)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v: Any) -> Any:
+        return compile_mode(v)
 
 
 class Stage(_Strict):

@@ -11,13 +11,16 @@ from worker.errors import RunError
 class Batch:
     """Token tensors of a list of examples: prompts left-padded (pad_left says how much), answers right-padded."""
 
-    def __init__(self, examples, read_twice: bool, eot_id: int, device):
+    def __init__(self, examples, read_twice: bool, eot_id: int, device, pad_to: tuple[int, int] | None = None):
+        """`pad_to` = (prompt, answer) lengths to pad to at least (static shapes for graph replays: worker/fast_step)."""
         prompts = [list(e.prompt_ids(read_twice)) for e in examples]
         answers = [list(e.answer_ids) for e in examples]
         if any(len(a) == 0 for a in answers):
             raise RunError("data", "an example has an empty answer")
         P = max(len(p) for p in prompts)
         A = max(len(a) for a in answers)
+        if pad_to is not None:
+            P, A = max(P, pad_to[0]), max(A, pad_to[1])
         self.n = len(examples)
         self.prompt = torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
         self.pad_left = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
@@ -51,9 +54,11 @@ def token_losses(logits, batch: Batch):
 
 
 
-def worst_case_batch(mb: int, prompt_len: int, answer_len: int, example: Example, eot_id: int, device) -> Batch:
-    """A batch of `mb` synthetic examples with the given lengths (the example's token ids, repeated)."""
+def worst_case_batch(mb: int, prompt_len: int, answer_len: int, example: Example, eot_id: int, device,
+                     pad_to: tuple[int, int] | None = None) -> Batch:
+    """A batch of `mb` synthetic examples with the given lengths (the example's token ids, repeated), padded to
+    `pad_to` when given."""
     p = (list(example.prompt_ids(False)) * (prompt_len // max(1, len(example.prompt_ids(False))) + 1))[:prompt_len]
     a = (list(example.answer_ids) * (answer_len // max(1, len(example.answer_ids)) + 1))[:answer_len]
     fake = Example("", "", "", tuple(p), (), tuple(a))
-    return Batch([fake] * mb, False, eot_id, device)
+    return Batch([fake] * mb, False, eot_id, device, pad_to)

@@ -3,7 +3,8 @@
 A step is exactly what the worker does: prompt pass (Future-Seed on or off), answer pass seeded with the prompt's
 final states, token-weighted cross-entropy over the answer, backward, gradient clipping, AdamW on fp32 master
 weights, under bf16 autocast on CUDA; with `--compile on` the blocks' work around the WKV kernel is torch.compile'd,
-as a spec's `compile: on` does (`--compile off on` measures both; `graphs`: compiled and replayed as CUDA graphs).
+as a spec's `compile: on` does (`--compile off on` measures both; `graphs`: the worker's GPU default, compiled blocks
+and the step's forward, loss and backward replayed as one CUDA graph, worker/fast_step.py).
 Swept over kernels (triton, fla when installed, torch) and FS off / on. Every group is timed together with the peer,
 fla's own RWKV7ForCausalLM at the same shape doing the same work (`--peer none` leaves it out; where fla's models or
 CUDA are missing, one line says it was skipped), and each fsearch row's tokens/s and peak memory over the peer's are
@@ -34,6 +35,7 @@ from model.optim import AdamW
 from model.rwkv7 import RWKV7
 from tasks.base import Example
 from worker.batches import Batch, forward_answer_logits, token_losses
+from worker.fast_step import FastStep, StepInputs, loss_weights
 
 
 def _fs_config(kind: str):
@@ -51,7 +53,7 @@ class TrainBench:
         self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
                      "prompt_len": prompt_len, "answer_len": answer_len, "compile": compiled, "cuda_graphs": cuda_graphs}
         cfg = preset(preset_name)
-        model = RWKV7(cfg, kernel=kernel, compile_backend="inductor" if compiled else None, cuda_graphs=cuda_graphs)
+        model = RWKV7(cfg, kernel=kernel, compile_backend="inductor" if compiled else None)
         init_weights(model, seed=0)
         self.model = model.to(device).float()
         self.fs = _fs_config(fs_kind)
@@ -65,10 +67,19 @@ class TrainBench:
         self.batch = Batch(exs, False, 0, device)
         self.tokens = batch * (prompt_len + answer_len)
         self.cuda = device.startswith("cuda")
+        self.fast = None
+        if cuda_graphs:  # the worker's default GPU step: graph replays of forward + loss + backward
+            self.fast = FastStep(self.model, self.params, self.fs, self.gates)
+            weight = loss_weights(self.batch, "mean_token", self.batch.n_answer_tokens, batch)
+            self.inputs = StepInputs.of(self.batch, weight)
 
     def step(self) -> None:
-        if self.model.cuda_graphs:  # a new step: the graphs' outputs of the last one are no longer read
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.fast is not None:
+            self.fast.begin()
+            self.fast.micro(self.inputs)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            return
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext():
             logits, _ = forward_answer_logits(self.model, self.batch, self.fs, self.gates, self.fs is not None)
@@ -173,7 +184,7 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
             continue
         mem = (r["peak_mem_gib"] / peer["peak_mem_gib"]) if r.get("peak_mem_gib") and peer.get("peak_mem_gib") else None
         out.append({"bench": "peer_ratio", "prompt_len": r["prompt_len"], "kernel": r["kernel"], "fs": r["fs"],
-                    "compile": r["compile"], "peer": peer["kernel"], "over_peer": r["tokens_per_s"] / peer["tokens_per_s"],
+                    "compile": "graphs" if r.get("cuda_graphs") else r["compile"], "peer": peer["kernel"], "over_peer": r["tokens_per_s"] / peer["tokens_per_s"],
                     "mem_over_peer": mem})
     return out
 
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "graphs"],
                     help="torch.compile the blocks around the WKV kernel (spec: defaults.compile); graphs: compiled "
-                         "and replayed as CUDA graphs (torch.compile mode reduce-overhead)")
+                         "blocks, and forward + loss + backward replayed as a CUDA graph (the GPU default)")
     ap.add_argument("--peer", default=PEER_KERNEL, choices=[PEER_KERNEL, "none"],
                     help="time fla's RWKV7ForCausalLM in every group too (same shape, batch, tokens and work)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")

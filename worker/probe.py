@@ -11,6 +11,7 @@ from orchestrator.fileio import write_json_atomic
 from orchestrator.runconfig import EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig
 from worker.batches import forward_answer_logits, token_losses, worst_case_batch
 from worker.errors import RunError
+from worker.fast_step import StepInputs, bucketed_lengths, loss_weights
 from worker.run import Run, is_oom
 
 
@@ -35,18 +36,12 @@ def probe(probe_path: Path) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                b = worst_case_batch(mb, P, A, r.val_set[0], r.tok.eot_id, r.device)
-                r.optimizer.zero_grad(set_to_none=True)
-                with r.autocast():
-                    logits, _ = forward_answer_logits(r.model, b, r.fs, r.gates, r.fs is not None)
-                token_losses(logits, b).sum().backward()
-                r.optimizer.step()
+                fits_one_step(r, mb, P, A)
                 torch.cuda.synchronize()
                 peak = int(torch.cuda.max_memory_allocated())
                 ok = peak <= margin * total
                 tried.append({"micro_batch": mb, "ok": ok, "error_kind": None if ok else "margin",
                               "peak_mem_bytes": peak})
-                del logits, b
                 if ok:
                     write_json_atomic(out_path, {"micro_batch": mb, "peak_mem_bytes": peak, "device_mem_bytes": total,
                                                  "prompt_tokens": P, "answer_tokens": A, "tried": tried,
@@ -57,6 +52,8 @@ def probe(probe_path: Path) -> int:
                     raise
                 tried.append({"micro_batch": mb, "ok": False, "error_kind": "oom", "peak_mem_bytes": None})
                 r.optimizer.zero_grad(set_to_none=True)
+                if r.fast is not None:  # drop the graphs (and their memory) of the size that did not fit
+                    r.fast = r.build_fast_step()
         write_json_atomic(out_path, {"error_kind": "oom", "error_message": "no candidate micro-batch fits",
                                      "tried": tried})
         return EXIT_OOM
@@ -68,4 +65,24 @@ def probe(probe_path: Path) -> int:
         write_json_atomic(out_path, {"error_kind": "crash", "error_message": f"{type(e).__name__}: {e}"[:1000],
                                      "tried": tried})
         return EXIT_CRASH
+
+
+def fits_one_step(r: Run, mb: int, P: int, A: int) -> None:
+    """One training step of `mb` worst-case examples as the run would execute it: with graph replays, the longest
+    bucket's eager step, its capture and a replay (the graph's memory pool counts in the peak); else forward and
+    backward. Then the optimizer step."""
+    if r.fast is not None:
+        r.fast = r.build_fast_step()  # a fresh one per size: the previous size's graphs go with their memory
+        b = worst_case_batch(mb, P, A, r.val_set[0], r.tok.eot_id, r.device, bucketed_lengths(P, A))
+        inputs = StepInputs.of(b, loss_weights(b, "mean_token", b.n_answer_tokens, mb))
+        r.fast.begin()
+        r.fast.micro(inputs)  # eager, then captured
+        r.fast.micro(inputs)  # replayed
+    else:
+        b = worst_case_batch(mb, P, A, r.val_set[0], r.tok.eot_id, r.device)
+        r.optimizer.zero_grad(set_to_none=True)
+        with r.autocast():
+            logits, _ = forward_answer_logits(r.model, b, r.fs, r.gates, r.fs is not None)
+        token_losses(logits, b).sum().backward()
+    r.optimizer.step()
 

@@ -23,10 +23,12 @@ from model.rwkv7 import RWKV7
 from model.tokenizers import get_tokenizer
 from orchestrator.decisions import lower_is_better
 from orchestrator.fileio import finite_json, write_json_atomic
-from orchestrator.runconfig import EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult
+from orchestrator.runconfig import (EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult,
+                                    resolve_compile)
 from tasks import DataUnavailable, TaskError, get_task
 from worker.batches import Batch, forward_answer_logits, token_losses
 from worker.errors import RunError
+from worker.fast_step import FastStep, StepInputs, bucketed_lengths, loss_weights
 
 PROGRESS_EVERY_S = 1.0
 
@@ -58,6 +60,8 @@ class Run:
             raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         self.precision = precision
+        if self.step_mode == "graphs" and self.device.type != "cuda":
+            raise RunError("config", "compile 'graphs' replays CUDA graphs: it needs a CUDA device (use auto or off)")
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         random.seed(cfg.seed)
@@ -80,6 +84,18 @@ class Run:
             c = self.model.cfg
             self.gates = FSGates(self.fs, c.n_layer, c.n_head, c.n_embd).to(self.device)
         self.optimizer = self.build_optimizer()
+        self.fast = self.build_fast_step() if self.step_mode == "graphs" else None
+
+    @property
+    def step_mode(self) -> str:
+        """How this run's training step executes on its device: "off", "on" or "graphs" (runconfig.CompileMode)."""
+        return resolve_compile(self.cfg.compile, self.device.type)
+
+    def build_fast_step(self) -> FastStep:
+        """The graph-replayed step (worker/fast_step.py) over the optimizer's parameters."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return FastStep(self.model, params, self.fs, self.gates,
+                        autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
 
     def build_model(self):
         src = self.cfg.model
@@ -92,7 +108,7 @@ class Run:
         except (ValueError, FileNotFoundError) as e:
             raise RunError("config", f"model: {str(e).splitlines()[0]}") from None
         torch.manual_seed(self.cfg.seed)  # the init seed must not make the training seed's streams depend on it
-        model.compile_backend = "inductor" if self.cfg.compile else None
+        model.compile_backend = "inductor" if self.step_mode in ("on", "graphs") else None
         return model.to(self.device).float()
 
     def build_tokenizer(self):
@@ -158,12 +174,45 @@ class Run:
             raise torch.OutOfMemoryError("injected out-of-memory (test hook)")
         examples = self.next_examples(cfg.batch_size)
         mb = cfg.micro_batch or cfg.batch_size
-        micro = [Batch(examples[i:i + mb], cfg.mode == "read_twice", self.tok.eot_id, self.device)
+        read_twice = cfg.mode == "read_twice"
+        pad_to = None
+        if self.fast is not None:  # static shapes: every micro-batch of the step padded to the step's length bucket
+            pad_to = bucketed_lengths(max(len(e.prompt_ids(read_twice)) for e in examples),
+                                      max(len(e.answer_ids) for e in examples))
+        micro = [Batch(examples[i:i + mb], read_twice, self.tok.eot_id, self.device, pad_to)
                  for i in range(0, len(examples), mb)]
         total_answer_tokens = sum(b.n_answer_tokens for b in micro)
         for g in self.optimizer.param_groups:
             warm = cfg.lr.warmup_steps
             g["lr"] = g["base_lr"] * (min(1.0, step / warm) if warm > 0 else 1.0)
+        if self.fast is not None:
+            loss_total = self.fast_forward_backward(micro, total_answer_tokens)
+        else:
+            loss_total = self.eager_forward_backward(micro, total_answer_tokens)
+        if cfg.fault == "diverge" and step >= 2:
+            loss_total = float("nan")
+        if not math.isfinite(loss_total):
+            return loss_total
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.lr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.lr.grad_clip)
+        self.optimizer.step()
+        return loss_total
+
+    def fast_forward_backward(self, micro: list[Batch], total_answer_tokens: int) -> float:
+        """The step's gradients by FastStep (graph replays); the step's loss, read back once."""
+        self.fast.begin()
+        loss = None
+        for b in micro:
+            weight = loss_weights(b, self.cfg.loss, total_answer_tokens, self.cfg.batch_size)
+            part = self.fast.micro(StepInputs.of(b, weight))
+            loss = part if loss is None else loss + part
+            self.train_tokens += b.n_tokens
+        return float(loss)
+
+    def eager_forward_backward(self, micro: list[Batch], total_answer_tokens: int) -> float:
+        """The step's gradients, one forward and backward per micro-batch; the step's loss."""
+        cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for b in micro:
@@ -178,14 +227,6 @@ class Run:
             loss.backward()
             loss_total += float(loss.detach())
             self.train_tokens += b.n_tokens
-        if cfg.fault == "diverge" and step >= 2:
-            loss_total = float("nan")
-        if not math.isfinite(loss_total):
-            return loss_total
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.lr.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.lr.grad_clip)
-        self.optimizer.step()
         return loss_total
 
     # evaluation -----------------------------------------------------------------------------------------------------
@@ -272,7 +313,8 @@ class Run:
         result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
                            sandbox=cfg.sandbox if hasattr(self.task, "sandbox_mode") else None,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
-                           device=self.device_name(), compiled=cfg.compile, train_tokens=self.train_tokens,
+                           device=self.device_name(), compiled=self.step_mode in ("on", "graphs"),
+                           step_mode=self.step_mode, train_tokens=self.train_tokens,
                            tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
         if status == "diverged":
             result.error_kind = "diverged"

@@ -25,13 +25,13 @@ COMMANDS = {
     "validate": ["--spec", "--no-data"],
     "run": ["--task", "--params", "--candidate", "--fs", "--steps", "--eval-every", "--seed", "--batch", "--micro-batch",
             "--lr", "--model-preset", "--checkpoint", "--n-val", "--n-test", "--data-seed", "--device", "--kernel",
-            "--precision", "--compile", "--no-compile", "--time-limit", "--out"],
+            "--precision", "--compile", "--time-limit", "--out"],
     "report": ["ROUND", "--check", "--results", "--storage"],
     "simulate": ["--spec", "--effects", "--candidates", "--threshold", "--replicates", "--seed", "--json"],
     "list": ["tasks", "candidates", "presets", "sudoku", "--params"],
     "fetch": ["list", "checkpoint", "data", "nosuch-model", "--cache", "--from"],
 }
-FLAGS_WITHOUT_VALUE = {"--no-report", "--new-version", "--no-data", "--compile", "--no-compile", "--check", "--json"}
+FLAGS_WITHOUT_VALUE = {"--no-report", "--new-version", "--no-data", "--check", "--json"}
 N_INVOCATIONS = 150
 TIME_BUDGET_S = 25.0
 

@@ -28,7 +28,8 @@ CRASH_SPEC = {
     "tasks": {"sud": {"batch": 4, "candidates": ["scalar_l1_trainable", "scalar_l2_trainable"]}},
 }  # 5 runs: quick baseline, l1 (promoted), l2 (pruned); med baseline, l1
 # the same round with `batch: auto`: the probe picks 4 (FAKE_PROBE_MAX), so its runs are the reference's runs
-PROBE_SPEC = {**CRASH_SPEC, "defaults": {"device": "auto", "probe": {"micro_batches": [8, 4]}},
+# (compile pinned off: with device auto, compile auto would key its runs as graph replays, the step a GPU would run)
+PROBE_SPEC = {**CRASH_SPEC, "defaults": {"device": "auto", "compile": "off", "probe": {"micro_batches": [8, 4]}},
               "tasks": {"sud": {**CRASH_SPEC["tasks"]["sud"], "batch": "auto"}}}
 SLOW = {"FAKE_WORKER_STEP_S": "0.3"}  # a run long enough to be killed in the middle
 

@@ -500,15 +500,19 @@ def test_a_comparison_round_keeps_going_after_a_failed_candidate_run():
 
 
 def test_the_model_shape_and_a_task_model_are_part_of_the_run_identity():
+    def on_cpu(d):
+        d["defaults"] = {"device": "cpu"}
+
     plain = plan(make_spec(), []).runnable[0]
-    # without a shape the setup digest is what it was before shapes existed (recorded rounds resume)
+    # without a shape the setup digest is what it was before shapes existed (recorded rounds resume): on a CPU spec,
+    # where the default step is the eager one it always was
     d = make_spec().defaults
     setup = short_hash({"task_kind": "sudoku", "task_params": {"base": 2},
                         "model": {"preset": "tiny", "checkpoint": None},  # the init follows the seed
                         "lr": d.lr.model_dump(mode="json"), "loss": d.loss, "n_test": d.n_test,
                         "eval_batch": d.eval_batch, "kernel": d.kernel, "precision": d.precision,
                         "cpu_threads": d.cpu_threads})
-    assert plain.key.setup == setup
+    assert plan(make_spec(on_cpu), []).runnable[0].key.setup == setup
     shaped = plan(make_spec(lambda d: d.update(model={"preset": "tiny", "shape": {"n_layer": 5}})), []).runnable[0]
     wider = plan(make_spec(lambda d: d.update(model={"preset": "tiny", "shape": {"n_embd": 128}})), []).runnable[0]
     assert len({plain.run_key, shaped.run_key, wider.run_key}) == 3
@@ -529,15 +533,28 @@ def test_compile_is_part_of_the_run_identity_and_reaches_the_worker():
 
     from orchestrator.spec import parse_spec_text
 
+    def with_defaults(**kw):
+        return plan(make_spec(lambda d: d.setdefault("defaults", {}).update(**kw)), []).runnable
+
     plain = plan(make_spec(), []).runnable
-    compiled = plan(make_spec(lambda d: d.setdefault("defaults", {}).update(compile=True)), []).runnable
+    compiled = with_defaults(compile=True)
     assert {u.run_key for u in plain}.isdisjoint(u.run_key for u in compiled)
-    assert all(u.run_config("/x").compile for u in compiled) and not any(u.run_config("/x").compile for u in plain)
+    assert all(u.run_config("/x").compile == "on" for u in compiled)
     # baselines and candidates share it: a compiled candidate is compared with a compiled baseline
     assert all(u.baseline_key in {v.run_key for v in compiled} for u in compiled if not u.is_baseline)
-    # YAML's on/off mean true/false
+    # YAML's on/off read as the modes "on"/"off"
     text = yaml.safe_dump(BASE) + "defaults:\n  compile: on\n"
-    assert parse_spec_text(text).defaults.compile is True
+    assert parse_spec_text(text).defaults.compile == "on"
+    # "auto" (the default) is eager on a CPU spec, with the key an explicit "off" has (and had before the setting
+    # had more than two values); on a GPU spec it means graph replays, a step with its own numbers and keys
+    assert plain[0].run_config("/x").compile == "auto"
+    cpu_auto = with_defaults(device="cpu")
+    assert {u.run_key for u in cpu_auto} == {u.run_key for u in with_defaults(device="cpu", compile=False)}
+    gpu_auto, gpu_off, gpu_graphs = (with_defaults(device="cuda", compile=c) for c in ("auto", "off", "graphs"))
+    plain_keys, auto_keys, off_keys, graphs_keys = ({u.run_key for u in units}
+                                                    for units in (cpu_auto, gpu_auto, gpu_off, gpu_graphs))
+    assert off_keys == plain_keys  # the device is not part of a run's identity; an eager step is one step
+    assert auto_keys.isdisjoint(plain_keys) and graphs_keys.isdisjoint(plain_keys) and auto_keys.isdisjoint(graphs_keys)
 
 
 def test_the_synthetic_table_study_plans_45_runs():
