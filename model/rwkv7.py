@@ -201,7 +201,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x: Tensor, v_first: Tensor | None, state: LayerState, s0: Tensor | None, pad: Padding | None,
-                wkv, compile_backend: str | None = None, cuda_graphs: bool = False) -> tuple[Tensor, Tensor, LayerState]:
+                wkv, compile_backend: str | None = None) -> tuple[Tensor, Tensor, LayerState]:
         """One block. With `compile_backend`, the work before and after the WKV operator (norms, token shifts,
         projections, LoRAs, FFN: mostly elementwise, memory-bound work) runs as two torch.compile'd graphs; the WKV
         operator itself always runs outside them, as it does without compile."""
@@ -212,7 +212,7 @@ class Block(nn.Module):
         if compile_backend is None:
             before, after = Block.attention_in, Block.attention_out_and_ffn
         else:
-            before, after = compiled_block_segments(compile_backend, cuda_graphs)
+            before, after = compiled_block_segments(compile_backend)
             mark_batch_and_time_dynamic(x, state.att_shift, state.ffn_shift, pad)
         *wkv_in, bonus, g, att_shift = before(self, x, v_first, state.att_shift, pad)
         y, sT = self.att.wkv(wkv_in, s0, wkv)
@@ -233,26 +233,23 @@ class Block(nn.Module):
         return x + ffn, ffn_shift
 
 
-_COMPILED_SEGMENTS: dict[tuple[str, bool], tuple] = {}
+_COMPILED_SEGMENTS: dict[str, tuple] = {}
 # graphs per segment: layer 0 or not x padded or not x autocast or not, each compiled once with dynamic batch and time
 _RECOMPILE_LIMIT = 32
 
 
-def compiled_block_segments(backend: str, cuda_graphs: bool = False) -> tuple:
+def compiled_block_segments(backend: str) -> tuple:
     """Block.attention_in and Block.attention_out_and_ffn through torch.compile (built on first use: importing the
-    model does not import torch._dynamo). One pair of compiled functions serves every block of every model. With
-    cuda_graphs, inductor's mode "reduce-overhead": each call replays a CUDA graph of the compiled kernels (one
-    recorded per call site and shape)."""
-    key = (backend, cuda_graphs)
-    if key not in _COMPILED_SEGMENTS:
+    model does not import torch._dynamo). One pair of compiled functions serves every block of every model. (A
+    worker's GPU step replays whole micro-steps as CUDA graphs itself: worker/fast_step.py.)"""
+    if backend not in _COMPILED_SEGMENTS:
         import torch._dynamo
 
         config = torch._dynamo.config
         config.cache_size_limit = max(config.cache_size_limit, _RECOMPILE_LIMIT)
-        mode = "reduce-overhead" if cuda_graphs else None
-        _COMPILED_SEGMENTS[key] = (torch.compile(Block.attention_in, backend=backend, mode=mode),
-                                   torch.compile(Block.attention_out_and_ffn, backend=backend, mode=mode))
-    return _COMPILED_SEGMENTS[key]
+        _COMPILED_SEGMENTS[backend] = (torch.compile(Block.attention_in, backend=backend),
+                                       torch.compile(Block.attention_out_and_ffn, backend=backend))
+    return _COMPILED_SEGMENTS[backend]
 
 
 def mark_batch_and_time_dynamic(*items) -> None:
@@ -276,17 +273,13 @@ class RWKV7(nn.Module):
     """RWKV-7 G1 language model. `kernel` picks the WKV operator (see `wkv_operator`); parameters start at zero:
     use model.init.init_weights (from scratch) or model.checkpoint (pretrained) to fill them."""
 
-    def __init__(self, cfg: ModelConfig, kernel: str = "auto", compile_backend: str | None = None,
-                 cuda_graphs: bool = False):
+    def __init__(self, cfg: ModelConfig, kernel: str = "auto", compile_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.kernel = kernel
         # torch.compile backend for the blocks' work around the WKV operator in training forwards (None: eager).
         # Evaluation, decoding and single-token calls stay eager: they would each need graphs of their own.
         self.compile_backend = compile_backend
-        # with compile_backend: replay the compiled segments as CUDA graphs (torch.compile mode "reduce-overhead"),
-        # the same kernels launched without their per-kernel host work
-        self.cuda_graphs = cuda_graphs
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -343,7 +336,7 @@ class RWKV7(nn.Module):
             s0 = state[i].wkv
             if i in seeded:  # the residual stream entering block i, at the last (real: pads are on the left) token
                 s0 = s0 + future_seed(final[i - 1].wkv, i, self.n_layer, fs, fs_gates, x_in=x[:, -1])
-            x, v_first, layer_state = block(x, v_first, state[i], s0, pad, wkv, compile_backend, self.cuda_graphs)
+            x, v_first, layer_state = block(x, v_first, state[i], s0, pad, wkv, compile_backend)
             final.append(layer_state)
         x = self.ln_out(x)
         return (x if return_hidden else self.logits(x)), final
