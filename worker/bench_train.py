@@ -49,7 +49,7 @@ class TrainBench:
     """One configuration of the benchmark: its model, FS gates, optimizer and batch, and its training step."""
 
     def __init__(self, preset_name: str, kernel: str, fs_kind: str, batch: int, prompt_len: int, answer_len: int,
-                 device: str, compiled: bool = False, cuda_graphs: bool = False):
+                 device: str, compiled: bool = False, cuda_graphs: bool = False, pool=None):
         self.meta = {"bench": "train", "preset": preset_name, "kernel": kernel, "fs": fs_kind, "batch": batch,
                      "prompt_len": prompt_len, "answer_len": answer_len, "compile": compiled, "cuda_graphs": cuda_graphs}
         cfg = preset(preset_name)
@@ -69,7 +69,7 @@ class TrainBench:
         self.cuda = device.startswith("cuda")
         self.fast = None
         if cuda_graphs:  # the worker's default GPU step: graph replays of forward + loss + backward
-            self.fast = FastStep(self.model, self.params, self.fs, self.gates)
+            self.fast = FastStep(self.model, self.params, self.fs, self.gates, pool=pool)
             weight = loss_weights(self.batch, "mean_token", self.batch.n_answer_tokens, batch)
             self.inputs = StepInputs.of(self.batch, weight)
 
@@ -88,8 +88,13 @@ class TrainBench:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
 
+    @property
+    def allocates_in_warmup(self) -> bool:
+        """Whether memory the step needs is allocated once in the warm-up and kept (a graph's memory pool)."""
+        return self.fast is not None
+
     def resident_bytes(self) -> int:
-        """Bytes this configuration keeps between steps: parameters, gradients, optimizer state."""
+        """Bytes this configuration keeps between steps: parameters, gradients, optimizer state (not a graph pool)."""
         tensors = [p for p in self.params] + [p.grad for p in self.params if p.grad is not None]
         tensors += [t for st in self.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -192,20 +197,28 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
 def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) -> list[dict]:
     """Time several configurations kept in memory together, in alternating order (ABC, CBA, ABC, ...) so that slow
     drift (clocks, allocator growth, a first-configuration effect) spreads over all of them instead of biasing the
-    one timed first. Each configuration's peak memory is taken on its first timed step as if it were alone: the
-    device's peak during that step minus what the other configurations keep resident."""
+    one timed first. Each configuration's peak memory is taken as if it were alone: the device's peak during its
+    first timed step minus what the other configurations keep resident; for a graph-replayed configuration, whose
+    graph memory pool is allocated in the warm-up and kept, the peak over its warm-up (eager step, capture, replay)
+    and that step."""
     cuda = benches[0].cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     first: list[float | None] = [None] * len(benches)
+    peaks: list[float | None] = [None] * len(benches)
     for i, b in enumerate(benches):
-        for j in range(warmup):
+        pool_during_warmup = cuda and getattr(b, "allocates_in_warmup", False)
+        if pool_during_warmup:  # a graph's pool is allocated in the warm-up and stays: its peak is this one
+            others = torch.cuda.memory_allocated() - b.resident_bytes()
+            torch.cuda.reset_peak_memory_stats()
+        for j in range(max(warmup, 2 if pool_during_warmup else 0)):  # graphs: eager step + capture, then a replay
             t = time.perf_counter()
             b.step()
             sync()
             if j == 0:
                 first[i] = time.perf_counter() - t
+        if pool_during_warmup:
+            peaks[i] = (torch.cuda.max_memory_allocated() - others) / 2**30
     times: list[list[float]] = [[] for _ in benches]
-    peaks: list[float | None] = [None] * len(benches)
     for r in range(rounds):
         order = list(range(len(benches)))
         if r % 2:
@@ -221,7 +234,8 @@ def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) 
                 sync()
                 times[i].append(time.perf_counter() - t)
                 if cuda and r == 0 and j == 0:
-                    peaks[i] = (torch.cuda.max_memory_allocated() - others) / 2**30
+                    step_peak = (torch.cuda.max_memory_allocated() - others) / 2**30
+                    peaks[i] = max(peaks[i] or 0.0, step_peak)
     rows = []
     for b, ts, peak, first_s in zip(benches, times, peaks, first):
         ts = sorted(ts)
@@ -274,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         for kernel, (compiled, graphs) in ((k, c) for k in args.kernels for c in compile_modes):
             # the FS variants of one kernel are timed together, interleaved: the FS overhead is a small difference
             group, failed = [], []
+            # the group's graphs share one memory pool, as one configuration's graphs do (one replays at a time)
+            pool = torch.cuda.graph_pool_handle() if graphs and device.startswith("cuda") else None
             for fs_kind in args.fs:
                 try:
                     group.append(TrainBench(args.preset, kernel, fs_kind, args.batch, T, args.answer_len, device,
-                                            compiled, graphs))
+                                            compiled, graphs, pool))
                 except Exception as e:  # a backend that is not installed is reported, not fatal
                     failed.append({**error_row(kernel, fs_kind, T, e), "compile": compiled, "cuda_graphs": graphs})
             if args.peer != "none" and group:
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile and device.startswith("cuda") and all("tokens_per_s" in r for r in timed):
                 for b in group:
                     emit(profile_step(b))
-            del group
+                del b  # the last configuration (and its graph pool) must not outlive the group
+            del group, pool
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     for line in ratios(rows):

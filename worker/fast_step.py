@@ -109,18 +109,19 @@ class FastStep:
 
     `begin()` starts a step (zeroes the gradients), `micro(inputs)` adds one micro-batch's gradients and returns its
     loss as a 0-dim tensor on the device (no host sync). `params` are the leaves that get gradients (model and FS
-    gates); `autocast_dtype` None runs in float32."""
+    gates); `autocast_dtype` None runs in float32. Several FastSteps (the benchmark's configurations) may share one
+    `pool`: what holds for graphs of one FastStep holds across them, as long as one runs at a time."""
 
     def __init__(self, model, params: list[torch.Tensor], fs=None, gates=None,
                  autocast_dtype: torch.dtype | None = torch.bfloat16, graphs: bool = True,
-                 max_graphs: int = MAX_GRAPHS):
+                 max_graphs: int = MAX_GRAPHS, pool=None):
         self.model, self.fs, self.gates = model, fs, gates
         self.params = [p for p in params if p.requires_grad]
         self.autocast_dtype = autocast_dtype
         self.graphs_enabled = graphs
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.pool = None
+        self.pool = pool  # a graph memory pool (torch.cuda.graph_pool_handle()) shared with other FastSteps, or None
         self.grads: list[torch.Tensor] | None = None
         self.captures = 0  # graphs recorded (a new shape, or one evicted and met again)
         self.replays = 0
