@@ -222,3 +222,30 @@ def test_graphs_on_a_cpu_run_are_a_config_error_and_auto_runs_eagerly_there(tmp_
     assert run_worker(run_config(tmp_path, "a", device="cpu", steps=2, eval_every=2)) == 0
     res = result_of(tmp_path, "a")
     assert res["step_mode"] == "off" and res["compiled"] is False
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_probe_bounds_what_a_graph_replayed_run_then_uses(tmp_path):
+    """The batch probe (graph-replayed step) picks a micro-batch whose measured peak covers the run's own peak."""
+    from orchestrator.runconfig import ModelSource
+    from tests.worker.test_run import make_config as run_config, result_of
+    from worker.probe import probe
+    from worker.run import run as run_worker
+
+    path = run_config(tmp_path, "p", candidate="scalar_l2_trainable", device="cuda", model=ModelSource(preset="small"),
+                      steps=3, eval_every=3)
+    spec = tmp_path / "probe.json"
+    spec.write_text(json.dumps({"run": json.loads(path.read_text()), "candidates": [32, 16, 8], "margin": 0.9}))
+    assert probe(spec) == 0
+    chosen = json.loads((tmp_path / "probe_result.json").read_text())
+    assert chosen["micro_batch"] == 32
+    import gc
+
+    gc.collect()  # the probe's model and graphs go; the run's peak is its own
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run = run_config(tmp_path, "r", candidate="scalar_l2_trainable", device="cuda", model=ModelSource(preset="small"),
+                     steps=3, eval_every=3, batch_size=32)
+    assert run_worker(run) == 0
+    assert result_of(tmp_path, "r")["peak_mem_bytes"] <= chosen["peak_mem_bytes"]
