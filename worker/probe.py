@@ -33,6 +33,9 @@ def probe(probe_path: Path) -> int:
         r.setup()
         P, A = r.task.max_lengths()
         for mb in sorted(spec["candidates"], reverse=True):
+            r.optimizer.zero_grad(set_to_none=True)
+            if r.fast is not None:  # a fresh one per size: the last size's graphs and pool go before measuring
+                r.fast = r.build_fast_step()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -40,7 +43,8 @@ def probe(probe_path: Path) -> int:
                 torch.cuda.synchronize()
                 # with graphs, memory a graph's pool holds but is not using counts too (reserved, not allocated):
                 # the next shape's eager step cannot use it
-                peak = int(torch.cuda.max_memory_reserved() if r.fast is not None else torch.cuda.max_memory_allocated())
+                peak = int(torch.cuda.max_memory_reserved() if r.fast is not None
+                           else torch.cuda.max_memory_allocated())
                 ok = peak <= margin * total
                 tried.append({"micro_batch": mb, "ok": ok, "error_kind": None if ok else "margin",
                               "peak_mem_bytes": peak})
@@ -53,9 +57,6 @@ def probe(probe_path: Path) -> int:
                 if not is_oom(e):
                     raise
                 tried.append({"micro_batch": mb, "ok": False, "error_kind": "oom", "peak_mem_bytes": None})
-                r.optimizer.zero_grad(set_to_none=True)
-                if r.fast is not None:  # drop the graphs (and their memory) of the size that did not fit
-                    r.fast = r.build_fast_step()
         write_json_atomic(out_path, {"error_kind": "oom", "error_message": "no candidate micro-batch fits",
                                      "tried": tried})
         return EXIT_OOM
@@ -75,7 +76,6 @@ def fits_one_step(r: Run, mb: int, P: int, A: int) -> None:
     graph's memory pool is held, as when a run meets a new (never longer) shape after the longest one; else forward
     and backward."""
     if r.fast is not None:
-        r.fast = r.build_fast_step()  # a fresh one per size: the previous size's graphs go with their memory
         b = worst_case_batch(mb, P, A, r.val_set[0], r.tok.eot_id, r.device, bucketed_lengths(P, A))
         inputs = StepInputs.of(b, loss_weights(b, "mean_token", b.n_answer_tokens, mb))
         r.fast.begin()
@@ -84,7 +84,6 @@ def fits_one_step(r: Run, mb: int, P: int, A: int) -> None:
         r.fast.forward_backward(inputs)  # a new shape's first, eager step, beside the graph's pool
     else:
         b = worst_case_batch(mb, P, A, r.val_set[0], r.tok.eot_id, r.device)
-        r.optimizer.zero_grad(set_to_none=True)
         with r.autocast():
             logits, _ = forward_answer_logits(r.model, b, r.fs, r.gates, r.fs is not None)
         token_losses(logits, b).sum().backward()
