@@ -12,7 +12,7 @@ class Batch:
     """Token tensors of a list of examples: prompts left-padded (pad_left says how much), answers right-padded."""
 
     def __init__(self, examples, read_twice: bool, eot_id: int, device, pad_to: tuple[int, int] | None = None):
-        """`pad_to` = (prompt, answer) lengths to pad to at least (static shapes for graph replays: worker/fast_step)."""
+        """`pad_to` = (prompt, answer) lengths to pad to at least (static shapes for graph replays, fast_step.py)."""
         prompts = [list(e.prompt_ids(read_twice)) for e in examples]
         answers = [list(e.answer_ids) for e in examples]
         if any(len(a) == 0 for a in answers):

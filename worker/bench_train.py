@@ -189,8 +189,8 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
             continue
         mem = (r["peak_mem_gib"] / peer["peak_mem_gib"]) if r.get("peak_mem_gib") and peer.get("peak_mem_gib") else None
         out.append({"bench": "peer_ratio", "prompt_len": r["prompt_len"], "kernel": r["kernel"], "fs": r["fs"],
-                    "compile": "graphs" if r.get("cuda_graphs") else r["compile"], "peer": peer["kernel"], "over_peer": r["tokens_per_s"] / peer["tokens_per_s"],
-                    "mem_over_peer": mem})
+                    "compile": "graphs" if r.get("cuda_graphs") else r["compile"], "peer": peer["kernel"],
+                    "over_peer": r["tokens_per_s"] / peer["tokens_per_s"], "mem_over_peer": mem})
     return out
 
 
