@@ -184,6 +184,12 @@ class FastStep:
         if len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         static = inputs.clone()
+        graph, loss = self._record(static)
+        self.graphs[key] = _Graph(graph, static, loss)
+        self.captures += 1
+
+    def _record(self, static: StepInputs) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+        """A CUDA graph of forward_backward on `static` (recorded, not run), and the tensor its loss lands in."""
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager step's cached blocks go back, so that the graph's pool can use them
         graph = torch.cuda.CUDAGraph()
@@ -191,5 +197,4 @@ class FastStep:
             loss = self.forward_backward(static)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[key] = _Graph(graph, static, loss)
-        self.captures += 1
+        return graph, loss

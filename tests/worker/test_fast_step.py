@@ -130,6 +130,53 @@ def test_a_step_starts_with_begin_and_keeps_its_gradient_buffers():
         fast.micro(inputs)
 
 
+class _ReplayOnCPU:
+    """Stands in for a CUDA graph on CPU: recording runs nothing (the gradients are left as they were), a replay
+    runs forward_backward on the graph's static inputs and writes the loss where the graph's output lives."""
+
+    def __init__(self, fast, static):
+        self.fast, self.static = fast, static
+        self.loss = torch.zeros(())
+
+    def replay(self):
+        self.loss.copy_(self.fast.forward_backward(self.static))
+
+
+def test_graph_bookkeeping_eager_first_then_replays_with_each_batch_copied_in_least_recently_used_dropped(monkeypatch):
+    """What FastStep does around the CUDA calls, on CPU: a new shape's micro-batch runs eagerly and is recorded; later
+    ones of that shape are copied into the graph's inputs and replayed (their own loss and gradients, not the recorded
+    batch's); past max_graphs the least recently used graph goes."""
+    cfg = small_config()
+    model = noisy_model(cfg, seed=6).train()
+    params = list(model.parameters())
+    fast = FastStep(model, params, autocast_dtype=None, graphs=True, max_graphs=2)
+    eager = FastStep(model, params, autocast_dtype=None, graphs=False)
+    monkeypatch.setattr(fast, "_run_on_side_stream", fast.forward_backward)
+    recorded = []
+
+    def record(static):
+        graph = _ReplayOnCPU(fast, static)
+        recorded.append(static.shape_key)
+        return graph, graph.loss
+
+    monkeypatch.setattr(fast, "_record", record)
+    shapes = [(20, 5), (20, 5), (24, 6), (20, 5), (28, 7), (24, 6), (24, 6)]
+    for i, pad_to in enumerate(shapes):
+        b = Batch(_examples(3, 100 + i, cfg.vocab_size, prompt=(10, pad_to[0]), answer=(2, pad_to[1])), False, 0,
+                  "cpu", pad_to)
+        inputs = StepInputs.of(b, loss_weights(b, "mean_token", b.n_answer_tokens, 3))
+        results = []
+        for f in (fast, eager):
+            f.begin()
+            results.append((f.micro(inputs), [p.grad.clone() for p in params]))
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        assert torch.equal(loss_a, loss_b), i
+        assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b)), i
+    # (20, 5) recorded; (24, 6) recorded; (28, 7) evicts (24, 6), the least recently used; (24, 6) is recorded again
+    assert recorded == [(3, 20, 5), (3, 24, 6), (3, 28, 7), (3, 24, 6)]
+    assert fast.captures == 4 and fast.replays == 3 and list(fast.graphs) == [(3, 28, 7), (3, 24, 6)]
+
+
 # GPU -------------------------------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
