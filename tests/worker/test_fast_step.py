@@ -281,7 +281,7 @@ def test_the_probe_bounds_what_a_graph_replayed_run_then_uses(tmp_path):
     from worker.run import run as run_worker
 
     path = run_config(tmp_path, "p", candidate="scalar_l2_trainable", device="cuda", model=ModelSource(preset="small"),
-                      steps=3, eval_every=3)
+                      steps=3, eval_every=3, compile="graphs")
     spec = tmp_path / "probe.json"
     spec.write_text(json.dumps({"run": json.loads(path.read_text()), "candidates": [32, 16, 8], "margin": 0.9}))
     assert probe(spec) == 0
@@ -293,6 +293,7 @@ def test_the_probe_bounds_what_a_graph_replayed_run_then_uses(tmp_path):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     run = run_config(tmp_path, "r", candidate="scalar_l2_trainable", device="cuda", model=ModelSource(preset="small"),
-                     steps=3, eval_every=3, batch_size=32)
+                     steps=3, eval_every=3, batch_size=32, compile="graphs")
     assert run_worker(run) == 0
-    assert result_of(tmp_path, "r")["peak_mem_bytes"] <= chosen["peak_mem_bytes"]
+    res = result_of(tmp_path, "r")
+    assert res["step_mode"] == "graphs" and res["peak_mem_bytes"] <= chosen["peak_mem_bytes"]
