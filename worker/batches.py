@@ -33,17 +33,30 @@ class Batch:
         self.n_tokens = sum(len(p) for p in prompts) + sum(len(a) for a in answers)
 
 
-def forward_answer_logits(model, batch: Batch, fs, gates, fs_on: bool):
+def forward_answer_logits(model, batch: Batch, fs, gates, fs_on: bool, one_variant: bool = False):
     """Logits [B, A, V] predicting each answer token: position 0 from the prompt pass, the rest from the answer pass
-    seeded with the prompt's final states (WKV and token shift)."""
+    seeded with the prompt's final states (WKV and token shift).
+
+    `one_variant` (the graph-replayed step) makes both passes look alike to torch.compile, so that a compiled model
+    compiles one set of graphs for them instead of two: the answer pass gets a padding of zeros (no position is
+    padding) and the prompt pass zero token-shift states that require gradients, as the answer pass's states do. The
+    forward numbers are the same either way."""
+    state = None
+    if one_variant:
+        state = model.zero_state(batch.prompt.shape[0], batch.prompt.device)
+        for s in state:
+            s.att_shift.requires_grad_()
+            s.ffn_shift.requires_grad_()
     if fs_on:
-        hidden, states = model(batch.prompt, fs=fs, fs_gates=gates, pad_left=batch.pad_left, return_hidden=True)
+        hidden, states = model(batch.prompt, state=state, fs=fs, fs_gates=gates, pad_left=batch.pad_left,
+                               return_hidden=True)
     else:
-        hidden, states = model(batch.prompt, pad_left=batch.pad_left, return_hidden=True)
+        hidden, states = model(batch.prompt, state=state, pad_left=batch.pad_left, return_hidden=True)
     first = model.logits(hidden[:, -1:])
     if batch.answer_in.shape[1] == 0:
         return first, states
-    rest_hidden, _ = model(batch.answer_in, state=states, return_hidden=True)
+    pad = torch.zeros_like(batch.pad_left) if one_variant else None
+    rest_hidden, _ = model(batch.answer_in, state=states, pad_left=pad, return_hidden=True)
     return torch.cat([first, model.logits(rest_hidden)], dim=1), states
 
 

@@ -162,7 +162,8 @@ class FastStep:
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
                     if self.autocast_dtype is not None else nullcontext())
         with autocast:
-            logits, _ = forward_answer_logits(self.model, inputs, self.fs, self.gates, self.fs is not None)
+            logits, _ = forward_answer_logits(self.model, inputs, self.fs, self.gates, self.fs is not None,
+                                              one_variant=True)
         V = logits.shape[-1]
         ce = F.cross_entropy(logits.float().reshape(-1, V), inputs.answer.reshape(-1), reduction="none")
         loss = (ce.view_as(inputs.weight) * inputs.weight).sum()

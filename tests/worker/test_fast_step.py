@@ -297,3 +297,28 @@ def test_the_probe_bounds_what_a_graph_replayed_run_then_uses(tmp_path):
     assert run_worker(run) == 0
     res = result_of(tmp_path, "r")
     assert res["step_mode"] == "graphs" and res["peak_mem_bytes"] <= chosen["peak_mem_bytes"]
+
+
+def test_the_fast_step_compiles_one_variant_for_both_passes():
+    """FastStep's prompt and answer passes go through one set of compiled graphs (the block-0 variant and the
+    others' of the attention segment, one of the other segment), half of what a worker compiled at start-up; the
+    forward numbers do not change."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = small_config()
+    counts = []
+    for one_variant in (False, True):
+        model = noisy_model(cfg, seed=1).train()
+        model.compile_backend = "aot_eager"
+        torch._dynamo.reset()
+        before = int(counters["stats"]["unique_graphs"])
+        b = Batch(_examples(3, 0, cfg.vocab_size, answer=(3, 6)), False, 0, "cpu")
+        logits, _ = forward_answer_logits(model, b, None, None, False, one_variant=one_variant)
+        logits.sum().backward()
+        counts.append(int(counters["stats"]["unique_graphs"]) - before)
+        if one_variant:
+            with torch.no_grad():
+                plain, _ = forward_answer_logits(model, b, None, None, False)
+            torch.testing.assert_close(logits.detach(), plain, rtol=0, atol=0)
+    assert counts == [6, 3]
