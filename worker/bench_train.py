@@ -194,6 +194,16 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def note(line: str) -> None:
+    print(f"# {line}", file=sys.stderr, flush=True)
+
+
+def describe(b) -> str:
+    m = b.meta
+    step = "graphs" if m.get("cuda_graphs") else ("compiled" if m.get("compile") else "eager")
+    return f"{m.get('kernel')} fs={m.get('fs')} {step} prompt={m.get('prompt_len')} batch={m.get('batch')}"
+
+
 def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) -> list[dict]:
     """Time several configurations kept in memory together, in alternating order (ABC, CBA, ABC, ...) so that slow
     drift (clocks, allocator growth, a first-configuration effect) spreads over all of them instead of biasing the
@@ -210,12 +220,15 @@ def time_group(benches: list[TrainBench], steps: int, warmup: int, rounds: int) 
         if pool_during_warmup:  # a graph's pool is allocated in the warm-up and stays: its peak is this one
             others = torch.cuda.memory_allocated() - b.resident_bytes()
             torch.cuda.reset_peak_memory_stats()
+        # on stderr, so that a long first step (compiling; the peer autotunes for minutes) shows what it is doing
+        note(f"warming up {describe(b)}")
         for j in range(max(warmup, 2 if pool_during_warmup else 0)):  # graphs: eager step + capture, then a replay
             t = time.perf_counter()
             b.step()
             sync()
             if j == 0:
                 first[i] = time.perf_counter() - t
+                note(f"first step of {describe(b)}: {first[i]:.1f} s")
         if pool_during_warmup:
             peaks[i] = (torch.cuda.max_memory_allocated() - others) / 2**30
     times: list[list[float]] = [[] for _ in benches]
