@@ -15,7 +15,7 @@ Any other code or a signal (killed, time limit) is classified by the scheduler a
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -32,7 +32,7 @@ Fault = Literal["oom", "oom_always", "crash", "crash_once", "hang", "diverge", "
 # torch.compile'd; "graphs" compiled blocks, lengths padded to buckets (static shapes), and each micro-batch's forward,
 # loss and backward replayed as a CUDA graph (worker/fast_step.py); "auto" = "graphs" on CUDA, "off" elsewhere.
 CompileMode = Literal["auto", "off", "on", "graphs"]
-COMPILE_MODES = ("auto", "off", "on", "graphs")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def compile_mode(value: Any) -> Any:

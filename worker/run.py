@@ -91,10 +91,13 @@ class Run:
         """How this run's training step executes on its device: "off", "on" or "graphs" (runconfig.CompileMode)."""
         return resolve_compile(self.cfg.compile, self.device.type)
 
+    def trained_params(self) -> list:
+        """The tensors the optimizer updates (model and trainable FS gates)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def build_fast_step(self) -> FastStep:
         """The graph-replayed step (worker/fast_step.py) over the optimizer's parameters."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return FastStep(self.model, params, self.fs, self.gates,
+        return FastStep(self.model, self.trained_params(), self.fs, self.gates,
                         autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
 
     def build_model(self):
@@ -193,9 +196,8 @@ class Run:
             loss_total = float("nan")
         if not math.isfinite(loss_total):
             return loss_total
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.lr.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.lr.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trained_params(), cfg.lr.grad_clip)
         self.optimizer.step()
         return loss_total
 

@@ -68,9 +68,9 @@ def _eager_step(model, gates, batches, total):
     return {id(p): p.grad.clone() for p in params if p.grad is not None}
 
 
-def _fast_step(model, gates, batches, total, fast=None):
+def _fast_step(model, gates, batches, total):
     params = list(model.parameters()) + (list(gates.parameters()) if gates is not None else [])
-    fast = fast or FastStep(model, params, FS if gates else None, gates, autocast_dtype=None, graphs=False)
+    fast = FastStep(model, params, FS if gates else None, gates, autocast_dtype=None, graphs=False)
     fast.begin()
     loss = sum(fast.micro(StepInputs.of(b, loss_weights(b, "mean_token", total, 8))) for b in batches)
     return loss, {id(p): p.grad.clone() for p in params if p.grad is not None}
