@@ -59,7 +59,9 @@ class TrainBench:
         self.fs = _fs_config(fs_kind)
         self.gates = FSGates(self.fs, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device) if self.fs else None
         self.params = list(self.model.parameters()) + (list(self.gates.parameters()) if self.gates else [])
-        self.opt = AdamW([{"params": [p for p in self.params if p.requires_grad], "lr": 1e-4, "weight_decay": 0.01}])
+        # as the worker: the fused update with the graph-replayed step, the multi-tensor one otherwise
+        self.opt = AdamW([{"params": [p for p in self.params if p.requires_grad], "lr": 1e-4, "weight_decay": 0.01}],
+                         fused=cuda_graphs)
         g = torch.Generator().manual_seed(0)
         exs = [Example("", "", "", tuple(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()), (),
                        tuple(torch.randint(1, cfg.vocab_size, (answer_len,), generator=g).tolist()))
@@ -110,7 +112,7 @@ class PeerUnavailable(Exception):
 class FlaModelBench:
     """The peer: fla's own RWKV7ForCausalLM (fused Triton token shift, LoRAs, norms and chunk_rwkv7) at the preset's
     shape, doing the same work as a TrainBench step: the prompt and the answer inputs in one pass, logits and
-    cross-entropy on the answer positions only, fp32 master weights, bf16 autocast, the project's AdamW, clip 1.0."""
+    cross-entropy on the answer positions only, fp32 master weights, bf16 autocast, fused AdamW, clip 1.0."""
 
     def __init__(self, preset_name: str, batch: int, prompt_len: int, answer_len: int, device: str):
         if not device.startswith("cuda"):
@@ -129,7 +131,8 @@ class FlaModelBench:
                                vocab_size=cfg.vocab_size, use_cache=False)
         self.model = RWKV7ForCausalLM(peer_cfg).to(device).float().train()
         self.params = list(self.model.parameters())
-        self.opt = AdamW([{"params": self.params, "lr": 1e-4, "weight_decay": 0.01}])
+        # the fused update, as torch.optim.AdamW(fused=True) (the usual choice for this model) does it
+        self.opt = AdamW([{"params": self.params, "lr": 1e-4, "weight_decay": 0.01}], fused=True)
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=g)
         self.answer = torch.randint(1, cfg.vocab_size, (batch, answer_len), generator=g).to(device)

@@ -157,7 +157,8 @@ class Run:
             groups += [g for g in self.gates.param_groups() if g["lr"] > 0]
         for g in groups:
             g["base_lr"] = g["lr"]
-        return AdamW(groups, betas=lr.betas, eps=1e-8)
+        # the graph-replayed step (a new setup anyway) takes the fused update: the same AdamW, rounded differently
+        return AdamW(groups, betas=lr.betas, eps=1e-8, fused=self.step_mode == "graphs")
 
     # training -------------------------------------------------------------------------------------------------------
     def next_examples(self, n: int) -> list:

@@ -4,16 +4,17 @@ import torch
 from model.optim import AdamW
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("mode", ["per-tensor", "foreach", "fused"])
 @pytest.mark.parametrize("torch_foreach", [False, True], ids=["torch-single", "torch-foreach"])
-def test_matches_torch_adamw_over_several_steps(foreach, torch_foreach):
+def test_matches_torch_adamw_over_several_steps(mode, torch_foreach):
     torch.manual_seed(0)
     shapes = [(5, 3), (7,), (2, 2, 2), (4, 4)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     groups = lambda ps: [{"params": ps[:1], "lr": 1e-2, "weight_decay": 0.1},  # noqa: E731
                          {"params": ps[1:], "lr": 3e-3, "weight_decay": 0.05}]
-    a = AdamW(groups(ours), betas=(0.9, 0.99), eps=1e-8, foreach=foreach)
+    a = AdamW(groups(ours), betas=(0.9, 0.99), eps=1e-8, foreach=mode == "foreach",
+              fused=mode == "fused")
     b = torch.optim.AdamW(groups(ref), betas=(0.9, 0.99), eps=1e-8, foreach=torch_foreach)
     for step in range(8):
         grads = [torch.randn(s) for s in shapes]

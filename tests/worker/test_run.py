@@ -172,7 +172,7 @@ def _cuda(compile_: bool):
                                                                                      reason="needs a CUDA device")])
 
 
-@pytest.mark.parametrize(("device", "compile_"), [("cpu", False), _cuda(False), _cuda(True)])
+@pytest.mark.parametrize(("device", "compile_"), [("cpu", False), _cuda(False), _cuda(True), _cuda("graphs")])
 def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, compile_, tmp_path):
     """In its own process, as rounds run it (bf16 autocast and the Triton kernel on CUDA, compiled blocks if asked):
     the same config twice gives the same final metrics bit for bit, two micro-batches of 4 give what one of 8 gives
@@ -181,7 +181,7 @@ def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, co
     import subprocess
     import sys
 
-    compiled = compile_
+    compiled = compile_ not in (False, "off")
     paths = [make_config(tmp_path, name, candidate="scalar_l2_trainable", device=device, compile=compile_, **kw)
              for name, kw in (("a", {}), ("b", {}), ("half", {"micro_batch": 4}))]
     code = ("import sys; from pathlib import Path; from worker.run import run; "
@@ -213,7 +213,8 @@ def test_a_worker_process_repeats_itself_accumulates_and_skips_dynamo(device, co
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("mode", [True, "graphs"], ids=["compiled", "graphs"])
+def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_path, mode):
     """A round runs every run in its own worker process, so with compile on the later processes load the first one's
     graphs from torch.compile's on-disk caches; they must train exactly as the first did (a baseline and its
     candidates are compared across processes)."""
@@ -223,7 +224,7 @@ def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_pa
     cache = tmp_path / "inductor_cache"  # cold for the first process, warm for the second
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     for name in ("first", "second"):
-        path = make_config(tmp_path, name, candidate="scalar_l2_trainable", device="cuda", compile=True)
+        path = make_config(tmp_path, name, candidate="scalar_l2_trainable", device="cuda", compile=mode)
         out = subprocess.run([sys.executable, "-m", "worker", str(path)], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
         assert out.returncode == EXIT_OK, out.stderr[-3000:]
