@@ -348,6 +348,7 @@ class RoundLoop:
             delta=j.delta, threshold=j.threshold, decision=j.decision,
             wall_s=res.wall_s if res is not None else 0.0, tokens_per_s=res.tokens_per_s if res is not None else 0.0,
             peak_mem_bytes=res.peak_mem_bytes if res is not None else None,
+            first_step_s=res.first_step_s if res is not None else None,
             device=res.device if res is not None else None, compiled=res.compiled if res is not None else None,
             step_mode=res.step_mode if res is not None else None,
             sandbox=res.sandbox if res is not None else None, seed_controls=cfg.seed_controls,

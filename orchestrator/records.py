@@ -79,6 +79,7 @@ class Record(BaseModel):
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
     peak_mem_bytes: int | None = None
+    first_step_s: float | None = None  # worker start to the end of the first optimizer step (start-up cost)
     device: str | None = None
     compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
     step_mode: str | None = None  # "off", "on" or "graphs": how the training step ran (spec defaults.compile)

@@ -240,6 +240,9 @@ class RunResult(BaseModel):
     train_tokens: int = 0
     tokens_per_s: float = 0.0
     peak_mem_bytes: int | None = None
+    # seconds from the worker process's start to the end of its first optimizer step: imports, model, data, the
+    # step-0 evaluation, compiling and capturing (what a run pays before it trains at speed)
+    first_step_s: float | None = None
     micro_batch: int | None = None
     grad_accum: int | None = None
     device: str | None = None

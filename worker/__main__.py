@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from worker.probe import probe
-from worker.run import run
+from worker.run import process_age_s, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return probe(Path(args.probe))
     if not args.config:
         ap.error("give RUN.json or --probe PROBE.json")
-    return run(Path(args.config))
+    return run(Path(args.config), started_at=time.time() - process_age_s())
 
 
 if __name__ == "__main__":

@@ -33,16 +33,28 @@ from worker.fast_step import FastStep, StepInputs, bucketed_lengths, loss_weight
 PROGRESS_EVERY_S = 1.0
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc: the interpreter's start and imports count); 0.0 elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
 class Run:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, started_at: float | None = None):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        self.t_start = started_at if started_at is not None else self.t0  # the worker process's start
+        self.first_step_s: float | None = None
         self.steps_done = 0
         self.train_tokens = 0
         self.evals: list[dict[str, float]] = []
@@ -308,6 +320,8 @@ class Run:
                 status = "diverged"
                 break
             self.steps_done = step
+            if step == 1:  # the loss was read back: the step's GPU work is done
+                self.first_step_s = time.time() - self.t_start
             self.progress(step, loss)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 self.log_eval(step, loss)
@@ -317,7 +331,7 @@ class Run:
                            sandbox=cfg.sandbox if hasattr(self.task, "sandbox_mode") else None,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
                            device=self.device_name(), compiled=self.step_mode in ("on", "graphs"),
-                           step_mode=self.step_mode, train_tokens=self.train_tokens,
+                           step_mode=self.step_mode, train_tokens=self.train_tokens, first_step_s=self.first_step_s,
                            tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
         if status == "diverged":
             result.error_kind = "diverged"
@@ -354,7 +368,9 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run(config_path: Path) -> int:
+def run(config_path: Path, started_at: float | None = None) -> int:
+    """One run from its config file; `started_at`: when the worker process started (time.time()), which its
+    first_step_s counts from (default: now)."""
     try:
         raw = json.loads(Path(config_path).read_text())
     except (OSError, ValueError) as e:
@@ -374,7 +390,7 @@ def run(config_path: Path) -> int:
     except Exception as e:
         msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in getattr(e, "errors", lambda: [])())
         return finish(RunResult(status="failed", error_kind="config", error_message=msg or str(e)), EXIT_CONFIG)
-    r = Run(cfg)
+    r = Run(cfg, started_at)
     write_json_atomic(run_dir / "config.json", {**cfg.model_dump(mode="json"), "python": sys.version.split()[0],
                                                 "pid": os.getpid()})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from orchestrator.records import Ledger
 from orchestrator.study import default_storage_url, trial_state_for
 
-TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes")
+TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes",
+                 "first_step_s")
 KILLED = -signal.SIGKILL
 
 CRASH_SPEC = {

@@ -24,7 +24,8 @@ from orchestrator.records import Ledger
 from orchestrator.study import driver_url
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes")
+TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes",
+                 "first_step_s")
 KILLED = -signal.SIGKILL
 FAST_CLAIMS = ["--heartbeat-s", "0.2", "--stale-after-s", "2", "--wait-s", "0.1"]
 STALE_AFTER_S = 2.0

@@ -20,7 +20,8 @@ from orchestrator.processes import WorkerProcess, worker_command
 from orchestrator.scheduler import RoundLocked, SchedulerError
 from orchestrator.study import default_storage_url
 
-TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes")
+TIMING_FIELDS = ("wall_s", "tokens_per_s", "finished_at", "run_dir", "attempt", "peak_mem_bytes",
+                 "first_step_s")
 
 
 def comparable(records):

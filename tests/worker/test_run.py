@@ -35,7 +35,7 @@ def result_of(tmp_path: Path, name: str = "run") -> dict:
 
 
 def strip_timing(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("wall_s", "tokens_per_s", "peak_mem_bytes")}
+    return {k: v for k, v in result.items() if k not in ("wall_s", "tokens_per_s", "peak_mem_bytes", "first_step_s")}
 
 
 def test_same_config_twice_gives_identical_metrics(tmp_path):
@@ -43,6 +43,7 @@ def test_same_config_twice_gives_identical_metrics(tmp_path):
     assert run_worker(make_config(tmp_path, "b", candidate="scalar_l2_trainable")) == EXIT_OK
     a, b = result_of(tmp_path, "a"), result_of(tmp_path, "b")
     assert a["status"] == "ok" and a["steps"] == 6
+    assert 0 < a["first_step_s"] < a["wall_s"]  # in-process: counted from run(); a worker counts from its start
     assert strip_timing(a) == strip_timing(b)
     rows_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -232,3 +233,15 @@ def test_compiled_runs_in_separate_worker_processes_give_the_same_numbers(tmp_pa
     assert first["status"] == second["status"] == "ok" and first["compiled"] and second["compiled"]
     assert first["final"] == second["final"] and first["test"] == second["test"]
     assert any(cache.iterdir())
+
+
+def test_process_age_counts_from_the_process_start():
+    """A worker's first_step_s counts from its process's start (interpreter and imports included): /proc's start time,
+    checked against a child that sleeps before it asks."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(1.0); from worker.run import process_age_s; print(process_age_s())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert 1.0 <= float(out.stdout) < 30.0
