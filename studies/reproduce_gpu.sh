@@ -4,10 +4,11 @@
 # STEPs (default: all, in this order): check, kernel, tests, train, gpu_demo, synthetic_table.
 #   check            kernel vs the float64 reference, RWKV-7-like and repeated-token inputs (bf16, fp32)
 #   kernel           `fsearch bench kernel`: the four shapes, triton / fla (when installed) / torch, one run
-#   tests            pytest -m gpu tests/kernels tests/model tests/orchestrator/test_worker.py (many kernel variants
+#   tests            pytest -m gpu tests/kernels tests/model tests/worker tests/orchestrator/test_worker.py (many kernel variants
 #                    compile: 4 min 40 s on an H100 for the first two, with 6 xdist processes)
-#   train            `fsearch bench train --compile off on`: 0.1B shape, T 2048 and 4096, triton / fla / torch, FS off
-#                    and on, eager and compiled
+#   train            `fsearch bench train --compile off on graphs`: 0.1B shape, T 2048 and 4096, triton / fla / torch,
+#                    FS off and on, eager, compiled and graph-replayed (the GPU default), each group beside the peer
+#                    (fla's RWKV7ForCausalLM, when installed) with the ratio
 #   gpu_demo         `fsearch round --spec gpu_demo` (whole round + report; results/gpu_demo)
 #   synthetic_table  `fsearch round --spec synthetic_table` (45 runs + report; results/synthetic_table)
 # Everything a step prints goes to OUT_DIR/<step>.log (JSON lines of the benches to OUT_DIR/<step>.jsonl); the
@@ -49,8 +50,8 @@ run_step() {
         timeout "$secs" $FSEARCH bench kernel --check --check-inputs repeated \
           --shapes 1x1024x2x64 1x256x2x32 1x300x2x128 --out "$out/check.jsonl"; } ;;
     kernel) timeout "$secs" $FSEARCH bench kernel --out "$out/kernel.jsonl" ;;
-    tests) timeout "$secs" $py -m pytest -v ${xdist[@]+"${xdist[@]}"} -m gpu tests/kernels tests/model tests/orchestrator/test_worker.py -p no:cacheprovider ;;
-    train) timeout "$secs" $FSEARCH bench train --compile off on --out "$out/train.jsonl" ;;
+    tests) timeout "$secs" $py -m pytest -v ${xdist[@]+"${xdist[@]}"} -m gpu tests/kernels tests/model tests/worker tests/orchestrator/test_worker.py -p no:cacheprovider ;;
+    train) timeout "$secs" $FSEARCH bench train --compile off on graphs --out "$out/train.jsonl" ;;
     gpu_demo | synthetic_table) timeout "$secs" $FSEARCH round --spec "$step" ;;
   esac > "$out/$step.log" 2>&1
   local rc=$?
