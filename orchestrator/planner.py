@@ -375,7 +375,7 @@ class _TaskPlanner:
         # their run keys; "on" keeps the encoding it had when compile was a yes/no setting
         if d.compile == "on":
             setup["compile"] = True
-        elif d.compile == "graphs" or (d.compile == "auto" and d.device != "cpu"):
+        elif d.compile in ("graphs", "eager-graphs") or (d.compile == "auto" and d.device != "cpu"):
             setup["compile"] = d.compile
         self.setup = short_hash(setup)
         self.digests = {c.name: candidate_digest(c) for c in (BASELINE, *self.candidates)}

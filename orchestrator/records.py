@@ -82,7 +82,7 @@ class Record(BaseModel):
     first_step_s: float | None = None  # worker start to the end of the first optimizer step (start-up cost)
     device: str | None = None
     compiled: bool | None = None  # the training forwards ran torch.compile'd blocks (spec defaults.compile)
-    step_mode: str | None = None  # "off", "on" or "graphs": how the training step ran (spec defaults.compile)
+    step_mode: str | None = None  # "off", "on", "graphs" or "eager-graphs": how the training step ran (spec defaults.compile)
     sandbox: str | None = None  # "enforced" or "unsafe": how model-written code was executed (spec defaults.sandbox)
     # what the run's seed varied: "data_order", and "init" where a from-scratch model's initialisation followed it
     # (None: recorded before the field existed, when every from-scratch seed shared init seed 0)

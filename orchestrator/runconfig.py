@@ -30,9 +30,12 @@ Status = Literal["ok", "diverged", "failed"]
 Fault = Literal["oom", "oom_always", "crash", "crash_once", "hang", "diverge", "data"]
 # How a training step runs (spec defaults.compile): "off" eager; "on" the blocks' work around the WKV kernel
 # torch.compile'd; "graphs" compiled blocks, lengths padded to buckets (static shapes), and each micro-batch's forward,
-# loss and backward replayed as a CUDA graph (worker/fast_step.py); "auto" = "graphs" on CUDA, "off" elsewhere.
-CompileMode = Literal["auto", "off", "on", "graphs"]
+# loss and backward replayed as a CUDA graph (worker/fast_step.py); "eager-graphs" the same replays of the eager
+# blocks (no torch.compile: starts in seconds, steps slower than "graphs"); "auto" = "graphs" on CUDA, "off" elsewhere.
+CompileMode = Literal["auto", "off", "on", "graphs", "eager-graphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+GRAPH_MODES = ("graphs", "eager-graphs")  # steps replayed as CUDA graphs (CUDA only)
+COMPILED_MODES = ("on", "graphs")  # steps whose blocks are torch.compile'd
 
 
 def compile_mode(value: Any) -> Any:
@@ -247,5 +250,5 @@ class RunResult(BaseModel):
     grad_accum: int | None = None
     device: str | None = None
     compiled: bool | None = None  # whether the training forwards ran torch.compile'd blocks
-    step_mode: str | None = None  # the step as executed: "off", "on" or "graphs" (CompileMode, "auto" resolved)
+    step_mode: str | None = None  # the step as executed: a CompileMode other than "auto"
     sandbox: str | None = None  # the executor mode model-written code ran under ("enforced" or "unsafe")

@@ -192,9 +192,16 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
             continue
         mem = (r["peak_mem_gib"] / peer["peak_mem_gib"]) if r.get("peak_mem_gib") and peer.get("peak_mem_gib") else None
         out.append({"bench": "peer_ratio", "prompt_len": r["prompt_len"], "kernel": r["kernel"], "fs": r["fs"],
-                    "compile": "graphs" if r.get("cuda_graphs") else r["compile"], "peer": peer["kernel"],
+                    "compile": step_label(r), "peer": peer["kernel"],
                     "over_peer": r["tokens_per_s"] / peer["tokens_per_s"], "mem_over_peer": mem})
     return out
+
+
+def step_label(meta: dict) -> str | bool:
+    """A configuration's step as the rows name it: "graphs", "eager-graphs", or the compile flag."""
+    if meta.get("cuda_graphs"):
+        return "graphs" if meta.get("compile") else "eager-graphs"
+    return meta["compile"]
 
 
 def note(line: str) -> None:
@@ -203,7 +210,7 @@ def note(line: str) -> None:
 
 def describe(b) -> str:
     m = b.meta
-    step = "graphs" if m.get("cuda_graphs") else ("compiled" if m.get("compile") else "eager")
+    step = m.get("cuda_graphs") and step_label(m) or ("compiled" if m.get("compile") else "eager")
     return f"{m.get('kernel')} fs={m.get('fs')} {step} prompt={m.get('prompt_len')} batch={m.get('batch')}"
 
 
@@ -274,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the FS variants of a kernel, alternating order")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "graphs"],
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "graphs", "eager-graphs"],
                     help="torch.compile the blocks around the WKV kernel (spec: defaults.compile); graphs: compiled "
-                         "blocks, and forward + loss + backward replayed as a CUDA graph (the GPU default)")
+                         "blocks, and forward + loss + backward replayed as a CUDA graph (the GPU default); "
+                         "eager-graphs: the same replays without torch.compile")
     ap.add_argument("--peer", default=PEER_KERNEL, choices=[PEER_KERNEL, "none"],
                     help="time fla's RWKV7ForCausalLM in every group too (same shape, batch, tokens and work)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
                 "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
-    compile_modes = list(dict.fromkeys((c != "off", c == "graphs") for c in args.compile))
+    compile_modes = list(dict.fromkeys((c in ("on", "graphs"), c in ("graphs", "eager-graphs")) for c in args.compile))
     peer_note_printed = False
     for T in args.prompt_len:
         for kernel, (compiled, graphs) in ((k, c) for k in args.kernels for c in compile_modes):
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 def ratios(rows: list[dict]) -> list[dict]:
     """triton over fla (same FS and compile setting), the FS overhead (same kernel and compile setting) and the
     speed-up of compiling (same kernel and FS), from the timed rows; compile is "graphs" for CUDA-graph rows."""
-    by = {(r["prompt_len"], r["kernel"], r["fs"], "graphs" if r.get("cuda_graphs") else r["compile"]): r["tokens_per_s"]
+    by = {(r["prompt_len"], r["kernel"], r["fs"], step_label(r)): r["tokens_per_s"]
           for r in rows if "tokens_per_s" in r and r["bench"] == "train"}
     out = []
     for (T, kernel, fs, compiled), tps in by.items():

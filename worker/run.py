@@ -23,8 +23,8 @@ from model.rwkv7 import RWKV7
 from model.tokenizers import get_tokenizer
 from orchestrator.decisions import lower_is_better
 from orchestrator.fileio import finite_json, write_json_atomic
-from orchestrator.runconfig import (EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, RunConfig, RunResult,
-                                    resolve_compile)
+from orchestrator.runconfig import (COMPILED_MODES, EXIT_CONFIG, EXIT_CRASH, EXIT_DATA, EXIT_OK, EXIT_OOM, GRAPH_MODES,
+                                    RunConfig, RunResult, resolve_compile)
 from tasks import DataUnavailable, TaskError, get_task
 from worker.batches import Batch, forward_answer_logits, token_losses
 from worker.errors import RunError
@@ -72,8 +72,9 @@ class Run:
             raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         self.precision = precision
-        if self.step_mode == "graphs" and self.device.type != "cuda":
-            raise RunError("config", "compile 'graphs' replays CUDA graphs: it needs a CUDA device (use auto or off)")
+        if self.step_mode in GRAPH_MODES and self.device.type != "cuda":
+            raise RunError("config", f"compile '{self.step_mode}' replays CUDA graphs: it needs a CUDA device "
+                                     "(use auto or off)")
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         random.seed(cfg.seed)
@@ -96,11 +97,12 @@ class Run:
             c = self.model.cfg
             self.gates = FSGates(self.fs, c.n_layer, c.n_head, c.n_embd).to(self.device)
         self.optimizer = self.build_optimizer()
-        self.fast = self.build_fast_step() if self.step_mode == "graphs" else None
+        self.fast = self.build_fast_step() if self.step_mode in GRAPH_MODES else None
 
     @property
     def step_mode(self) -> str:
-        """How this run's training step executes on its device: "off", "on" or "graphs" (runconfig.CompileMode)."""
+        """How this run's training step executes on its device: "off", "on", "graphs" or "eager-graphs"
+        (runconfig.CompileMode, "auto" resolved)."""
         return resolve_compile(self.cfg.compile, self.device.type)
 
     def trained_params(self) -> list:
@@ -123,7 +125,7 @@ class Run:
         except (ValueError, FileNotFoundError) as e:
             raise RunError("config", f"model: {str(e).splitlines()[0]}") from None
         torch.manual_seed(self.cfg.seed)  # the init seed must not make the training seed's streams depend on it
-        model.compile_backend = "inductor" if self.step_mode in ("on", "graphs") else None
+        model.compile_backend = "inductor" if self.step_mode in COMPILED_MODES else None
         return model.to(self.device).float()
 
     def build_tokenizer(self):
@@ -170,7 +172,7 @@ class Run:
         for g in groups:
             g["base_lr"] = g["lr"]
         # the graph-replayed step (a new setup anyway) takes the fused update: the same AdamW, rounded differently
-        return AdamW(groups, betas=lr.betas, eps=1e-8, fused=self.step_mode == "graphs")
+        return AdamW(groups, betas=lr.betas, eps=1e-8, fused=self.step_mode in GRAPH_MODES)
 
     # training -------------------------------------------------------------------------------------------------------
     def next_examples(self, n: int) -> list:
@@ -330,7 +332,7 @@ class Run:
         result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
                            sandbox=cfg.sandbox if hasattr(self.task, "sandbox_mode") else None,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,
-                           device=self.device_name(), compiled=self.step_mode in ("on", "graphs"),
+                           device=self.device_name(), compiled=self.step_mode in COMPILED_MODES,
                            step_mode=self.step_mode, train_tokens=self.train_tokens, first_step_s=self.first_step_s,
                            tokens_per_s=self.train_tokens / train_wall if train_wall > 0 else 0.0)
         if status == "diverged":

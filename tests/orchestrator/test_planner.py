@@ -555,6 +555,8 @@ def test_compile_is_part_of_the_run_identity_and_reaches_the_worker():
                                                     for units in (cpu_auto, gpu_auto, gpu_off, gpu_graphs))
     assert off_keys == plain_keys  # the device is not part of a run's identity; an eager step is one step
     assert auto_keys.isdisjoint(plain_keys) and graphs_keys.isdisjoint(plain_keys) and auto_keys.isdisjoint(graphs_keys)
+    eager_graphs_keys = {u.run_key for u in with_defaults(device="cuda", compile="eager-graphs")}
+    assert all(eager_graphs_keys.isdisjoint(k) for k in (plain_keys, auto_keys, graphs_keys))
 
 
 def test_the_synthetic_table_study_plans_45_runs():

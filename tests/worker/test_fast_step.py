@@ -264,8 +264,9 @@ def test_graphs_on_a_cpu_run_are_a_config_error_and_auto_runs_eagerly_there(tmp_
     from tests.worker.test_run import make_config as run_config, result_of
     from worker.run import run as run_worker
 
-    assert run_worker(run_config(tmp_path, "g", device="cpu", compile="graphs", steps=2, eval_every=2)) == 12
-    assert "CUDA" in result_of(tmp_path, "g")["error_message"]
+    for mode in ("graphs", "eager-graphs"):
+        assert run_worker(run_config(tmp_path, mode, device="cpu", compile=mode, steps=2, eval_every=2)) == 12
+        assert "CUDA" in result_of(tmp_path, mode)["error_message"]
     assert run_worker(run_config(tmp_path, "a", device="cpu", steps=2, eval_every=2)) == 0
     res = result_of(tmp_path, "a")
     assert res["step_mode"] == "off" and res["compiled"] is False
