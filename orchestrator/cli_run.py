@@ -41,7 +41,7 @@ from tasks import task_class
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--compile", "compile_", type=click.Choice(COMPILE_MODES), default="auto", show_default=True,
               help="how the training step runs: auto (graphs on a GPU, off on CPU), off (eager), on (compiled blocks), "
-                   "graphs (compiled blocks, replayed as CUDA graphs)")
+                   "graphs (compiled blocks, replayed as CUDA graphs), eager-graphs (replays, no compile)")
 @click.option("--time-limit", type=float, default=3600.0, show_default=True, help="seconds")
 @click.option("--out", default=None, help="run folder (default: results/adhoc/<task>.<candidate>.s<seed>-<time>)")
 @click.option("--worker-cmd", default=None, hidden=True)
