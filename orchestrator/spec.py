@@ -95,8 +95,9 @@ class Defaults(_Strict):
     kernel: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # how the training step runs (runconfig.CompileMode): "auto" (graph replays of compiled, length-bucketed steps on
-    # a GPU, eager on CPU), "off", "on" (compiled blocks), "graphs" or "eager-graphs" (graph replays, no compile). It changes numerics slightly, so it is part of a
-    # run's identity and a baseline and its candidates always share it. (YAML's on/off read as "on"/"off".)
+    # a GPU, eager on CPU), "off", "on" (compiled blocks), "graphs" or "eager-graphs" (graph replays, no compile). It
+    # changes numerics slightly, so it is part of a run's identity and a baseline and its candidates always share it.
+    # (YAML's on/off read as "on"/"off".)
     compile: CompileMode = "auto"
     cpu_threads: int = Field(1, ge=1)  # torch threads of a CPU run; part of the run's identity (results depend on it)
     # model-written code (MBPP) runs behind a namespace boundary (tasks/sandbox.py); "unsafe" is the explicit,
