@@ -422,7 +422,7 @@ class SharedStrategy(ClaimStrategy):
 # Fields that change no run: where the results and the study live (may differ by host), and how long to wait for a run
 # and how often to retry a crash (how a run is supervised, not what it is). Every other field is a run condition.
 SUPERVISION_FIELDS = {"output", "storage"}
-SUPERVISION_DEFAULTS = {"time_limit_s", "retries", "baseline_retries"}
+SUPERVISION_DEFAULTS = {"time_limit_s", "retries", "baseline_retries", "worker"}
 SUPERVISION_STAGE_FIELDS = {"time_limit_s"}
 VERSION_SEPARATOR = ".v"  # a versioned round: <round>.v2, <round>.v3, ... (`fsearch round --new-version`)
 

@@ -32,8 +32,8 @@ from orchestrator.faults import RoundEvents, events_from_env, fault_for, faults_
 from orchestrator.fileio import write_text_atomic
 from orchestrator.outcomes import RETRYABLE, AttemptLog, Outcome, classify, halve_micro_batch, log_tail
 from orchestrator.paths import RUN_CONFIG, WORKER_LOG, WORKER_PID, RoundPaths
-from orchestrator.processes import (POLL_S, TERM_GRACE_S, kill_leftover_worker, read_progress, start_worker,
-                                    worker_command, worker_environment)
+from orchestrator.processes import (POLL_S, TERM_GRACE_S, WarmWorker, kill_leftover_worker, read_progress,
+                                    start_worker, worker_command, worker_environment)
 from orchestrator.records import Ledger, Record, utc_now
 from orchestrator.round_errors import SchedulerError
 from orchestrator.runconfig import EXIT_KIND, EXIT_OK, RunConfig
@@ -110,6 +110,7 @@ class RoundLoop:
         self.records: list[Record] = []
         self.recorded_here: list[Record] = []
         self.active: ActiveRun | None = None
+        self.warm: WarmWorker | None = None  # spec defaults.worker: warm
         self._last_stage: tuple[str, str] | None = None
 
     # top level ------------------------------------------------------------------------------------------------------
@@ -130,6 +131,9 @@ class RoundLoop:
         try:
             return self.run_round()
         finally:
+            if self.warm is not None:
+                self.warm.close()
+                self.warm = None
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
             self.release()
@@ -273,7 +277,12 @@ class RoundLoop:
         active = self.active = ActiveRun(unit, cfg.attempt, cfg.micro_batch or cfg.batch_size, attempt_dir,
                                          time.time())
         self.display.run_started(self, active)
-        proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
+        if getattr(self.spec.defaults, "worker", "fresh") == "warm":
+            if self.warm is None:
+                self.warm = WarmWorker(self.worker_cmd, self.paths.workers / "warm-worker.log", env=self.worker_env())
+            proc = self.warm.start(run_file, log_path)
+        else:
+            proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
         write_text_atomic(attempt_dir / WORKER_PID, f"{proc.pid}\n")
         self.events.reached("spawn")
         seen_progress = False

@@ -177,3 +177,154 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / PROGRESS).read_text())
     except (OSError, ValueError):
         return None
+
+
+class WarmWorker:
+    """One worker process that runs a round's runs one after another (`<worker command> --serve`, spec
+    `defaults.worker: warm`), so that imports, compiled graphs and autotuning are paid once per round instead of once
+    per run. Each run still gets a fresh model, optimizer, data streams and RNG seeds (worker.run.run, as a fresh
+    process runs it), its own log file and its own time limit. The process is replaced after any run that does not
+    end well (crash, out of memory, time limit: a fresh CUDA context for the next run) and dies with the scheduler."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.argv = list(argv) + ["--serve"]
+        self.log_path = Path(log_path)  # what the process prints outside its runs (start-up)
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.started_processes = 0
+        self._buf = b""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _spawn(self) -> None:
+        parent = os.getpid()
+
+        def preexec() -> None:
+            _die_with_parent()
+            if os.getppid() != parent:
+                os._exit(1)
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                             start_new_session=True, preexec_fn=preexec, env=self.env)
+        except OSError as e:
+            raise SchedulerError(f"the worker command cannot start ({shlex.join(self.argv[:3])} ...): "
+                                 f"{e.strerror or e}") from None
+        self._buf = b""
+        self.started_processes += 1
+
+    def start(self, run_file: Path, log_path: Path) -> "WarmRun":
+        """Hand one run to the process (starting one if none is alive); wait on the returned handle."""
+        if not self.alive():
+            self._spawn()
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(f"{run_file}\t{log_path}\n".encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died between runs: start another and hand it the run
+            self.retire()
+            return self.start(run_file, log_path)
+        return WarmRun(self)
+
+    def read_status(self, timeout_s: float) -> int | None:
+        """The exit code the process reports for its current run, if one arrives within timeout_s."""
+        import select
+
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.time() + timeout_s
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:  # the process ended without reporting
+                raise EOFError
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return int(line)
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def retire(self, grace_s: float = 10.0) -> int | None:
+        """Let the process go (it exits by itself after a failed run); kill its group if it lingers. Its exit code."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        try:
+            code = proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left in its group
+        except (ProcessLookupError, PermissionError):
+            pass
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f and f.close()
+            except OSError:
+                pass
+        return code
+
+    def close(self) -> None:
+        """End of the round: close its input (it exits when its current run is done) and make sure it is gone."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin and self.proc.stdin.close()
+        except OSError:
+            pass
+        self.retire(grace_s=TERM_GRACE_S)
+
+
+class WarmRun:
+    """One run handed to a WarmWorker, waited on as a WorkerProcess is (pid, wait, timed_out, kill)."""
+
+    def __init__(self, worker: WarmWorker):
+        assert worker.proc is not None
+        self.worker = worker
+        self.pid = worker.proc.pid
+        self.started = time.time()
+        self.timed_out = False
+
+    def wait(self, time_limit_s: float, poll: Callable[[], None] | None = None, poll_s: float = POLL_S,
+             term_grace_s: float = TERM_GRACE_S) -> int:
+        """The run's exit code, as the worker reports it; past the time limit the process group is stopped (SIGTERM,
+        then SIGKILL) and the code is the signal's, negative, as for a fresh worker."""
+        w = self.worker
+        deadline = self.started + time_limit_s
+        while True:
+            try:
+                code = w.read_status(max(0.0, min(poll_s, deadline - time.time())))
+            except EOFError:
+                died = w.retire()
+                return died if died not in (None, 0) else 1  # it ended without reporting: a crash
+            if code is not None:
+                if code != 0:
+                    w.retire()
+                return code
+            if poll is not None:
+                poll()
+            if time.time() >= deadline:
+                self.timed_out = True
+                w.signal_group(signal.SIGTERM)
+                assert w.proc is not None
+                try:
+                    w.proc.wait(timeout=term_grace_s)
+                except subprocess.TimeoutExpired:
+                    w.signal_group(signal.SIGKILL)
+                code = w.retire()
+                return code if code is not None else -signal.SIGKILL
+
+    def kill(self) -> None:
+        self.worker.signal_group(signal.SIGKILL)
+        self.worker.retire()

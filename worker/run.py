@@ -72,6 +72,8 @@ class Run:
             raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         self.precision = precision
+        if self.device.type == "cuda":  # this run's own peak, also in a worker that ran others before it
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.step_mode in GRAPH_MODES and self.device.type != "cuda":
             raise RunError("config", f"compile '{self.step_mode}' replays CUDA graphs: it needs a CUDA device "
                                      "(use auto or off)")
