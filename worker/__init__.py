@@ -3,6 +3,7 @@ the model and the data meet; the scheduler spawns it as a subprocess:
 
     python -m worker RUN.json            # RUN.json is an orchestrator.runconfig.RunConfig
     python -m worker --probe PROBE.json  # GPU batch probe (worker/probe.py)
+    python -m worker --serve             # runs named on stdin, one after another (worker/serve.py; defaults.worker)
 
 What a run is (every choice here exists to make a run a reproducible measurement):
 - Budget in optimizer steps, never wall-clock time. Evaluations at step 0, every `eval_every` steps and at the end.

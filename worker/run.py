@@ -33,16 +33,6 @@ from worker.fast_step import FastStep, StepInputs, bucketed_lengths, loss_weight
 PROGRESS_EVERY_S = 1.0
 
 
-def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc: the interpreter's start and imports count); 0.0 elsewhere."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 

@@ -173,10 +173,14 @@ def probe(path: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:  # the real worker's serving loop, around this stand-in's run
+        from worker.serve import serve
+
+        return serve(lambda path, started_at=None: run(path))
     if argv[:1] == ["--probe"]:
         return probe(Path(argv[1]))
     if len(argv) != 1:
-        print("usage: fake_worker.py RUN.json | --probe PROBE.json", file=sys.stderr)
+        print("usage: fake_worker.py RUN.json | --probe PROBE.json | --serve", file=sys.stderr)
         return EXIT_CONFIG
     return run(Path(argv[0]))
 

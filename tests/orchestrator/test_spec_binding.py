@@ -55,6 +55,7 @@ def test_changed_spec_is_refused_unchanged_resumes_and_records_never_mix(write_s
     data = yaml.safe_load(kept)
     data["defaults"]["time_limit_s"] = 120
     data["defaults"]["retries"] = 5
+    data["defaults"]["worker"] = "warm"  # how runs are executed, not what they are
     spec.write_text("# a comment\n" + yaml.safe_dump(data, sort_keys=True, default_flow_style=True))
     r = invoke("round", "--spec", str(spec), "--no-report")
     assert r.exit_code == 0, r.output

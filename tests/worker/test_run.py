@@ -241,7 +241,7 @@ def test_process_age_counts_from_the_process_start():
     import subprocess
     import sys
 
-    code = "import time; time.sleep(1.0); from worker.run import process_age_s; print(process_age_s())"
+    code = "import time; time.sleep(1.0); from worker.serve import started_at; print(time.time() - started_at())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert 1.0 <= float(out.stdout) < 30.0

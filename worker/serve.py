@@ -1,0 +1,60 @@
+"""`python -m worker --serve`: one process runs runs one after another (spec `defaults.worker: warm`). Torch-free: the
+caller passes its run function, so the test stand-in for the worker serves with the same loop."""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, TextIO
+
+EXIT_OK, EXIT_CRASH = 0, 1  # as orchestrator.runconfig's
+
+
+def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextIO | None = None) -> int:
+    """Runs one after another, each named by a line `RUN.json<TAB>LOG` on stdin, until stdin ends. Each run's output
+    goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line to the stdout
+    this process started with. After a run that does not end with 0 the process exits with that code: the scheduler
+    starts a fresh one for the next run (a clean CUDA context after an out-of-memory error or a crash).
+    `run(path, started_at=...)`: the first run counts its start-up from `started_at` (the process's start)."""
+    stdin = stdin or sys.stdin
+    status = os.fdopen(os.dup(1), "w", buffering=1)
+    for line in stdin:
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        run_file, _, log = line.partition("\t")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log or os.devnull, "ab", buffering=0) as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                code = run(Path(run_file), started_at=started_at)
+            except BaseException:  # the run records its own failures; anything past it is a crash of this run
+                traceback.print_exc()
+                code = EXIT_CRASH
+            sys.stdout.flush()
+            sys.stderr.flush()
+        started_at = None
+        gc.collect()  # the run's model, optimizer and graphs go before the next run starts
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        status.write(f"{code}\n")
+        if code != EXIT_OK:
+            return code
+    return EXIT_OK
+
+
+def started_at() -> float:
+    """When this process started (time.time() scale), from /proc where it is readable, else now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        age = 0.0
+    return time.time() - age
