@@ -236,7 +236,14 @@ class WarmWorker:
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.time() + timeout_s
-        while b"\n" not in self._buf:
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                if line.startswith(b"fsearch-exit "):  # worker/serve.py's status line; other output is not one
+                    try:
+                        return int(line.split()[1])
+                    except (IndexError, ValueError):
+                        pass
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
             if not ready:
                 return None
@@ -244,8 +251,6 @@ class WarmWorker:
             if not chunk:  # the process ended without reporting
                 raise EOFError
             self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return int(line)
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 EXIT_OK, EXIT_CRASH = 0, 1  # as orchestrator.runconfig's
+STATUS_PREFIX = "fsearch-exit "  # a status line; anything else a library prints to the original stdout is not one
 
 
 def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextIO | None = None) -> int:
     """Runs one after another, each named by a line `RUN.json<TAB>LOG` on stdin, until stdin ends. Each run's output
-    goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line to the stdout
-    this process started with. After a run that does not end with 0 the process exits with that code: the scheduler
+    goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line
+    `fsearch-exit CODE` to the stdout this process started with. After a run that does not end with 0 the process exits with that code: the scheduler
     starts a fresh one for the next run (a clean CUDA context after an out-of-memory error or a crash).
     `run(path, started_at=...)`: the first run counts its start-up from `started_at` (the process's start)."""
     stdin = stdin or sys.stdin
@@ -43,7 +44,7 @@ def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextI
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-        status.write(f"{code}\n")
+        status.write(f"{STATUS_PREFIX}{code}\n")
         if code != EXIT_OK:
             return code
     return EXIT_OK

@@ -72,12 +72,13 @@ def test_a_warm_worker_past_its_time_limit_is_stopped_and_the_next_run_gets_a_fr
     script = tmp_path / "serve.py"
     script.write_text(
         "import sys, time\n"
+        "print('a library talking on stdout', flush=True)\n"
         "for line in sys.stdin:\n"
         "    run, _, log = line.rstrip('\\n').partition('\\t')\n"
         "    open(log, 'a').write(run + '\\n')\n"
         "    if run.endswith('hang'):\n"
         "        time.sleep(60)\n"
-        "    print(3 if run.endswith('fail') else 0, flush=True)\n")
+        "    print('fsearch-exit', 3 if run.endswith('fail') else 0, flush=True)\n")
     w = WarmWorker([sys.executable, str(script)], tmp_path / "warm.log")
     codes, pids = [], []
     for name in ("a", "b", "hang", "c", "fail", "d"):
