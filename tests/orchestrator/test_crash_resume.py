@@ -126,8 +126,9 @@ def test_second_scheduler_exits_2_status_reads_meanwhile_sigterm_then_resume(tmp
                                                                                cli_environ):
     spec = write_spec(CRASH_SPEC)
     rd = tmp_path / "results" / "r"
+    # runs of ~6 s: on a loaded machine the checks below take seconds, and the SIGTERM must still meet a run
     first = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "round", "--spec", str(spec), "--no-report"],
-                             cwd=Path(__file__).resolve().parents[2], env=cli_environ({"FAKE_WORKER_STEP_S": "0.5"}),
+                             cwd=Path(__file__).resolve().parents[2], env=cli_environ({"FAKE_WORKER_STEP_S": "1.5"}),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
