@@ -17,8 +17,9 @@ STATUS_PREFIX = "fsearch-exit "  # a status line; anything else a library prints
 def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextIO | None = None) -> int:
     """Runs one after another, each named by a line `RUN.json<TAB>LOG` on stdin, until stdin ends. Each run's output
     goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line
-    `fsearch-exit CODE` to the stdout this process started with. After a run that does not end with 0 the process exits with that code: the scheduler
-    starts a fresh one for the next run (a clean CUDA context after an out-of-memory error or a crash).
+    `fsearch-exit CODE` to the stdout this process started with. After a run that does not end with 0 the process
+    exits with that code: the scheduler starts a fresh one for the next run (a clean CUDA context after an
+    out-of-memory error or a crash).
     `run(path, started_at=...)`: the first run counts its start-up from `started_at` (the process's start)."""
     stdin = stdin or sys.stdin
     status = os.fdopen(os.dup(1), "w", buffering=1)
