@@ -33,6 +33,7 @@ from model.future_seed import FSGates
 from model.init import init_weights
 from model.optim import AdamW
 from model.rwkv7 import RWKV7
+from orchestrator.runconfig import COMPILED_MODES, GRAPH_MODES
 from tasks.base import Example
 from worker.batches import Batch, forward_answer_logits, token_losses
 from worker.fast_step import FastStep, StepInputs, loss_weights
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"bench": "train", "preset": args.preset, "kernel": kernel, "fs": fs_kind, "prompt_len": T,
                 "batch": args.batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
-    compile_modes = list(dict.fromkeys((c in ("on", "graphs"), c in ("graphs", "eager-graphs")) for c in args.compile))
+    compile_modes = list(dict.fromkeys((c in COMPILED_MODES, c in GRAPH_MODES) for c in args.compile))
     peer_note_printed = False
     for T in args.prompt_len:
         for kernel, (compiled, graphs) in ((k, c) for k in args.kernels for c in compile_modes):
