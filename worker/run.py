@@ -307,6 +307,7 @@ class Run:
         primary = "val_" + self.task.primary_metric
         self.t_train = time.time()
         self.log_eval(0, None)
+        t_eval0 = time.time()
         status, loss = "ok", float("nan")
         for step in range(1, cfg.steps + 1):
             loss = self.train_step(step)
@@ -315,7 +316,11 @@ class Run:
                 break
             self.steps_done = step
             if step == 1:  # the loss was read back: the step's GPU work is done
-                self.first_step_s = time.time() - self.t_start
+                now = time.time()
+                self.first_step_s = now - self.t_start
+                print(f"start-up: {self.t0 - self.t_start:.2f} s before the run (process start, imports), setup "
+                      f"{self.t_train - self.t0:.2f} s, step-0 evaluation {t_eval0 - self.t_train:.2f} s, first "
+                      f"step {now - t_eval0:.2f} s ({self.step_mode})", file=sys.stderr, flush=True)
             self.progress(step, loss)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 self.log_eval(step, loss)
