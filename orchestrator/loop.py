@@ -33,7 +33,7 @@ from orchestrator.fileio import write_text_atomic
 from orchestrator.outcomes import RETRYABLE, AttemptLog, Outcome, classify, halve_micro_batch, log_tail
 from orchestrator.paths import RUN_CONFIG, WORKER_LOG, WORKER_PID, RoundPaths
 from orchestrator.processes import (POLL_S, TERM_GRACE_S, WarmWorker, kill_leftover_worker, read_progress,
-                                    start_worker, worker_command, worker_environment)
+                                    start_worker, worker_command, worker_environment, worker_pid_line)
 from orchestrator.records import Ledger, Record, utc_now
 from orchestrator.round_errors import SchedulerError
 from orchestrator.runconfig import EXIT_KIND, EXIT_OK, RunConfig
@@ -283,7 +283,7 @@ class RoundLoop:
             proc = self.warm.start(run_file, log_path)
         else:
             proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
-        write_text_atomic(attempt_dir / WORKER_PID, f"{proc.pid}\n")
+        write_text_atomic(attempt_dir / WORKER_PID, worker_pid_line(proc.pid))
         self.events.reached("spawn")
         seen_progress = False
 

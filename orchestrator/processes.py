@@ -156,16 +156,41 @@ def start_worker(argv: list[str], log_path: Path, env: dict[str, str] | None = N
             from None
 
 
-def kill_leftover_worker(attempt_dir: Path) -> None:
-    """A worker of an interrupted attempt that is somehow still alive (its pid file names it and its command line
-    names its run file): kill its process group before the run starts again."""
-    pid_file = attempt_dir / WORKER_PID
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22), or None where it is gone or
+    unreadable. A pid and its start time name one process: a pid the system gave to another process since does not
+    match."""
     try:
-        pid = int(pid_file.read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def worker_pid_line(pid: int) -> str:
+    """What an attempt's worker.pid holds: the worker's pid and its start time (kill_leftover_worker reads both)."""
+    ticks = process_start_ticks(pid)
+    return f"{pid} {ticks}\n" if ticks is not None else f"{pid}\n"
+
+
+def kill_leftover_worker(attempt_dir: Path) -> None:
+    """A worker of an interrupted attempt that is somehow still alive: kill its process group before the run starts
+    again. The worker is the process worker.pid names if it started when the file says (a warm worker's process, which
+    runs other runs after this one, is found this way too); for a file with a pid alone, the process must also have
+    this attempt's run file on its command line."""
+    try:
+        fields = (attempt_dir / WORKER_PID).read_text().split()
+        pid = int(fields[0])
+        ticks = int(fields[1]) if len(fields) > 1 else None
     except (OSError, ValueError, IndexError):
         return
-    if str(attempt_dir / RUN_CONFIG) in cmdline:
+    if ticks is not None:
+        ours = process_start_ticks(pid) == ticks
+    else:
+        try:
+            ours = str(attempt_dir / RUN_CONFIG) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            ours = False
+    if ours:
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -62,8 +62,7 @@ class Run:
             raise RunError("config", "precision bf16 (autocast) is supported on CUDA only; use fp32 on CPU")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         self.precision = precision
-        if self.device.type == "cuda":  # this run's own peak, also in a worker that ran others before it
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device.type)  # this run's own peak, also in a worker that ran others before it
         if self.step_mode in GRAPH_MODES and self.device.type != "cuda":
             raise RunError("config", f"compile '{self.step_mode}' replays CUDA graphs: it needs a CUDA device "
                                      "(use auto or off)")
@@ -352,9 +351,28 @@ class Run:
         return "cpu"
 
 
+def reset_peak_memory(device_type: str) -> None:
+    """Start this run's peak memory: the CUDA allocator's peak, or on the CPU the process's peak resident size (Linux
+    resets it on "5" written to /proc/self/clear_refs), so that a run in a warm worker reports its own peak."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device_type: str) -> int | None:
+    """The run's peak: the CUDA allocator's since reset_peak_memory, or the process's peak resident size (VmHWM)."""
     if device_type == "cuda":
         return int(torch.cuda.max_memory_allocated())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 

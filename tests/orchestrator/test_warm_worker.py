@@ -28,7 +28,7 @@ def worker_pids(round_dir) -> dict[tuple[str, int], int]:
     out = {}
     for d in round_dir.glob("runs/*/attempt-*"):
         candidate = d.parent.name.split(".")[2]
-        out[(candidate, int(d.name.split("-")[1]))] = int((d / "worker.pid").read_text())
+        out[(candidate, int(d.name.split("-")[1]))] = int((d / "worker.pid").read_text().split()[0])
     return out
 
 
@@ -90,3 +90,53 @@ def test_a_warm_worker_past_its_time_limit_is_stopped_and_the_next_run_gets_a_fr
     assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] != pids[5]
     assert (tmp_path / "c.log").read_text() == str(tmp_path / "c") + "\n"
     assert w.proc is None and w.started_processes == 3
+
+
+def test_a_leftover_worker_is_recognised_by_pid_and_start_time_whatever_its_command_line(tmp_path):
+    """kill_leftover_worker (a resumed or taking-over scheduler, before an attempt runs again) kills the process group
+    that worker.pid names when that process started when the file says: a warm worker's process, whose command line
+    names no run file, included. A live process under the same pid but of another start time is left alone, and an old
+    file with a pid alone still needs the run file on the process's command line."""
+    import subprocess
+    import time
+
+    from orchestrator.processes import kill_leftover_worker, process_start_ticks, worker_pid_line
+
+    def sleeper(*argv: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv], start_new_session=True)
+
+    def gone(p: subprocess.Popen) -> bool:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    attempt = tmp_path / "attempt-0"
+    attempt.mkdir()
+    warm = sleeper("--serve")  # a warm worker: nothing of this attempt on its command line
+    other = sleeper()
+    try:
+        assert process_start_ticks(warm.pid) is not None and process_start_ticks(2 ** 30) is None
+        # another start time under that pid: not this attempt's worker (the pid went to another process)
+        (attempt / "worker.pid").write_text(f"{other.pid} {process_start_ticks(other.pid) + 1}\n")
+        kill_leftover_worker(attempt)
+        # an old pid file (pid alone): the command line must name the run file
+        (attempt / "worker.pid").write_text(f"{warm.pid}\n")
+        kill_leftover_worker(attempt)
+        time.sleep(0.3)
+        assert warm.poll() is None and other.poll() is None
+        (attempt / "worker.pid").write_text(worker_pid_line(warm.pid))
+        kill_leftover_worker(attempt)
+        assert gone(warm) and warm.returncode == -9
+        assert other.poll() is None
+        fresh = sleeper(str(attempt / "run.json"))  # a worker per run, named by an old pid file
+        (attempt / "worker.pid").write_text(f"{fresh.pid}\n")
+        kill_leftover_worker(attempt)
+        assert gone(fresh) and fresh.returncode == -9
+        (attempt / "worker.pid").write_text("not a pid\n")
+        kill_leftover_worker(attempt)  # unreadable: nothing to do, no error
+    finally:
+        for p in (warm, other):
+            p.kill()
+            p.wait()

@@ -245,3 +245,22 @@ def test_process_age_counts_from_the_process_start():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert 1.0 <= float(out.stdout) < 30.0
+
+
+def test_cpu_peak_memory_is_the_runs_own_in_a_process_that_ran_a_bigger_one():
+    """On the CPU a run's peak is the process's peak resident size since the run's reset (a warm worker runs runs one
+    after another): 400 MB touched before the reset do not count, 100 MB touched after it do."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from worker.run import peak_memory_bytes, reset_peak_memory\n"
+            "big = torch.ones(100_000_000); del big\n"
+            "before = peak_memory_bytes('cpu')\n"
+            "reset_peak_memory('cpu')\n"
+            "small = torch.ones(25_000_000)\n"
+            "print(before, peak_memory_bytes('cpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    before, after = map(int, out.stdout.split())
+    assert before >= 400e6 and 100e6 <= after < before - 250e6
