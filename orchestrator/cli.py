@@ -8,7 +8,7 @@
     fsearch validate --spec FILE                  check a spec before any compute
     fsearch run --task sudoku --candidate ...     one run by hand
     fsearch report ROUND [--check]                write (or check) the round's report
-    fsearch bench kernel|operator|model|train ... benchmarks (arguments passed through)
+    fsearch bench kernel|operator|model|train|round ... benchmarks (arguments passed through)
 
 User errors (bad spec, bad flag, unknown round, locked round) end in one line `error: ...` on stderr and exit code 2,
 never a traceback; internal errors keep their traceback. Torch is imported only by the worker subprocess and the

@@ -116,6 +116,7 @@ BENCHES = {
     "operator": "kernels.bench_cpu",
     "model": "model.bench_cpu",
     "train": "worker.bench_train",
+    "round": "orchestrator.bench_round",
 }
 
 
@@ -125,7 +126,7 @@ BENCHES = {
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def bench_cmd(ctx: click.Context, what: str | None, args: tuple[str, ...]) -> None:
-    """Benchmarks: kernel, operator, model, train (arguments go to the benchmark; try `bench kernel --help`)."""
+    """Benchmarks: kernel, operator, model, train, round (arguments go to the benchmark; try `bench round --help`)."""
     if what in (None, "-h", "--help"):  # the benchmark's own options go through, so the group's help is asked here
         click.echo(ctx.get_help())
         return
