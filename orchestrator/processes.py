@@ -209,7 +209,8 @@ class WarmWorker:
     `defaults.worker: warm`), so that imports, compiled graphs and autotuning are paid once per round instead of once
     per run. Each run still gets a fresh model, optimizer, data streams and RNG seeds (worker.run.run, as a fresh
     process runs it), its own log file and its own time limit. The process is replaced after any run that does not
-    end well (crash, out of memory, time limit: a fresh CUDA context for the next run) and dies with the scheduler."""
+    end well (crash, out of memory, time limit: a fresh CUDA context for the next run) or that left GPU memory
+    allocated (worker/serve.py says so on its status line), and dies with the scheduler."""
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.argv = list(argv) + ["--serve"]
@@ -217,6 +218,7 @@ class WarmWorker:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.started_processes = 0
+        self.retiring = False
         self._buf = b""
 
     def alive(self) -> bool:
@@ -239,6 +241,7 @@ class WarmWorker:
             raise SchedulerError(f"the worker command cannot start ({shlex.join(self.argv[:3])} ...): "
                                  f"{e.strerror or e}") from None
         self._buf = b""
+        self.retiring = False
         self.started_processes += 1
 
     def start(self, run_file: Path, log_path: Path) -> "WarmRun":
@@ -266,9 +269,11 @@ class WarmWorker:
                 line, self._buf = self._buf.split(b"\n", 1)
                 if line.startswith(b"fsearch-exit "):  # worker/serve.py's status line; other output is not one
                     try:
-                        return int(line.split()[1])
+                        code = int(line.split()[1])
                     except (IndexError, ValueError):
-                        pass
+                        continue
+                    self.retiring = line.split()[2:] == [b"retire"]  # the process ends after this run
+                    return code
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
             if not ready:
                 return None
@@ -339,7 +344,7 @@ class WarmRun:
                 died = w.retire()
                 return died if died not in (None, 0) else 1  # it ended without reporting: a crash
             if code is not None:
-                if code != 0:
+                if code != 0 or w.retiring:  # the process exits after this run: the next run starts a fresh one
                     w.retire()
                 return code
             if poll is not None:

@@ -12,6 +12,8 @@ from typing import Callable, TextIO
 
 EXIT_OK, EXIT_CRASH = 0, 1  # as orchestrator.runconfig's
 STATUS_PREFIX = "fsearch-exit "  # a status line; anything else a library prints to the original stdout is not one
+RETIRE_SUFFIX = " retire"  # after the code: the run ended well, but this process ends too (released())
+LEFTOVER_LIMIT_BYTES = 256 * 2 ** 20
 
 
 def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextIO | None = None) -> int:
@@ -19,7 +21,7 @@ def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextI
     goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line
     `fsearch-exit CODE` to the stdout this process started with. After a run that does not end with 0 the process
     exits with that code: the scheduler starts a fresh one for the next run (a clean CUDA context after an
-    out-of-memory error or a crash).
+    out-of-memory error or a crash); so it does after a run that left GPU memory allocated (`fsearch-exit 0 retire`).
     `run(path, started_at=...)`: the first run counts its start-up from `started_at` (the process's start)."""
     stdin = stdin or sys.stdin
     status = os.fdopen(os.dup(1), "w", buffering=1)
@@ -41,14 +43,29 @@ def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextI
             sys.stdout.flush()
             sys.stderr.flush()
         started_at = None
-        gc.collect()  # the run's model, optimizer and graphs go before the next run starts
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        status.write(f"{STATUS_PREFIX}{code}\n")
-        if code != EXIT_OK:
+        retire = code == EXIT_OK and not released(run_file)
+        status.write(f"{STATUS_PREFIX}{code}{RETIRE_SUFFIX if retire else ''}\n")
+        if code != EXIT_OK or retire:
             return code
     return EXIT_OK
+
+
+def released(run_file: Path) -> bool:
+    """After a run: its model, optimizer and graphs collected and the GPU's cached blocks returned. False where more
+    than LEFTOVER_LIMIT_BYTES of GPU memory is still allocated (something of the run outlived it): the process then
+    ends after reporting the run, and the next run gets a fresh one rather than less memory than its batch probe
+    measured."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return True
+    torch.cuda.empty_cache()
+    left = torch.cuda.memory_allocated()
+    if left <= LEFTOVER_LIMIT_BYTES:
+        return True
+    print(f"warm worker: {left / 2 ** 20:.0f} MiB of GPU memory still allocated after {run_file}; the next run gets "
+          "a fresh process", file=sys.stderr, flush=True)
+    return False
 
 
 def started_at() -> float:

@@ -66,7 +66,8 @@ def test_a_warm_worker_gives_the_records_of_a_worker_per_run_and_recovers_from_f
 
 def test_a_warm_worker_past_its_time_limit_is_stopped_and_the_next_run_gets_a_fresh_one(tmp_path):
     """The process side alone, with a stand-in for the worker: a run that never reports is stopped at its time limit
-    (a negative code, as for a fresh worker), and the next run starts a new process."""
+    (a negative code, as for a fresh worker), and the next run starts a new process; so does the run after a failed
+    one, and the run after one whose process said it retires (GPU memory left allocated)."""
     from orchestrator.processes import WarmWorker
 
     script = tmp_path / "serve.py"
@@ -78,18 +79,22 @@ def test_a_warm_worker_past_its_time_limit_is_stopped_and_the_next_run_gets_a_fr
         "    open(log, 'a').write(run + '\\n')\n"
         "    if run.endswith('hang'):\n"
         "        time.sleep(60)\n"
+        "    if run.endswith('leak'):\n"
+        "        print('fsearch-exit 0 retire', flush=True)\n"
+        "        sys.exit(0)\n"
         "    print('fsearch-exit', 3 if run.endswith('fail') else 0, flush=True)\n")
     w = WarmWorker([sys.executable, str(script)], tmp_path / "warm.log")
     codes, pids = [], []
-    for name in ("a", "b", "hang", "c", "fail", "d"):
+    for name in ("a", "b", "hang", "c", "fail", "d", "leak", "e"):
         run = w.start(tmp_path / name, tmp_path / f"{name}.log")
         pids.append(run.pid)
         codes.append((run.wait(time_limit_s=2.0, poll_s=0.05, term_grace_s=0.5), run.timed_out))
     w.close()
-    assert codes == [(0, False), (0, False), (-15, True), (0, False), (3, False), (0, False)]
-    assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] != pids[5]
+    assert codes == [(0, False), (0, False), (-15, True), (0, False), (3, False), (0, False), (0, False), (0, False)]
+    # a new process after the hang, after the failure, and after the run that left GPU memory behind ("retire")
+    assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] != pids[5] == pids[6] != pids[7]
     assert (tmp_path / "c.log").read_text() == str(tmp_path / "c") + "\n"
-    assert w.proc is None and w.started_processes == 3
+    assert w.proc is None and w.started_processes == 4
 
 
 def test_a_leftover_worker_is_recognised_by_pid_and_start_time_whatever_its_command_line(tmp_path):

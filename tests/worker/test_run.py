@@ -264,3 +264,32 @@ def test_cpu_peak_memory_is_the_runs_own_in_a_process_that_ran_a_bigger_one():
                          cwd=Path(__file__).resolve().parents[2])
     before, after = map(int, out.stdout.split())
     assert before >= 400e6 and 100e6 <= after < before - 250e6
+
+
+def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_path):
+    """worker/serve.py's loop, in a process of its own: one status line per run on the original stdout, each run's
+    output in its own log; after a run that leaves more than LEFTOVER_LIMIT_BYTES of GPU memory allocated, the line
+    says `retire` and the process takes no more runs (a stand-in for torch.cuda: the CPU has no allocator to leak
+    from)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, types\n"
+        "from worker import serve as s\n"
+        "leaked = [0]\n"
+        "cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,\n"
+        "                             empty_cache=lambda: None, memory_allocated=lambda: leaked[0])\n"
+        "sys.modules['torch'] = types.SimpleNamespace(cuda=cuda)\n"
+        "def run(path, started_at=None):\n"
+        "    print('running', path.name)\n"
+        "    if path.name == 'b':\n"
+        "        leaked[0] = s.LEFTOVER_LIMIT_BYTES + 1\n"
+        "    return 0\n"
+        "sys.exit(s.serve(run))\n")
+    lines = "".join(f"{tmp_path / n}\t{tmp_path / (n + '.log')}\n" for n in ("a", "b", "c"))
+    p = subprocess.run([sys.executable, "-c", script], input=lines, capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0 and p.stdout.splitlines() == ["fsearch-exit 0", "fsearch-exit 0 retire"], p
+    assert (tmp_path / "a.log").read_text() == "running a\n" and not (tmp_path / "c.log").exists()
+    assert "MiB of GPU memory still allocated" in (tmp_path / "b.log").read_text()
