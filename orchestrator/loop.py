@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -277,9 +278,11 @@ class RoundLoop:
         active = self.active = ActiveRun(unit, cfg.attempt, cfg.micro_batch or cfg.batch_size, attempt_dir,
                                          time.time())
         self.display.run_started(self, active)
-        if getattr(self.spec.defaults, "worker", "fresh") == "warm":
+        if self.spec.defaults.worker == "warm":
             if self.warm is None:
-                self.warm = WarmWorker(self.worker_cmd, self.paths.workers / "warm-worker.log", env=self.worker_env())
+                # what the process prints outside its runs (start-up); one file per scheduler process
+                log = self.paths.workers / f"warm-worker.{os.getpid()}.log"
+                self.warm = WarmWorker(self.worker_cmd, log, env=self.worker_env())
             proc = self.warm.start(run_file, log_path)
         else:
             proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())

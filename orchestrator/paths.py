@@ -9,7 +9,8 @@
         scheduler.pid      that scheduler's process id (read by `fsearch status`)
         probe/<task>.json  the batch probe's result per task
         runs/<run key>/attempt-N/   one folder per attempt of a run (below)
-        workers/           per-worker logs of a multi-worker round
+        workers/           per-worker logs of a multi-worker round; warm-worker.<pid>.log: what a warm worker
+                           process printed outside its runs, one file per scheduler process
         report/            report.md, summary.json, summary.txt, plots
         export/            `fsearch export` output
 

@@ -105,9 +105,9 @@ class Defaults(_Strict):
     sandbox: Literal["enforced", "unsafe"] = "enforced"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_limit_s: float = Field(3600.0, gt=0.0)  # per run
-    # "fresh": a worker process per run; "warm": one process runs the round's runs one after another (imports,
-    # compiled graphs and autotuning paid once; replaced after a run that fails). The same numbers either way.
-    worker: Literal["fresh", "warm"] = "fresh"
+    # "warm": one process runs the round's runs one after another (imports, compiled graphs and autotuning paid once;
+    # replaced after a run that fails or leaves GPU memory behind); "fresh": a process per run. The same numbers.
+    worker: Literal["fresh", "warm"] = "warm"
     retries: int = Field(2, ge=0)  # crash/timeout retries per candidate run
     baseline_retries: int = Field(2, ge=0)
     probe: ProbeDefaults = Field(default_factory=ProbeDefaults)

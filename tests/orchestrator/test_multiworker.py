@@ -7,6 +7,7 @@ death. SQLite with several workers is refused with one line."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -262,7 +263,12 @@ def test_round_with_a_pool_of_three_workers(pg_url, tmp_path, write_spec, cli_en
     for k in keys:  # a second start only where a unit was taken over from the killed worker
         steals = next(c.steals for c in rows if c.run_key == k)
         assert 1 <= len(started_attempts([tmp_path / "results"], k)) <= 1 + steals, k
-    assert sorted(p.name for p in (rd / "workers").iterdir()) == ["worker-0.log", "worker-1.log", "worker-2.log"]
+    logs = sorted(p.name for p in (rd / "workers").iterdir())
+    assert [n for n in logs if n.startswith("worker-")] == ["worker-0.log", "worker-1.log", "worker-2.log"]
+    # besides: what each scheduler's warm worker process printed outside its runs, a file per scheduler process (the
+    # three pool workers and the joined worker, if it ran anything)
+    warm = [n for n in logs if not n.startswith("worker-")]
+    assert 1 <= len(warm) <= 4 and all(re.fullmatch(r"warm-worker\.\d+\.log", n) for n in warm), logs
     assert not (rd / "scheduler.pid").exists()
 
 
