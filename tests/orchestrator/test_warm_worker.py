@@ -39,9 +39,9 @@ def test_a_warm_worker_gives_the_records_of_a_worker_per_run_and_recovers_from_f
     monkeypatch.delenv("FSEARCH_KILL_AT", raising=False)
     # l2 runs out of memory at micro-batch 4 (the retry at 2 passes); read_twice crashes on its first attempt
     monkeypatch.setenv("FSEARCH_FAULTS", json.dumps({"*.scalar_l2_trainable.*": "oom", "*.read_twice.*": "crash_once"}))
-    fresh = write_spec({**SPEC, "output": str(tmp_path / "fresh")}, name="fresh.yaml")
-    warm = write_spec({**SPEC, "output": str(tmp_path / "warm"),
-                       "defaults": {**SPEC["defaults"], "worker": "warm"}}, name="warm.yaml")
+    fresh = write_spec({**SPEC, "output": str(tmp_path / "fresh"),
+                        "defaults": {**SPEC["defaults"], "worker": "fresh"}}, name="fresh.yaml")
+    warm = write_spec({**SPEC, "output": str(tmp_path / "warm")}, name="warm.yaml")  # the default
     sched, fresh_records = round_runner(fresh)
     sched_w, warm_records = round_runner(warm)
     assert [(r.candidate, r.status, r.attempt) for r in warm_records] == [
