@@ -210,7 +210,7 @@ class WarmWorker:
     per run. Each run still gets a fresh model, optimizer, data streams and RNG seeds (worker.run.run, as a fresh
     process runs it), its own log file and its own time limit. The process is replaced after any run that does not
     end well (crash, out of memory, time limit: a fresh CUDA context for the next run) or that left GPU memory
-    allocated (worker/serve.py says so on its status line), and dies with the scheduler."""
+    held (worker/serve.py says so on its status line), and dies with the scheduler."""
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.argv = list(argv) + ["--serve"]

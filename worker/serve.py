@@ -21,7 +21,7 @@ def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextI
     goes to its LOG; its exit code (as `python -m worker RUN.json` would exit) is written as one line
     `fsearch-exit CODE` to the stdout this process started with. After a run that does not end with 0 the process
     exits with that code: the scheduler starts a fresh one for the next run (a clean CUDA context after an
-    out-of-memory error or a crash); so it does after a run that left GPU memory allocated (`fsearch-exit 0 retire`).
+    out-of-memory error or a crash); so it does after a run that left GPU memory held (`fsearch-exit 0 retire`).
     `run(path, started_at=...)`: the first run counts its start-up from `started_at` (the process's start)."""
     stdin = stdin or sys.stdin
     status = os.fdopen(os.dup(1), "w", buffering=1)
@@ -52,7 +52,7 @@ def serve(run: Callable[..., int], started_at: float | None = None, stdin: TextI
 
 def released(run_file: Path) -> bool:
     """After a run: its model, optimizer and graphs collected and the GPU's cached blocks returned. False where more
-    than LEFTOVER_LIMIT_BYTES of GPU memory is still allocated (something of the run outlived it): the process then
+    than LEFTOVER_LIMIT_BYTES of GPU memory is still held (something of the run outlived it): the process then
     ends after reporting the run, and the next run gets a fresh one rather than less memory than its batch probe
     measured."""
     gc.collect()
@@ -60,10 +60,10 @@ def released(run_file: Path) -> bool:
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return True
     torch.cuda.empty_cache()
-    left = torch.cuda.memory_allocated()
+    left = torch.cuda.memory_reserved()  # tensors still alive, and the memory pools of CUDA graphs still alive
     if left <= LEFTOVER_LIMIT_BYTES:
         return True
-    print(f"warm worker: {left / 2 ** 20:.0f} MiB of GPU memory still allocated after {run_file}; the next run gets "
+    print(f"warm worker: {left / 2 ** 20:.0f} MiB of GPU memory still held after {run_file}; the next run gets "
           "a fresh process", file=sys.stderr, flush=True)
     return False
 

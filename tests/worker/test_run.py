@@ -268,7 +268,7 @@ def test_cpu_peak_memory_is_the_runs_own_in_a_process_that_ran_a_bigger_one():
 
 def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_path):
     """worker/serve.py's loop, in a process of its own: one status line per run on the original stdout, each run's
-    output in its own log; after a run that leaves more than LEFTOVER_LIMIT_BYTES of GPU memory allocated, the line
+    output in its own log; after a run that leaves more than LEFTOVER_LIMIT_BYTES of GPU memory held, the line
     says `retire` and the process takes no more runs (a stand-in for torch.cuda: the CPU has no allocator to leak
     from)."""
     import subprocess
@@ -279,7 +279,7 @@ def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_p
         "from worker import serve as s\n"
         "leaked = [0]\n"
         "cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,\n"
-        "                             empty_cache=lambda: None, memory_allocated=lambda: leaked[0])\n"
+        "                             empty_cache=lambda: None, memory_reserved=lambda: leaked[0])\n"
         "sys.modules['torch'] = types.SimpleNamespace(cuda=cuda)\n"
         "def run(path, started_at=None):\n"
         "    print('running', path.name)\n"
@@ -292,4 +292,4 @@ def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_p
                        cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 0 and p.stdout.splitlines() == ["fsearch-exit 0", "fsearch-exit 0 retire"], p
     assert (tmp_path / "a.log").read_text() == "running a\n" and not (tmp_path / "c.log").exists()
-    assert "MiB of GPU memory still allocated" in (tmp_path / "b.log").read_text()
+    assert "MiB of GPU memory still held" in (tmp_path / "b.log").read_text()
