@@ -15,6 +15,7 @@ timings. A torch-free control-plane command: the rounds run as subprocesses.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -30,10 +31,10 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.paths import RoundPaths
+from orchestrator.processes import with_checkout_on_path
 from orchestrator.records import Ledger, Record
 from orchestrator.spec import SpecError, find_spec_file, load_spec
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("worker=fresh", "worker=warm")
 # what varies between two executions of the same run without changing its numbers
 TIMING_FIELDS = ("round", "run_dir", "wall_s", "tokens_per_s", "peak_mem_bytes", "first_step_s", "finished_at")
@@ -63,9 +64,9 @@ def variant_label(changes: dict[str, Any]) -> str:
 
 
 def variant_spec(base: dict, changes: dict[str, Any], round_name: str, output: Path) -> dict:
-    """The spec data of one variant: the base spec with `defaults` updated, its own round name, output folder and
-    (where the base names none or a shared one) SQLite study in the round's folder."""
-    data = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    """The spec data of one variant: the base spec with `defaults` updated, its own round name and output folder, and
+    its study in SQLite in the round's folder (a storage the base spec names is dropped)."""
+    data = copy.deepcopy(base)
     data["round"] = round_name
     data["output"] = str(output)
     data.pop("storage", None)
@@ -115,8 +116,7 @@ def compare(first: list[Record], other: list[Record]) -> dict[str, Any]:
 def run_round(spec_path: Path, log_path: Path, timeout_s: float | None) -> tuple[int | str, float]:
     """`fsearch round --spec SPEC --no-report` in a subprocess; (exit code or "timeout", wall seconds)."""
     argv = [sys.executable, "-m", "orchestrator.cli", "round", "--spec", str(spec_path), "--no-report"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = with_checkout_on_path(dict(os.environ))
     t0 = time.time()
     with open(log_path, "wb") as log:
         try:

@@ -130,6 +130,13 @@ def bytecode_cache_dir(env: dict[str, str]) -> str | None:
     return str(Path(cache_home) / "fsearch" / "pycache")
 
 
+def with_checkout_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH, so that a child `python -m ...` imports this code."""
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def worker_environment(devices: str | None = None) -> dict[str, str]:
     """The worker's environment: ours, minus the scheduler's kill hook, unbuffered output, this checkout importable,
     a writable bytecode cache where torch's install has none (bytecode_cache_dir), and CUDA_VISIBLE_DEVICES when
@@ -137,8 +144,7 @@ def worker_environment(devices: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(KILL_ENV, None)
     env["PYTHONUNBUFFERED"] = "1"
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with_checkout_on_path(env)
     pycache = bytecode_cache_dir(env)
     if pycache:
         env["PYTHONPYCACHEPREFIX"] = pycache
