@@ -1,14 +1,15 @@
 """Durable file writes: every file fsearch rewrites (round-folder files, a run's result.json) goes through here.
 
-A write is atomic and durable: the text goes to a temp file named for this process (several workers of a round may
-write the same file at once), is flushed and fsynced, replaces the target with `os.replace`, and the folder is
-fsynced so the rename itself survives a power cut.
+A write is atomic and durable: the text goes to a temp file named for this process and thread (several workers of a
+round, or several schedulers in one process, may write the same file at once), is flushed and fsynced, replaces the
+target with `os.replace`, and the folder is fsynced so the rename itself survives a power cut.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

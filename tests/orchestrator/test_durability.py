@@ -131,6 +131,37 @@ def test_a_failed_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert target.read_text() == "old"
 
 
+def test_two_threads_writing_one_file_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two schedulers in one process (threads) may rewrite the same round file at the same moment: each needs a
+    temp file of its own, or the second rename finds its temp file already gone."""
+    import threading
+
+    target = tmp_path / "status.json"
+    both_written = threading.Barrier(2, timeout=10)
+    real_replace = os.replace
+
+    def replace_after_both_wrote(src, dst, *a, **kw):
+        both_written.wait()  # both temp files are written before either is renamed
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace_after_both_wrote)
+    errors: list[BaseException] = []
+
+    def write(text: str) -> None:
+        try:
+            write_text_atomic(target, text)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in ("from one", "from two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and target.read_text() in {"from one", "from two"}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
 # --- the worker's result.json goes through the atomic writer ---------------------------------------------------------
 def test_the_workers_result_file_is_written_atomically_and_durably(tmp_path, syscalls):
     """The scheduler reads result.json as the run's outcome; a torn or lost one would turn a finished run into a
