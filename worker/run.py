@@ -17,9 +17,8 @@ import torch
 
 from model.checkpoint import load_any
 from model.future_seed import FSGates
-from model.init import init_weights
+from model.init import from_scratch
 from model.optim import AdamW  # torch.optim.AdamW's update without torch.optim's start-up imports
-from model.rwkv7 import RWKV7
 from model.tokenizers import get_tokenizer
 from orchestrator.decisions import lower_is_better
 from orchestrator.fileio import finite_json, write_json_atomic
@@ -109,8 +108,8 @@ class Run:
         src = self.cfg.model
         try:
             if src.preset is not None:
-                model = RWKV7(src.build_config(), kernel=self.cfg.kernel)  # the preset with the spec's shape
-                init_weights(model, seed=self.cfg.init_seed)  # the run's seed unless the spec fixes it
+                # the preset with the spec's shape; init seed = the run's seed unless the spec fixes it
+                model = from_scratch(src.build_config(), self.cfg.init_seed, kernel=self.cfg.kernel)
             else:
                 model = load_any(src.checkpoint, kernel=self.cfg.kernel)
         except (ValueError, FileNotFoundError) as e:

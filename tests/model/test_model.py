@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model.init import init_weights
+from model.init import from_scratch, init_weights
 from model.rwkv7 import GROUP_NORM_EPS, LayerState, RWKV7
 
 CONTINUATION_TOL = 1e-5
@@ -191,6 +191,35 @@ def test_init_is_deterministic_and_follows_the_rwkv7_scheme(make_config):
     assert torch.allclose(k @ k.T, torch.eye(C), atol=1e-4)
     head = a.head.weight / (0.5 * math.sqrt(cfg.vocab_size / C))
     assert torch.allclose(head.T @ head, torch.eye(C), atol=1e-4)
+
+
+def test_init_sets_every_parameter_so_from_scratch_equals_the_constructed_model(make_config, monkeypatch):
+    """from_scratch skips the constructor's default init and reuses the weights of a (shape, seed) met before: it must
+    give exactly init_weights(RWKV7(cfg), seed), and init_weights must leave no parameter unset."""
+    import model.init as init
+
+    cfg = make_config(n_layer=3)
+    poisoned = RWKV7(cfg)
+    for p in poisoned.parameters():
+        p.data.fill_(float("nan"))
+    assert not any(p.isnan().any() for p in init_weights(poisoned, 5).parameters())
+
+    monkeypatch.setattr(init, "_INITIAL", type(init._INITIAL)())
+    drawn = []
+    real = init.init_weights
+    monkeypatch.setattr(init, "init_weights", lambda m, s: (drawn.append(s), real(m, s))[1])
+    expected = {s: init_weights(RWKV7(cfg), s).state_dict() for s in (5, 6)}
+    for seed in (5, 6, 5, 5, 6):
+        model = from_scratch(cfg, seed)
+        got = model.state_dict()
+        assert got.keys() == expected[seed].keys() and all(torch.equal(got[k], expected[seed][k]) for k in got)
+        assert all(p.device.type == "cpu" and p.requires_grad for p in model.parameters())
+    assert drawn == [5, 6]  # later models of a seed copy the kept weights
+    model.head.weight.data.zero_()  # a run changes its own model, never the kept weights
+    assert torch.equal(from_scratch(cfg, 6).head.weight, expected[6]["head.weight"])
+    monkeypatch.setattr(init, "INITIAL_CACHE_BYTES", 1)  # too large to keep: drawn again each time
+    from_scratch(cfg, 7), from_scratch(cfg, 7)
+    assert drawn == [5, 6, 7, 7]
 
 
 def test_from_scratch_model_runs_and_predicts_near_uniform(make_config, make_tokens):
