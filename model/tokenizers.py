@@ -36,13 +36,17 @@ class ByteTokenizer:
         return bytes(i - 1 for i in ids if 0 < i <= 256).decode("utf-8", errors="replace")
 
 
+class TokenizerUnavailable(RuntimeError):
+    """A tokenizer that cannot be built on this machine (its package or vocabulary file is missing)."""
+
+
 def world_vocab_path() -> Path:
     spec = importlib.util.find_spec("rwkv")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the RWKV World tokenizer needs the `rwkv` package (pip install rwkv==0.8.32)")
+        raise TokenizerUnavailable("the RWKV World tokenizer needs the `rwkv` package (pip install rwkv==0.8.32)")
     path = Path(list(spec.submodule_search_locations)[0]) / "rwkv_vocab_v20230424.txt"
     if not path.exists():
-        raise RuntimeError(f"the rwkv package has no World vocabulary at {path}")
+        raise TokenizerUnavailable(f"the rwkv package has no World vocabulary at {path}")
     return path
 
 

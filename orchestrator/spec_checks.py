@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from model.ckpt_meta import CheckpointError, read_checkpoint_meta
 from model.config import PRESETS
-from model.tokenizers import get_tokenizer
+from model.tokenizers import TokenizerUnavailable, get_tokenizer
 from orchestrator.runconfig import ModelSource
 from orchestrator.spec import LOWER_IS_BETTER, MIN_SEEDCHECK_SEEDS, Spec, TaskSpec
 from orchestrator.spec_errors import SpecError, did_you_mean, loc_str, pydantic_message
@@ -151,6 +151,11 @@ def _check_task(spec: Spec, label: str, task: TaskSpec, check: SpecCheck, check_
     if not check_data or tokenizer is None:
         return
     try:
-        get_task(task.task, task.params, get_tokenizer(tokenizer), spec.defaults.data_seed).check_available()
+        tok = get_tokenizer(tokenizer)
+    except TokenizerUnavailable as e:
+        check.errors.append(f"{where}: the model's tokenizer {tokenizer!r} is unavailable: {e}")
+        return
+    try:
+        get_task(task.task, task.params, tok, spec.defaults.data_seed).check_available()
     except TaskError as e:  # DataUnavailable is a TaskError
         check.errors.append(f"{where}: {e}")

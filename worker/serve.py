@@ -59,6 +59,9 @@ def released(run_file: Path) -> bool:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return True
+    clear_workspaces = getattr(getattr(torch, "_C", None), "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:  # cuBLAS's per-stream workspaces are cached blocks too: let them go
+        clear_workspaces()
     torch.cuda.empty_cache()
     left = torch.cuda.memory_reserved()  # tensors still alive, and the memory pools of CUDA graphs still alive
     if left <= LEFTOVER_LIMIT_BYTES:

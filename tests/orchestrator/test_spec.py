@@ -336,6 +336,24 @@ def test_checkpoint_layer_count(tmp_path):
     assert check_spec(parse_spec(data), check_data=False).errors[0].startswith("model.checkpoint: ")
 
 
+def test_a_missing_tokenizer_package_is_one_spec_error(monkeypatch):
+    import importlib.util
+
+    import model.tokenizers as tokenizers
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rwkv" else real_find_spec(name, *a))
+    tokenizers.get_tokenizer.cache_clear()
+    try:
+        data = copy.deepcopy(BASE)
+        data["model"] = {"preset": "0.1b-shape"}  # World vocabulary
+        errors = check_spec(parse_spec(data), check_data=True).errors
+    finally:
+        tokenizers.get_tokenizer.cache_clear()
+    assert errors == ["tasks.sudoku4: the model's tokenizer 'world' is unavailable: the RWKV World tokenizer needs "
+                      "the `rwkv` package (pip install rwkv==0.8.32)"]
+
+
 def test_dump_fills_defaults_and_loads_back_to_the_same_spec():
     a = parse_spec(copy.deepcopy(BASE))
     dumped = a.model_dump(mode="json")

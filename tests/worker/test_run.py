@@ -270,19 +270,21 @@ def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_p
     """worker/serve.py's loop, in a process of its own: one status line per run on the original stdout, each run's
     output in its own log; after a run that leaves more than LEFTOVER_LIMIT_BYTES of GPU memory held, the line
     says `retire` and the process takes no more runs (a stand-in for torch.cuda: the CPU has no allocator to leak
-    from)."""
+    from). cuBLAS's per-stream workspaces are let go before measuring: they are the process's, not a run's."""
     import subprocess
     import sys
 
     script = (
         "import sys, types\n"
         "from worker import serve as s\n"
-        "leaked = [0]\n"
+        "leaked, workspaces = [0], [0]\n"
         "cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,\n"
-        "                             empty_cache=lambda: None, memory_reserved=lambda: leaked[0])\n"
-        "sys.modules['torch'] = types.SimpleNamespace(cuda=cuda)\n"
+        "                             empty_cache=lambda: None, memory_reserved=lambda: leaked[0] + workspaces[0])\n"
+        "C = types.SimpleNamespace(_cuda_clearCublasWorkspaces=lambda: workspaces.__setitem__(0, 0))\n"
+        "sys.modules['torch'] = types.SimpleNamespace(cuda=cuda, _C=C)\n"
         "def run(path, started_at=None):\n"
         "    print('running', path.name)\n"
+        "    workspaces[0] += 3 * s.LEFTOVER_LIMIT_BYTES  # cuBLAS workspaces of new streams\n"
         "    if path.name == 'b':\n"
         "        leaked[0] = s.LEFTOVER_LIMIT_BYTES + 1\n"
         "    return 0\n"
