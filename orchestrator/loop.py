@@ -37,7 +37,7 @@ from orchestrator.processes import (POLL_S, TERM_GRACE_S, WarmWorker, kill_lefto
                                     start_worker, worker_command, worker_environment, worker_pid_line)
 from orchestrator.records import Ledger, Record, utc_now
 from orchestrator.round_errors import SchedulerError
-from orchestrator.runconfig import EXIT_KIND, EXIT_OK, RunConfig
+from orchestrator.runconfig import EXIT_KIND, EXIT_OK, PROBE_FILE, RunConfig
 from orchestrator.study import RoundStudy, default_storage_url
 
 PROBE_TIME_LIMIT_S = 1800.0  # the batch probe: model build + a few forward/backward passes per size
@@ -269,6 +269,14 @@ class RoundLoop:
                 continue
             return cfg, outcome, attempt_dir
 
+    def warm_worker(self) -> WarmWorker:
+        """This scheduler's warm worker (spec `defaults.worker: warm`), made on first use."""
+        if self.warm is None:
+            # what the process prints outside its runs (start-up); one file per scheduler process
+            log = self.paths.workers / f"warm-worker.{os.getpid()}.log"
+            self.warm = WarmWorker(self.worker_cmd, log, env=self.worker_env())
+        return self.warm
+
     def run_attempt(self, unit: Any, cfg: RunConfig, attempt_dir: Path) -> Outcome:
         attempt_dir.mkdir(parents=True, exist_ok=True)
         run_file = attempt_dir / RUN_CONFIG
@@ -279,11 +287,7 @@ class RoundLoop:
                                          time.time())
         self.display.run_started(self, active)
         if self.spec.defaults.worker == "warm":
-            if self.warm is None:
-                # what the process prints outside its runs (start-up); one file per scheduler process
-                log = self.paths.workers / f"warm-worker.{os.getpid()}.log"
-                self.warm = WarmWorker(self.worker_cmd, log, env=self.worker_env())
-            proc = self.warm.start(run_file, log_path)
+            proc = self.warm_worker().start(run_file, log_path)
         else:
             proc = start_worker(self.worker_cmd + [str(run_file)], log_path, env=self.worker_env())
         write_text_atomic(attempt_dir / WORKER_PID, worker_pid_line(proc.pid))
@@ -406,12 +410,15 @@ class RoundLoop:
     def run_probe(self, task: str, request: dict[str, Any]) -> dict[str, Any]:
         work = self.paths.probe_dir / task
         work.mkdir(parents=True, exist_ok=True)
-        probe_file = work / "PROBE.json"
+        probe_file = work / PROBE_FILE
         (work / "probe_result.json").unlink(missing_ok=True)
         write_text_atomic(probe_file, json.dumps(request, indent=1))
         self.display.message(f"{task}: batch probe over micro-batches {request['candidates']}")
-        proc = start_worker(self.worker_cmd + ["--probe", str(probe_file)], work / WORKER_LOG,
-                            env=self.worker_env())
+        if self.spec.defaults.worker == "warm":  # in the process the runs will use: its start-up is paid once
+            proc = self.warm_worker().start(probe_file, work / WORKER_LOG)
+        else:
+            proc = start_worker(self.worker_cmd + ["--probe", str(probe_file)], work / WORKER_LOG,
+                                env=self.worker_env())
         try:
             code = proc.wait(PROBE_TIME_LIMIT_S, poll_s=self.poll_s, term_grace_s=self.term_grace_s)
         except BaseException:

@@ -54,6 +54,8 @@ def resolve_compile(mode: str, device_type: str) -> str:
 
 EXIT_OK = 0
 EXIT_CRASH = 1
+# the batch probe's request file; a warm worker told to run a file of this name runs the probe on it (worker/serve.py)
+PROBE_FILE = "PROBE.json"
 EXIT_OOM = 10
 EXIT_DATA = 11
 EXIT_CONFIG = 12

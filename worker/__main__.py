@@ -1,5 +1,6 @@
 """`python -m worker RUN.json` | `python -m worker --probe PROBE.json` | `python -m worker --serve`: what the scheduler
-spawns (one process per run, the batch probe, or one process for a round's runs: spec `defaults.worker: warm`)."""
+spawns (one process per run, the batch probe, or one process for a round's batch probes and runs: spec
+`defaults.worker: warm`)."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the runs named on stdin one after another (RUN.json<TAB>LOG per line), reporting each "
                          "exit code on stdout (worker/serve.py)")
     args = ap.parse_args(argv)
+    from orchestrator.runconfig import PROBE_FILE
     from worker.probe import probe
     from worker.run import run
 
-    if args.serve:
-        return serve(run, started_at=t0)
+    if args.serve:  # runs, and batch probes (a file named PROBE_FILE), one after another
+        return serve(lambda path, started_at=None: probe(path) if path.name == PROBE_FILE else
+                     run(path, started_at=started_at), started_at=t0)
     if args.probe:
         return probe(Path(args.probe))
     if not args.config:

@@ -194,8 +194,8 @@ def test_init_is_deterministic_and_follows_the_rwkv7_scheme(make_config):
 
 
 def test_init_sets_every_parameter_so_from_scratch_equals_the_constructed_model(make_config, monkeypatch):
-    """from_scratch skips the constructor's default init and reuses the weights of a (shape, seed) met before: it must
-    give exactly init_weights(RWKV7(cfg), seed), and init_weights must leave no parameter unset."""
+    """from_scratch skips the constructor's default init and reuses the weights of a (shape, seed) met before: it
+    must give exactly init_weights(RWKV7(cfg), seed), and init_weights must leave no parameter unset."""
     import model.init as init
 
     cfg = make_config(n_layer=3)

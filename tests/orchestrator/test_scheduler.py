@@ -114,6 +114,25 @@ def test_batch_probe_runs_once_per_task_and_is_reused(write_spec, fake_env, roun
     assert again == records and (rd / "probe" / "sud" / "probe_result.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("worker", ["warm", "fresh"])
+def test_a_warm_worker_runs_the_batch_probe_in_the_process_that_runs_the_round(write_spec, fake_env, round_runner,
+                                                                                tmp_path, worker):
+    """With warm workers the probe is the process's first job (its start-up is paid once, for probe and runs);
+    with `worker: fresh` it is a process of its own, as each run is."""
+    fake_env.setenv("FAKE_PROBE_MAX", "4")
+    spec = write_spec({"defaults": {"device": "auto", "worker": worker, "probe": {"micro_batches": [8, 4]}},
+                       "tasks": {"sud": {"batch": "auto"}}, "stages": {"seedcheck": None}})
+    _, records = round_runner(spec)
+    rd = tmp_path / "results" / "r"
+    assert records and all(r.micro_batch == 4 for r in records)
+    probe_pid = json.loads((rd / "probe" / "sud" / "probe_result.json").read_text())["pid"]
+    run_pids = {json.loads(f.read_text())["pid"] for f in rd.glob("runs/*/attempt-*/config.json")}
+    if worker == "warm":
+        assert run_pids == {probe_pid}
+    else:
+        assert len(run_pids) == len(records) and probe_pid not in run_pids
+
+
 def test_batch_probe_failure_is_one_clear_error(write_spec, fake_env, round_runner):
     spec = write_spec({"defaults": {"device": "auto"}, "tasks": {"sud": {"batch": "auto"}}})
     fake_env.setenv("FSEARCH_FAULTS", json.dumps({"sud.probe": "data"}))

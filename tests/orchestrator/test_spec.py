@@ -342,7 +342,8 @@ def test_a_missing_tokenizer_package_is_one_spec_error(monkeypatch):
     import model.tokenizers as tokenizers
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rwkv" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "rwkv" else real_find_spec(name, *a))
     tokenizers.get_tokenizer.cache_clear()
     try:
         data = copy.deepcopy(BASE)

@@ -266,6 +266,28 @@ def test_cpu_peak_memory_is_the_runs_own_in_a_process_that_ran_a_bigger_one():
     assert before >= 400e6 and 100e6 <= after < before - 250e6
 
 
+def test_a_served_file_named_like_a_probe_request_runs_the_batch_probe(tmp_path):
+    """`python -m worker --serve` runs a PROBE_FILE as the batch probe, anything else as a run (here on the CPU the
+    probe answers that it needs a CUDA device, and the process ends, as a fresh probe process would)."""
+    import subprocess
+    import sys
+
+    from orchestrator.runconfig import PROBE_FILE
+
+    run_cfg = json.loads(make_config(tmp_path, "unit").read_text())
+    work = tmp_path / "probe"
+    work.mkdir()
+    (work / PROBE_FILE).write_text(json.dumps({"run": run_cfg, "candidates": [8, 4], "margin": 0.9}))
+    lines = f"{tmp_path / 'unit.json'}\t{tmp_path / 'unit.log'}\n{work / PROBE_FILE}\t{work / 'probe.log'}\n"
+    p = subprocess.run([sys.executable, "-m", "worker", "--serve"], input=lines, capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[2],
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.stdout.splitlines() == ["fsearch-exit 0", f"fsearch-exit {EXIT_CONFIG}"], p
+    assert result_of(tmp_path, "unit")["status"] == "ok"
+    answer = json.loads((work / "probe_result.json").read_text())
+    assert answer["error_message"] == "the batch probe needs a CUDA device"
+
+
 def test_serve_reports_each_run_and_retires_after_one_that_left_gpu_memory(tmp_path):
     """worker/serve.py's loop, in a process of its own: one status line per run on the original stdout, each run's
     output in its own log; after a run that leaves more than LEFTOVER_LIMIT_BYTES of GPU memory held, the line
