@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,21 @@ _INITIAL: OrderedDict[tuple[str, int, int], dict[str, Tensor]] = OrderedDict()
 INITIAL_CACHE_BYTES = 4 << 30
 
 
+@contextmanager
+def _no_default_init():
+    """Modules built inside skip torch's default random initialisation (init_weights overwrites it). Not the meta
+    device: building there imports torch's reference decompositions, seconds of a fresh process's start-up."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def _nbytes(state: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -124,9 +140,8 @@ def _nbytes(state: dict[str, Tensor]) -> int:
 @torch.no_grad()
 def from_scratch(cfg, seed: int, kernel: str = "auto") -> RWKV7:
     """A new RWKV7 of `cfg` on the CPU holding exactly `init_weights(RWKV7(cfg), seed)`'s weights."""
-    with torch.device("meta"):
+    with _no_default_init():
         model = RWKV7(cfg, kernel=kernel)
-    model.to_empty(device="cpu")
     key = (cfg.model_dump_json(), int(seed), torch.get_num_threads())  # QR's rounding may depend on the threads
     state = _INITIAL.get(key)
     if state is None:
