@@ -41,9 +41,55 @@ def delta(recs: list[dict], task: str, stage: str, candidate: str, seed: int = 0
     return r["delta"]
 
 
+def test_gpu_demo_warm_paragraph():
+    """The round with the spec's current settings (warm worker, eager-graphs) against the earlier one."""
+    name, earlier = "gpu_demo_h100_warm", "gpu_demo_h100"
+    text = readme_paragraph("**GPU round**")
+    recs, s, old = records(name), summary(name), records(earlier)
+    bench = EXAMPLES / "bench_round_h100" / "gpu_demo_and_0.1b_warm.jsonl"
+    rows = [json.loads(x) for x in bench.read_text().splitlines() if x.strip()]
+    (row,) = [r for r in rows if r["spec"] == "studies/gpu_demo.yaml"]
+    wall = row["round_wall_s"]
+    assert row["runs"] == row["ok"] == len(recs)
+    assert abs(row["run_wall_s_sum"] - sum(r["wall_s"] for r in recs)) < 0.1
+
+    def median_wall(rs: list[dict], *stages: str) -> float:
+        return statistics.median(r["wall_s"] for r in rs if r["stage"] in stages)
+
+    def finalist(task: str, candidate: str) -> str:
+        f = s["tasks"][task]["seedcheck"]["finalists"][candidate]
+        return f"{signed(f['mean'])} [{signed(f['ci_low'])}, {signed(f['ci_high'])}], {f['wins']}/{f['n']} seeds, " \
+               f"{f['decision']}"
+
+    tok = statistics.median(r["tokens_per_s"] for r in recs)
+    old_tok = statistics.median(r["tokens_per_s"] for r in old)
+    assert f"{tok / 1000:.0f}k" == f"{row['tokens_per_s_median'] / 1000:.0f}k"
+    expected = [
+        f"took **{int(wall // 60)} min {wall % 60:.0f} s ({wall:.1f} s)**: {len(recs)} runs, all ok, "
+        f"{row['run_wall_s_sum']:.1f} s of run time",
+        f"Median run {median_wall(recs, 'quick'):.1f} s (quick, 100 steps), "
+        f"{median_wall(recs, 'med'):.1f} s (med and seed check, 200 steps), against "
+        f"{median_wall(old, 'quick'):.1f} s and {median_wall(old, 'seedcheck'):.0f}\u2013"
+        f"{median_wall(old, 'med'):.0f} s in the earlier round",
+        f"median training speed {tok / 1000:.0f}k tokens/s against {old_tok / 1000:.0f}k",
+        f"That is {482 / wall:.2f}\u00d7 faster than the earlier round's 8 min 2 s while running "
+        f"{len(recs) - len(old)} more runs",
+        f"`rightcopy16`'s `scalar_l3_trainable` passed quick "
+        f"({signed(delta(recs, 'rightcopy16', 'quick', 'scalar_l3_trainable'))}) and med "
+        f"({signed(delta(recs, 'rightcopy16', 'med', 'scalar_l3_trainable'))}) into a 5-seed check "
+        f"({finalist('rightcopy16', 'scalar_l3_trainable')})",
+        f"`sudoku4`'s read-twice control went through quick ({signed(delta(recs, 'sudoku4', 'quick', 'read_twice'))}) "
+        f"and med ({signed(delta(recs, 'sudoku4', 'med', 'read_twice'))}) to {finalist('sudoku4', 'read_twice')}",
+    ]
+    for phrase in expected:
+        assert phrase in text, phrase
+    assert len(old) == 23 and {r["status"] for r in recs} == {"ok"}
+    assert {r["step_mode"] for r in recs} == {"eager-graphs"}
+
+
 def test_gpu_demo_paragraph():
     name = "gpu_demo_h100"
-    text = readme_paragraph("**GPU round**")
+    text = readme_paragraph("The earlier round (`results/examples/gpu_demo_h100/`")
     recs, s = records(name), summary(name)
     probes = {p.stem: json.loads(p.read_text()) for p in (EXAMPLES / name / "probe").glob("*.json")}
     assert set(probes) == {"sudoku4", "rightcopy16"}
