@@ -11,7 +11,8 @@
 #                    (fla's RWKV7ForCausalLM, when installed) with the ratio
 #   gpu_demo         `fsearch round --spec gpu_demo` (whole round + report; results/gpu_demo)
 #   startup          `fsearch bench round --spec gpu_demo` under four settings: a worker per run with eager steps (the
-#                    spec's), then one warm worker with eager steps, with eager-graphs and with graphs; round times,
+#                    earlier example round's), then one warm worker with eager steps, with eager-graphs (the spec's)
+#                    and with graphs; round times,
 #                    first-step times, and whether decisions and records agree (rounds under results/bench_round)
 #   synthetic_table  `fsearch round --spec synthetic_table` (45 runs + report; results/synthetic_table)
 # Everything a step prints goes to OUT_DIR/<step>.log (JSON lines of the benches to OUT_DIR/<step>.jsonl); the

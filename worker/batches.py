@@ -22,15 +22,23 @@ class Batch:
         if pad_to is not None:
             P, A = max(P, pad_to[0]), max(A, pad_to[1])
         self.n = len(examples)
-        self.prompt = torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-        self.pad_left = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
-        ans = torch.tensor([a + [eot_id] * (A - len(a)) for a in answers], dtype=torch.long, device=device)
+        self.prompt = _to(torch.tensor([[eot_id] * (P - len(p)) + p for p in prompts], dtype=torch.long), device)
+        self.pad_left = _to(torch.tensor([P - len(p) for p in prompts], dtype=torch.long), device)
+        ans = _to(torch.tensor([a + [eot_id] * (A - len(a)) for a in answers], dtype=torch.long), device)
         self.answer = ans  # targets
-        self.answer_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers], dtype=torch.bool,
-                                        device=device)
+        self.answer_mask = _to(torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers], dtype=torch.bool),
+                               device)
         self.answer_in = ans[:, :-1]  # inputs of the answer pass (the first answer token comes from the prompt pass)
-        self.n_answer_tokens = int(self.answer_mask.sum())
+        self.n_answer_tokens = sum(len(a) for a in answers)
         self.n_tokens = sum(len(p) for p in prompts) + sum(len(a) for a in answers)
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without waiting: a plain copy from pageable memory
+    waits for everything queued on the GPU first, so the host could not build the next batch while a step runs."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def forward_answer_logits(model, batch: Batch, fs, gates, fs_on: bool, one_variant: bool = False):

@@ -30,6 +30,9 @@ from worker.errors import RunError
 from worker.fast_step import FastStep, StepInputs, bucketed_lengths, loss_weights
 
 PROGRESS_EVERY_S = 1.0
+# A graph-replayed step's loss stays on the GPU until the run evaluates, writes its progress, or has this many
+# unread: the host builds the next batches while the GPU works instead of waiting for each step's loss.
+MAX_PENDING_LOSSES = 64
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -48,6 +51,8 @@ class Run:
         self.train_tokens = 0
         self.evals: list[dict[str, float]] = []
         self._last_progress = 0.0
+        # (step, loss, tokens after it) of steps whose loss is not read back yet (Run.settle)
+        self.pending: list[tuple[int, float | torch.Tensor, int]] = []
 
     # setup ----------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -171,7 +176,9 @@ class Run:
         except StopIteration:
             raise RunError("data", "the task's training stream ended") from None
 
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> "float | torch.Tensor":
+        """One optimizer step; its loss: a float (eager step), or a 0-dim tensor on the device still being computed
+        (graph-replayed step: `settle` reads it later, so that the host prepares the next batch meanwhile)."""
         cfg = self.cfg
         if cfg.fault == "hang":
             while True:
@@ -198,16 +205,16 @@ class Run:
         else:
             loss_total = self.eager_forward_backward(micro, total_answer_tokens)
         if cfg.fault == "diverge" and step >= 2:
-            loss_total = float("nan")
-        if not math.isfinite(loss_total):
-            return loss_total
+            loss_total = loss_total * float("nan")  # a float, or a tensor on the device like a real divergence
+        if isinstance(loss_total, float) and not math.isfinite(loss_total):
+            return loss_total  # (a tensor's is known at `settle`; the run ends there and its weights are not used)
         if cfg.lr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trained_params(), cfg.lr.grad_clip)
         self.optimizer.step()
         return loss_total
 
-    def fast_forward_backward(self, micro: list[Batch], total_answer_tokens: int) -> float:
-        """The step's gradients by FastStep (graph replays); the step's loss, read back once."""
+    def fast_forward_backward(self, micro: list[Batch], total_answer_tokens: int) -> torch.Tensor:
+        """The step's gradients by FastStep (graph replays); the step's loss, on the device (not read back)."""
         self.fast.begin()
         loss = None
         for b in micro:
@@ -215,7 +222,7 @@ class Run:
             part = self.fast.micro(StepInputs.of(b, weight))
             loss = part if loss is None else loss + part
             self.train_tokens += b.n_tokens
-        return float(loss)
+        return loss
 
     def eager_forward_backward(self, micro: list[Batch], total_answer_tokens: int) -> float:
         """The step's gradients, one forward and backward per micro-batch; the step's loss."""
@@ -288,10 +295,24 @@ class Run:
         self.evals.append(row)
         return row
 
-    def progress(self, step: int, loss: float, force: bool = False) -> None:
+    def settle(self) -> tuple[float, bool]:
+        """Read back the losses of the steps since the last call (one transfer for those left on the device): the
+        last step's loss and False, or, at the first non-finite loss, that loss and True, with the run's count of
+        steps and tokens put back to what they were at that step (the steps after it ran, but do not count)."""
+        on_device = [x for _, x, _ in self.pending if isinstance(x, torch.Tensor)]
+        values = iter(torch.stack(on_device).tolist() if on_device else ())
+        loss = float("nan")
+        for step, x, tokens in self.pending:
+            loss = next(values) if isinstance(x, torch.Tensor) else x
+            if not math.isfinite(loss):
+                self.steps_done, self.train_tokens = step - 1, tokens
+                self.pending.clear()
+                return loss, True
+        self.pending.clear()
+        return loss, False
+
+    def progress(self, step: int, loss: float) -> None:
         now = time.time()
-        if not force and now - self._last_progress < PROGRESS_EVERY_S:
-            return
         self._last_progress = now
         elapsed = now - self.t_train
         rate = step / elapsed if elapsed > 0 and step else 0.0
@@ -308,22 +329,28 @@ class Run:
         t_eval0 = time.time()
         status, loss = "ok", float("nan")
         for step in range(1, cfg.steps + 1):
-            loss = self.train_step(step)
-            if not math.isfinite(loss):
-                status = "diverged"
-                break
+            self.pending.append((step, self.train_step(step), self.train_tokens))
             self.steps_done = step
+            evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+            report = time.time() - self._last_progress >= PROGRESS_EVERY_S
+            if step == 1 or evaluate or report or len(self.pending) >= MAX_PENDING_LOSSES or \
+                    not isinstance(self.pending[-1][1], torch.Tensor):
+                loss, diverged = self.settle()
+                if diverged:
+                    status = "diverged"
+                    break
             if step == 1:  # the loss was read back: the step's GPU work is done
                 now = time.time()
                 self.first_step_s = now - self.t_start
                 print(f"start-up: {self.t0 - self.t_start:.2f} s before the run (process start, imports), setup "
                       f"{self.t_train - self.t0:.2f} s, step-0 evaluation {t_eval0 - self.t_train:.2f} s, first "
                       f"step {now - t_eval0:.2f} s ({self.step_mode})", file=sys.stderr, flush=True)
-            self.progress(step, loss)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if report:
+                self.progress(step, loss)
+            if evaluate:
                 self.log_eval(step, loss)
         train_wall = time.time() - self.t_train
-        self.progress(self.steps_done, loss, force=True)
+        self.progress(self.steps_done, loss)
         result = RunResult(status=status, steps=self.steps_done, primary_metric=self.task.primary_metric,
                            sandbox=cfg.sandbox if hasattr(self.task, "sandbox_mode") else None,
                            micro_batch=cfg.micro_batch or cfg.batch_size, grad_accum=cfg.grad_accum,

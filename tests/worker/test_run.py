@@ -153,6 +153,67 @@ def test_read_twice_batch_doubles_the_context():
     assert tok.decode(b2.prompt[0].tolist()) == ex.context + ex.context + ex.trigger
 
 
+def test_batch_counts_answer_tokens_on_the_host():
+    from model.tokenizers import get_tokenizer
+    from tasks import get_task
+
+    tok = get_tokenizer("byte")
+    exs = get_task("sudoku", SUDOKU, tok).eval_set("val", 5)
+    b = Batch(exs, False, tok.eot_id, "cpu", (40, 12))
+    assert b.n_answer_tokens == int(b.answer_mask.sum()) == sum(len(e.answer_ids) for e in exs)
+    assert b.prompt.shape[1] >= 40 and b.answer.shape[1] >= 12
+
+
+def _cpu_fast_step(monkeypatch):
+    """The GPU default's step on the CPU: FastStep (eager: graphs need CUDA), its loss left as a tensor."""
+    from worker import run as worker_run
+    from worker.fast_step import FastStep
+
+    setup = worker_run.Run.setup
+
+    def fast_setup(self):
+        setup(self)
+        self.fast = FastStep(self.model, self.trained_params(), self.fs, self.gates, autocast_dtype=None,
+                             graphs=False)
+
+    monkeypatch.setattr(worker_run.Run, "setup", fast_setup)
+
+
+@pytest.mark.parametrize("fault", [None, "diverge"])
+def test_losses_read_back_late_give_the_run_that_reads_each_step(tmp_path, monkeypatch, fault):
+    """A replayed step's loss stays on the device until an evaluation (or progress, or 64 unread) reads the waiting
+    ones back at once: results, metrics rows and, after a non-finite loss, the steps and tokens counted are those of
+    reading every step's loss at once."""
+    from worker import run as worker_run
+
+    _cpu_fast_step(monkeypatch)
+    monkeypatch.setattr(worker_run, "PROGRESS_EVERY_S", 1e12)  # only evaluations read the losses back
+    unread = []
+    settle = worker_run.Run.settle
+    monkeypatch.setattr(worker_run.Run, "settle", lambda self: (unread.append(len(self.pending)), settle(self))[1])
+    runs = {}
+    for name, cap in (("each", 1), ("late", 64)):
+        monkeypatch.setattr(worker_run, "MAX_PENDING_LOSSES", cap)
+        unread.clear()
+        path = make_config(tmp_path, name, candidate="scalar_l2_trainable", steps=12, eval_every=5, fault=fault)
+        assert run_worker(path) == EXIT_OK
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (strip_timing(result_of(tmp_path, name)), [{k: v for k, v in r.items() if k != "wall_s"}
+                                                               for r in rows], list(unread))
+    (each, each_rows, each_unread), (late, late_rows, late_unread) = runs["each"], runs["late"]
+    assert each == late and each_rows == late_rows
+    assert each_unread == [1] * (2 if fault else 12)
+    if fault:  # step 2's loss is NaN: known at the evaluation of step 5; the run counts one step
+        assert late_unread == [1, 4]
+        assert late["status"] == "diverged" and late["steps"] == 1 and "at step 2" in late["error_message"]
+        assert [r["step"] for r in late_rows] == [0]
+        progress = json.loads((tmp_path / "late" / "progress.json").read_text())
+        assert progress["step"] == 1 and progress["loss"] is None
+    else:
+        assert late_unread == [1, 4, 5, 2]
+        assert late["status"] == "ok" and late["steps"] == 12 and [r["step"] for r in late_rows] == [0, 5, 10, 12]
+
+
 def test_fs_run_trains_gates_and_logs_gate_stats(tmp_path):
     assert run_worker(make_config(tmp_path, candidate="scalar_l2_trainable")) == EXIT_OK
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
